@@ -1,0 +1,211 @@
+"""One place that turns a URI into a filesystem.
+
+Zoos, preprocessed data, checkpoints and results all live under URIs: a local path
+(the default), ``file://...`` or ``s3://bucket/prefix``. Everything else in sane-ray
+goes through :func:`open_uri` (fsspec, for our own reads and writes) or
+:func:`pyarrow_fs` (for Ray Data and Ray Train, which want a pyarrow filesystem), so
+S3 endpoints and credentials are resolved identically everywhere.
+
+S3 settings come from :class:`S3Options`, which defaults to the standard AWS variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``/``AWS_REGION``). pyarrow's S3 filesystem
+ignores ``AWS_ENDPOINT_URL``; we pass it explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+class StorageError(OSError):
+    """A storage location is missing, unreadable or unwritable (the message names it)."""
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """S3 connection settings; unset fields fall back to the AWS environment variables."""
+
+    endpoint_url: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    session_token: str | None = None
+    region: str | None = None
+
+    def resolved(self) -> "S3Options":
+        env = os.environ.get
+        return S3Options(
+            endpoint_url=self.endpoint_url or env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
+            access_key=self.access_key or env("AWS_ACCESS_KEY_ID"),
+            secret_key=self.secret_key or env("AWS_SECRET_ACCESS_KEY"),
+            session_token=self.session_token or env("AWS_SESSION_TOKEN"),
+            region=self.region or env("AWS_REGION") or env("AWS_DEFAULT_REGION"),
+        )
+
+    def env_vars(self) -> dict[str, str]:
+        """The settings as AWS variables, to hand to Ray workers through a runtime env."""
+        r = self.resolved()
+        pairs = {
+            "AWS_ENDPOINT_URL": r.endpoint_url,
+            "AWS_ACCESS_KEY_ID": r.access_key,
+            "AWS_SECRET_ACCESS_KEY": r.secret_key,
+            "AWS_SESSION_TOKEN": r.session_token,
+            "AWS_DEFAULT_REGION": r.region,
+        }
+        return {k: v for k, v in pairs.items() if v}
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: ``scheme`` is ``"file"`` or ``"s3"``; ``path`` has no scheme."""
+
+    scheme: str
+    path: str
+    s3: S3Options = field(default_factory=S3Options)
+
+    @property
+    def uri(self) -> str:
+        return self.path if self.scheme == "file" else f"s3://{self.path}"
+
+
+def parse_uri(uri: str | os.PathLike, s3: S3Options | None = None) -> Location:
+    """Split a URI into scheme and path; local paths become absolute."""
+    text = os.fspath(uri)
+    if not text:
+        raise StorageError("empty storage URI")
+    parsed = urlparse(text)
+    if parsed.scheme in ("s3", "s3a"):
+        path = (parsed.netloc + parsed.path).rstrip("/")
+        if not parsed.netloc:
+            raise StorageError(f"S3 URI without a bucket: {text!r}")
+        return Location("s3", path, s3 or S3Options())
+    if parsed.scheme == "file":
+        return Location("file", os.path.abspath(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:  # a Windows drive letter is not a scheme
+        raise StorageError(f"unsupported storage scheme {parsed.scheme!r} in {text!r} (use a path or s3://)")
+    return Location("file", os.path.abspath(os.path.expanduser(text)))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (keeps the scheme)."""
+    text = os.fspath(uri).rstrip("/")
+    return posixpath.join(text, *parts)
+
+
+def open_uri(uri: str | os.PathLike, s3: S3Options | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem and the scheme-less path for ``uri``."""
+    loc = parse_uri(uri, s3)
+    if loc.scheme == "file":
+        return fsspec.filesystem("file"), loc.path
+    return _s3fs(loc.s3.resolved()), loc.path
+
+
+def pyarrow_fs(uri: str | os.PathLike, s3: S3Options | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the scheme-less path for ``uri`` (for Ray Data / Train)."""
+    loc = parse_uri(uri, s3)
+    if loc.scheme == "file":
+        return pafs.LocalFileSystem(), loc.path
+    o = loc.s3.resolved()
+    kwargs: dict[str, Any] = {
+        "access_key": o.access_key,
+        "secret_key": o.secret_key,
+        "session_token": o.session_token,
+        "region": o.region or "us-east-1",
+    }
+    if o.endpoint_url:
+        ep = urlparse(o.endpoint_url)
+        kwargs["endpoint_override"] = ep.netloc or ep.path
+        kwargs["scheme"] = ep.scheme or "https"
+    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None}), loc.path
+
+
+def _s3fs(o: S3Options) -> fsspec.AbstractFileSystem:
+    client_kwargs: dict[str, Any] = {}
+    if o.endpoint_url:
+        client_kwargs["endpoint_url"] = o.endpoint_url
+    if o.region:
+        client_kwargs["region_name"] = o.region
+    # Listings are not cached: a zoo written a moment ago by another process must be visible.
+    return fsspec.filesystem(
+        "s3",
+        key=o.access_key,
+        secret=o.secret_key,
+        token=o.session_token,
+        client_kwargs=client_kwargs,
+        use_listings_cache=False,
+    )
+
+
+def exists(uri: str, s3: S3Options | None = None) -> bool:
+    fs, path = open_uri(uri, s3)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
+    """Read a whole object; a missing or unreadable one raises :class:`StorageError` naming it."""
+    fs, path = open_uri(uri, s3)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise StorageError(f"not found: {uri}") from e
+    except (OSError, PermissionError) as e:
+        raise StorageError(f"cannot read {uri}: {e}") from e
+
+
+def write_bytes_atomic(uri: str, data: bytes, s3: S3Options | None = None) -> None:
+    """Write an object so readers see either nothing or all of it.
+
+    Locally: write a temporary file beside the target, fsync, then rename over it.
+    On S3 a single PUT is already all-or-nothing.
+    """
+    fs, path = open_uri(uri, s3)
+    loc = parse_uri(uri, s3)
+    try:
+        if loc.scheme == "s3":
+            fs.pipe_file(path, data)
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as e:
+        if isinstance(e, StorageError):
+            raise
+        raise StorageError(f"cannot write {uri}: {e}") from e
+
+
+def makedirs(uri: str, s3: S3Options | None = None) -> None:
+    """Create a directory (no-op on object stores, whose prefixes need no creation)."""
+    loc = parse_uri(uri, s3)
+    if loc.scheme == "file":
+        try:
+            os.makedirs(loc.path, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create {uri}: {e}") from e
+
+
+def listdir(uri: str, s3: S3Options | None = None) -> list[str]:
+    """Names (not paths) of the entries directly under ``uri``, sorted."""
+    fs, path = open_uri(uri, s3)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError as e:
+        raise StorageError(f"not found: {uri}") from e
+    except OSError as e:
+        raise StorageError(f"cannot list {uri}: {e}") from e
+    return sorted(posixpath.basename(p.rstrip("/")) for p in entries)

@@ -1,0 +1,227 @@
+"""The architecture registry: rebuild any zoo checkpoint into a module.
+
+A zoo stores an architecture *name* and its keyword arguments next to each checkpoint;
+:func:`build_model` turns them back into an ``nn.Module`` whose ``state_dict`` keys
+match the checkpoint. Sequential CNNs and MLPs keep their layers in ``module_list``
+(the public model zoos' key names); ResNets use torchvision's key names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class UnknownArchitectureError(KeyError):
+    """The architecture name is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "leakyrelu": nn.LeakyReLU,
+    "silu": nn.SiLU,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name.lower()]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}") from None
+
+
+class SequentialNet(nn.Module):
+    """Layers applied in order, stored as ``module_list`` (the public zoos' key names)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.module_list = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.module_list:
+            x = layer(x)
+        return x
+
+
+# ---------------------------------------------------------------- sequential families
+
+
+def cnn_mnist_public(activation: str = "tanh", num_classes: int = 10, in_channels: int = 1) -> SequentialNet:
+    """The public zoos' 2,464-parameter CNN for 28x28 grayscale (keys ``module_list.{0,3,6,9,11}``)."""
+    act = lambda: make_activation(activation)  # noqa: E731
+    return SequentialNet([
+        nn.Conv2d(in_channels, 8, 5), nn.MaxPool2d(2), act(),
+        nn.Conv2d(8, 6, 5), nn.MaxPool2d(2), act(),
+        nn.Conv2d(6, 4, 2), act(),
+        nn.Flatten(),
+        nn.Linear(36, 20), act(),
+        nn.Linear(20, num_classes),
+    ])
+
+
+def cnn_cifar_public(activation: str = "tanh", num_classes: int = 10, in_channels: int = 3) -> SequentialNet:
+    """The public zoos' 10,853-parameter CNN for 32x32 RGB (keys ``module_list.{0,3,6,10,12}``)."""
+    act = lambda: make_activation(activation)  # noqa: E731
+    return SequentialNet([
+        nn.Conv2d(in_channels, 16, 3), nn.MaxPool2d(2), act(),
+        nn.Conv2d(16, 32, 3), nn.MaxPool2d(2), act(),
+        nn.Conv2d(32, 15, 3), nn.MaxPool2d(2), act(),
+        nn.Flatten(),
+        nn.Linear(60, 20), act(),
+        nn.Linear(20, num_classes),
+    ])
+
+
+def cnn_digits(
+    activation: str = "relu", dropout: float = 0.0, num_classes: int = 10, in_channels: int = 1,
+    batchnorm: bool = False,
+) -> SequentialNet:
+    """A small CNN for 8x8 digits: conv(8)-pool-conv(8)-pool-fc(16)-fc(classes).
+
+    With ``batchnorm`` a BatchNorm2d follows each conv, so BN-conditioning can be exercised.
+    Dropout modules are always present (p may be 0) so state-dict keys do not depend on it.
+    """
+    act = lambda: make_activation(activation)  # noqa: E731
+    bn = (lambda c: [nn.BatchNorm2d(c)]) if batchnorm else (lambda c: [])
+    return SequentialNet([
+        nn.Conv2d(in_channels, 8, 3, padding=1), *bn(8), act(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), *bn(8), act(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(32, 16), act(), nn.Dropout(dropout),
+        nn.Linear(16, num_classes),
+    ])
+
+
+def mlp_digits(
+    activation: str = "relu", dropout: float = 0.0, num_classes: int = 10, in_features: int = 64,
+    hidden: tuple[int, ...] = (32, 16),
+) -> SequentialNet:
+    """An MLP on flattened 8x8 digits (64 features)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), make_activation(activation), nn.Dropout(dropout)]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return SequentialNet(layers)
+
+
+# ---------------------------------------------------------------- ResNets (CIFAR variant)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet with a 3x3 stride-1 ``conv1`` and no max-pool (CIFAR variant)."""
+
+    def __init__(self, blocks: tuple[int, ...], num_classes: int = 10, in_channels: int = 3, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        planes, in_planes = width, width
+        for i, n in enumerate(blocks):
+            stride = 1 if i == 0 else 2
+            layers = [BasicBlock(in_planes, planes, stride)] + [BasicBlock(planes, planes) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+            in_planes = planes
+            planes *= 2
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
+    return ResNet((2, 2, 2, 2), num_classes, in_channels, width)
+
+
+def resnet34(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
+    return ResNet((3, 4, 6, 3), num_classes, in_channels, width)
+
+
+# ---------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered architecture: how to build it and what input it expects (C, H, W)."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+    family: str  # "sequential" or "resnet": selects how permutation specs are derived
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in [
+        Architecture("cnn_mnist_public", cnn_mnist_public, (1, 28, 28), "sequential"),
+        Architecture("cnn_cifar_public", cnn_cifar_public, (3, 32, 32), "sequential"),
+        Architecture("cnn_digits", cnn_digits, (1, 8, 8), "sequential"),
+        Architecture("cnn_digits_bn", lambda **kw: cnn_digits(batchnorm=True, **kw), (1, 8, 8), "sequential"),
+        Architecture("mlp_digits", mlp_digits, (1, 8, 8), "sequential"),
+        Architecture("resnet18", resnet18, (3, 32, 32), "resnet"),
+        Architecture("resnet34", resnet34, (3, 32, 32), "resnet"),
+    ]
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise UnknownArchitectureError(
+            f"unknown architecture {name!r}; registered: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build registered architecture ``name`` with its keyword arguments (activation, classes, ...)."""
+    arch = get_architecture(name)
+    try:
+        return arch.builder(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad arguments {kwargs} for architecture {name!r}: {e}") from e
+
+
+def input_shape(name: str, **kwargs) -> tuple[int, ...]:
+    """The (C, H, W) input a registered architecture expects (channels follow ``in_channels``)."""
+    shape = get_architecture(name).input_shape
+    if "in_channels" in kwargs:
+        shape = (int(kwargs["in_channels"]), *shape[1:])
+    return shape
