@@ -7,6 +7,7 @@ coercing every value to the declared type, so a typo fails before any work start
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -24,13 +25,17 @@ class ConfigError(ValueError):
     """A config file, key or value is invalid (the message names it)."""
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> T:
-    """Build ``cls`` from defaults, then ``path`` (YAML/TOML), then ``overrides``.
+def load_config(
+    cls: type[T], path: str | os.PathLike | None = None, overrides: Iterable[str] = (), base: T | None = None,
+) -> T:
+    """Build ``cls`` from ``base`` (or the defaults), then ``path`` (YAML/TOML), then ``overrides``.
 
     Overrides are ``dotted.key=value`` strings; values are parsed as YAML scalars or
     lists (``lr=3e-4``, ``model.n_layers=2``, ``tags=[a,b]``).
     """
-    data: dict[str, Any] = read_config_file(path) if path else {}
+    data: dict[str, Any] = to_dict(base) if base is not None else {}
+    if path:
+        _deep_merge(data, read_config_file(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -86,6 +91,46 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def dump_config(cfg: Any) -> str:
     """The config as YAML text, loadable again with :func:`load_config`."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of every non-dataclass field of a (nested) config dataclass."""
+    hints = typing.get_type_hints(cls)
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += leaf_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, str] | None = None) -> None:
+    """Add ``--config FILE`` and one ``--dotted.key VALUE`` flag per config field.
+
+    ``aliases`` maps short flags (``--zoo``) to dotted keys (``data.zoo``). Values are
+    parsed like overrides (YAML scalars); :func:`overrides_from_args` collects them.
+    """
+    parser.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it")
+    group = parser.add_argument_group("config keys (override the file)")
+    for alias, key in (aliases or {}).items():
+        group.add_argument(f"--{alias}", dest=f"cfg:{key}", metavar="VALUE", help=f"same as --{key}")
+    for key in leaf_keys(cls):
+        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar="VALUE", default=None, help=argparse.SUPPRESS)
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    """The ``key=value`` overrides given as flags to a parser built by :func:`add_config_arguments`."""
+    return [f"{k[4:]}={v}" for k, v in vars(args).items() if k.startswith("cfg:") and v is not None]
+
+
+def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
