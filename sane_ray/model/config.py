@@ -1,0 +1,101 @@
+"""The SANE autoencoder's settings and named presets.
+
+A config is a plain dataclass with defaults (it loads from YAML/TOML through
+``sane_ray.config.load_config``). The defaults equal the ``reference`` preset. Presets
+are plain functions returning a config, so a caller can start from one and override
+fields with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class SaneConfig:
+    """Architecture and loss settings of one SANE model.
+
+    ``max_positions`` are the sizes of the learned position tables for the token
+    coordinates ``(n, l, k)``: global token index, layer index, row index. They must
+    exceed the largest coordinate of every zoo the model sees, also at sampling time.
+    """
+
+    d_t: int = 289
+    window_size: int = 32
+    d_model: int = 256
+    d_z: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    dropout: float = 0.0
+    max_positions: tuple[int, int, int] = (4096, 256, 2048)
+    projection_dim: int = 32
+    gamma: float = 0.05
+    temperature: float = 0.1
+    noise_sigma: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.max_positions = tuple(int(v) for v in self.max_positions)  # type: ignore[assignment]
+        positive = ("d_t", "window_size", "d_model", "d_z", "n_layers", "n_heads", "projection_dim")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SaneConfig.{name} must be positive, got {getattr(self, name)}")
+        if len(self.max_positions) != 3 or min(self.max_positions) <= 0:
+            raise ValueError(f"SaneConfig.max_positions must be three positive sizes (n, l, k), got {self.max_positions}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"SaneConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.d_model % 2:
+            raise ValueError(f"SaneConfig.d_model={self.d_model} must be even (the position embedding splits it in halves)")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"SaneConfig.gamma must be in [0, 1], got {self.gamma}")
+        if self.temperature <= 0:
+            raise ValueError(f"SaneConfig.temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"SaneConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.noise_sigma < 0:
+            raise ValueError(f"SaneConfig.noise_sigma must be >= 0, got {self.noise_sigma}")
+
+
+def tiny() -> SaneConfig:
+    """A CPU-sized model for tests and the digits zoos (a few seconds per epoch)."""
+    return SaneConfig(
+        d_t=32, window_size=16, d_model=64, d_z=16, n_layers=2, n_heads=2,
+        max_positions=(1024, 64, 256), projection_dim=16,
+    )
+
+
+def reference() -> SaneConfig:
+    """The configuration of the throughput target (d_model 256, 4 layers, window 32)."""
+    return SaneConfig()
+
+
+def small_cnn() -> SaneConfig:
+    """Paper table 8, small CNN zoos (~50 tokens per model at token size 289)."""
+    return SaneConfig(
+        d_t=289, window_size=32, d_model=1024, d_z=128, n_layers=4, n_heads=8,
+        max_positions=(1024, 64, 512), projection_dim=64,
+    )
+
+
+def resnet() -> SaneConfig:
+    """Paper table 8, ResNet-18 zoos (~39k tokens without BN, ~54k with BN)."""
+    return SaneConfig(
+        d_t=288, window_size=256, d_model=2048, d_z=128, n_layers=8, n_heads=8,
+        max_positions=(65536, 128, 1024), projection_dim=64,
+    )
+
+
+PRESETS: dict[str, Callable[[], SaneConfig]] = {
+    "tiny": tiny,
+    "reference": reference,
+    "small_cnn": small_cnn,
+    "resnet": resnet,
+}
+
+
+def preset(name: str) -> SaneConfig:
+    """The named preset's config; unknown names list the known ones."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown SANE preset {name!r}; known: {', '.join(PRESETS)}") from None

@@ -1,0 +1,95 @@
+"""SANE's training loss: masked reconstruction plus NT-Xent contrastive guidance.
+
+``L = gamma * NTXent(p_i, p_j) + (1 - gamma) * masked MSE``. The contrastive term can
+use negatives from other workers: :func:`nt_xent` takes the local projections as
+anchors and, optionally, the projections gathered from all workers as keys. Gathering
+itself lives in ``sane_ray.train`` (this package knows nothing about processes); it is
+passed in as a function.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# gather(local (B, D)) -> (all workers' rows (N, D), row offset of the local block in them)
+GatherFn = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+class LossParts(NamedTuple):
+    total: torch.Tensor
+    reconstruction: torch.Tensor
+    contrastive: torch.Tensor
+
+
+def masked_mse(x_hat: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the real (mask=True) entries only; padding never counts."""
+    if x_hat.shape != target.shape or mask.shape != target.shape:
+        raise ValueError(
+            f"masked_mse needs equal shapes, got x_hat {tuple(x_hat.shape)}, target {tuple(target.shape)}, "
+            f"mask {tuple(mask.shape)}"
+        )
+    m = mask.to(x_hat.dtype)
+    return ((x_hat - target) ** 2 * m).sum() / m.sum().clamp_min(1.0)
+
+
+def nt_xent(
+    p_i: torch.Tensor,
+    p_j: torch.Tensor,
+    temperature: float,
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Normalized-temperature cross entropy (SimCLR) with the local windows as anchors.
+
+    ``p_i[b]`` and ``p_j[b]`` are two views of window b. Each of the 2B anchors must pick
+    its other view among all 2N keys except itself. ``keys = (all_i, all_j)`` are the
+    projections of every worker (N rows each) with the local block at rows
+    ``offset:offset+B``; without keys the local batch is all there is (N = B).
+    Returns the mean over the local anchors, so the mean over equally sized workers
+    equals the loss of the global batch.
+    """
+    b = p_i.shape[0]
+    all_i, all_j = keys if keys is not None else (p_i, p_j)
+    n = all_i.shape[0]
+    if p_j.shape != p_i.shape or all_j.shape != all_i.shape or not 0 <= offset <= n - b:
+        raise ValueError(
+            f"nt_xent: views {tuple(p_i.shape)}/{tuple(p_j.shape)}, keys {tuple(all_i.shape)}/{tuple(all_j.shape)} "
+            f"and offset {offset} do not fit together"
+        )
+    anchors = F.normalize(torch.cat([p_i, p_j]).float(), dim=-1)
+    table = F.normalize(torch.cat([all_i, all_j]).float(), dim=-1)
+    logits = anchors @ table.T / temperature  # (2B, 2N)
+    local = torch.arange(b, device=p_i.device) + offset
+    self_idx = torch.cat([local, local + n])
+    positive = torch.cat([local + n, local])
+    rows = torch.arange(2 * b, device=p_i.device)
+    logits = logits.index_put((rows, self_idx), torch.tensor(float("-inf"), device=logits.device))
+    return F.cross_entropy(logits, positive)
+
+
+def sane_loss(
+    x_hat: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    p_i: torch.Tensor,
+    p_j: torch.Tensor,
+    gamma: float,
+    temperature: float,
+    gather: GatherFn | None = None,
+) -> LossParts:
+    """``gamma * NTXent + (1 - gamma) * masked MSE``, with both parts for logging.
+
+    ``x_hat``/``target``/``mask`` cover both views stacked; ``target`` is the clean
+    (noise-free) tokens. With ``gather`` the contrastive negatives come from all workers.
+    """
+    rec = masked_mse(x_hat.float(), target.float(), mask)
+    if gather is None:
+        con = nt_xent(p_i, p_j, temperature)
+    else:
+        both, offset = gather(torch.cat([p_i, p_j], dim=1))  # one collective for both views
+        all_i, all_j = both.split(p_i.shape[1], dim=1)
+        con = nt_xent(p_i, p_j, temperature, keys=(all_i, all_j), offset=offset)
+    return LossParts(gamma * con + (1.0 - gamma) * rec, rec, con)

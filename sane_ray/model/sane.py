@@ -1,0 +1,114 @@
+"""The SANE autoencoder: token windows -> per-token latents -> reconstructed tokens.
+
+Plain ``nn.Module`` with no data loading or distribution code; parallelism is applied
+from outside (``sane_ray.train.fsdp``). Training goes through :meth:`SaneModel.forward`
+(one call per step, both views stacked in the batch), which is also what FSDP's root
+hooks wrap; ``encode``/``decode`` are for inference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from sane_ray.model.config import SaneConfig
+from sane_ray.model.layers import Block, PositionEmbedding, ProjectionHead
+
+
+class SaneOutput(NamedTuple):
+    z: torch.Tensor  # (B, ws, d_z) per-token latents
+    x_hat: torch.Tensor  # (B, ws, d_t) reconstructed tokens
+    projection: torch.Tensor  # (B, projection_dim) one vector per window, for the contrastive loss
+
+
+class TokenTransformer(nn.Module):
+    """Linear in, 3-d position embedding, pre-LN blocks, final LayerNorm, Linear out.
+
+    The encoder maps tokens (d_t) to latents (d_z); the decoder is the same stack from
+    d_z back to d_t, with its own position tables.
+    """
+
+    def __init__(self, d_in: int, d_out: int, cfg: SaneConfig):
+        super().__init__()
+        self.inp = nn.Linear(d_in, cfg.d_model)
+        self.pos = PositionEmbedding(cfg.d_model, cfg.max_positions)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, d_out)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.inp(x) + self.pos(pos))
+        for block in self.blocks:
+            h = block(h)
+        return self.out(self.ln_f(h))
+
+
+class SaneModel(nn.Module):
+    """Sequential autoencoder over weight tokens, with a projection head for contrastive guidance."""
+
+    def __init__(self, cfg: SaneConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = TokenTransformer(cfg.d_t, cfg.d_z, cfg)
+        self.decoder = TokenTransformer(cfg.d_z, cfg.d_t, cfg)
+        self.head = ProjectionHead(cfg.d_z, cfg.projection_dim)
+        self.apply(_init_weights)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        for block in self.transformer_blocks():
+            nn.init.normal_(block.out_proj.weight, std=residual_std)
+            nn.init.normal_(block.fc_out.weight, std=residual_std)
+
+    def transformer_blocks(self) -> list[Block]:
+        """Encoder then decoder blocks: the units FSDP shards one by one."""
+        return [*self.encoder.blocks, *self.decoder.blocks]
+
+    def encode(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, ws, d_t) at positions (B, ws, 3) -> latents (B, ws, d_z)."""
+        self._check_shapes(x, pos, self.cfg.d_t, "tokens", "SaneConfig.d_t")
+        return self.encoder(x, pos)
+
+    def decode(self, z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Latents (B, ws, d_z) at positions (B, ws, 3) -> tokens (B, ws, d_t)."""
+        self._check_shapes(z, pos, self.cfg.d_z, "latents", "SaneConfig.d_z")
+        return self.decoder(z, pos)
+
+    def project(self, z: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One projection per window from its latents; ``token_mask`` (B, ws) marks real tokens."""
+        return self.head(z, token_mask)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, token_mask: torch.Tensor | None = None) -> SaneOutput:
+        z = self.encode(x, pos)
+        return SaneOutput(z, self.decode(z, pos), self.project(z, token_mask))
+
+    @staticmethod
+    def _check_shapes(x: torch.Tensor, pos: torch.Tensor, width: int, what: str, setting: str) -> None:
+        if x.dim() != 3 or x.shape[-1] != width:
+            raise ValueError(f"{what} must have shape (B, ws, {width}) for {setting}={width}, got {tuple(x.shape)}")
+        if tuple(pos.shape) != (*x.shape[:2], 3):
+            raise ValueError(f"positions must have shape {(*x.shape[:2], 3)} to match the {what}, got {tuple(pos.shape)}")
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def configure_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.AdamW:
+    """AdamW that decays only matrices and embedding tables (2-d+), not norms or biases.
+
+    Build it after FSDP has sharded the model so it holds the sharded parameters.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
