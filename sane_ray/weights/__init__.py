@@ -1,0 +1,1 @@
+"""Weight preprocessing: tokenization, per-layer standardization, alignment and augmentation."""
