@@ -8,6 +8,7 @@ Layout under the zoo root::
 A zoo exists only once ``manifest.parquet`` exists, and it is published after every
 checkpoint it lists has been written, so a crashed writer leaves no zoo a reader would
 trust. Each row carries the checkpoint's SHA-256, so truncation is caught on load.
+Reading a zoo needs the manifest alone; checkpoint files are opened only when loaded.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from sane_ray import storage
-from sane_ray.zoo.spec import METRICS, with_ggap
+from sane_ray.zoo.architectures import UnknownArchitectureError
+from sane_ray.zoo.checks import BadCheckpointError, ZooError, as_float, reference_layout, skip
+from sane_ray.zoo.spec import METRICS, CheckpointRecord, ModelRecord, Skipped, Zoo, with_ggap
 
 MANIFEST = "manifest.parquet"
+SUFFIX = ".safetensors"
 FORMAT_VERSION = "1"
 
 MANIFEST_SCHEMA = pa.schema(
@@ -45,7 +51,7 @@ MANIFEST_SCHEMA = pa.schema(
 
 def checkpoint_path(model_id: str, epoch: int) -> str:
     """Relative path of a checkpoint inside a native zoo."""
-    return f"models/{model_id}/epoch_{epoch:04d}.safetensors"
+    return f"models/{model_id}/epoch_{epoch:04d}{SUFFIX}"
 
 
 def write_checkpoint(
@@ -94,3 +100,88 @@ def publish_manifest(
     uri = storage.join(root, MANIFEST)
     storage.write_bytes_atomic(uri, buf.getvalue(), s3)
     return uri
+
+
+# ---------------------------------------------------------------- reader
+
+
+def read_manifest(root: str, s3: storage.S3Options | None = None) -> Zoo:
+    """The zoo described by ``root/manifest.parquet``; no checkpoint file is opened.
+
+    Models whose architecture is unknown or whose JSON columns do not parse are left out
+    and reported in ``Zoo.skipped``; a manifest that is unreadable, lacks columns or has
+    another format version raises :class:`ZooError`.
+    """
+    uri = storage.join(root, MANIFEST)
+    try:
+        data = storage.read_bytes(uri, s3)
+    except storage.StorageError as e:
+        raise ZooError(f"cannot read the manifest of native zoo {root}: {e}") from e
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as e:
+        raise ZooError(f"{uri} is not a readable Parquet manifest: {e}") from e
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if meta.get("sane_ray.format") != "native":
+        raise ZooError(f"{uri} is not a sane-ray native manifest (no sane_ray.format=native schema metadata)")
+    if meta.get("sane_ray.version") != FORMAT_VERSION:
+        raise ZooError(f"{uri} has manifest format version {meta.get('sane_ray.version')!r}; "
+                       f"this sane-ray reads version {FORMAT_VERSION!r}")
+    missing = [c for c in MANIFEST_SCHEMA.names if c not in table.column_names]
+    if missing:
+        raise ZooError(f"{uri} lacks manifest columns: {', '.join(missing)}")
+    nulls = [c for c in ("model_id", "epoch", "path", "architecture") if table.column(c).null_count]
+    if nulls:
+        raise ZooError(f"{uri} has empty values in required columns: {', '.join(nulls)}")
+    try:
+        metadata = json.loads(meta.get("sane_ray.metadata", "{}"))
+    except json.JSONDecodeError as e:
+        raise ZooError(f"{uri}: malformed sane_ray.metadata JSON: {e}") from e
+
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for row in table.select(MANIFEST_SCHEMA.names).to_pylist():
+        by_model.setdefault(row["model_id"], []).append(row)
+    models: list[ModelRecord] = []
+    skipped: list[Skipped] = []
+    for model_id in sorted(by_model):
+        rec = _model_from_rows(root, model_id, by_model[model_id])
+        (skipped if isinstance(rec, Skipped) else models).append(rec)
+    return Zoo(uri=root, format="native", models=models, skipped=skipped, metadata=metadata)
+
+
+def _model_from_rows(root: str, model_id: str, rows: list[dict[str, Any]]) -> ModelRecord | Skipped:
+    where = storage.join(root, "models", model_id)
+    first = rows[0]
+    if any((r["architecture"], r["arch_kwargs"]) != (first["architecture"], first["arch_kwargs"]) for r in rows):
+        return skip(where, "manifest rows of this model disagree on its architecture")
+    try:
+        arch_kwargs = json.loads(first["arch_kwargs"] or "{}")
+        hparams = json.loads(first["hparams"] or "{}")
+    except json.JSONDecodeError as e:
+        return skip(where, f"malformed arch_kwargs/hparams JSON in the manifest: {e}")
+    try:
+        reference_layout(first["architecture"], arch_kwargs)
+    except (UnknownArchitectureError, ValueError) as e:
+        return skip(where, str(e))
+    checkpoints = sorted(
+        (CheckpointRecord(
+            model_id=model_id,
+            epoch=int(r["epoch"]),
+            uri=storage.join(root, r["path"]),
+            metrics=with_ggap({m: as_float(r[m]) for m in METRICS}),
+            sha256=r["sha256"],
+        ) for r in rows),
+        key=lambda c: c.epoch,
+    )
+    return ModelRecord(model_id, first["architecture"], arch_kwargs, hparams, checkpoints)
+
+
+def decode_checkpoint(data: bytes, ckpt: CheckpointRecord) -> dict[str, torch.Tensor]:
+    """Tensors of a native checkpoint's bytes, after checking them against the manifest's SHA-256."""
+    if ckpt.sha256 and hashlib.sha256(data).hexdigest() != ckpt.sha256:
+        raise BadCheckpointError(
+            ckpt.uri, f"SHA-256 mismatch ({len(data)} bytes): the file is truncated or was modified")
+    try:
+        return safetensors_load(data)
+    except SafetensorError as e:
+        raise BadCheckpointError(ckpt.uri, f"not a valid safetensors file: {e}") from e

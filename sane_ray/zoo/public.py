@@ -1,0 +1,209 @@
+"""Reader of the public model-zoo layout (modelzoos.cc), read in place.
+
+One directory per model (a Ray Tune trial; its name is the model id)::
+
+    <model>/params.json                     flat config, keys like ``model::type``
+    <model>/result.json                     JSON lines, one per ``training_iteration``
+    <model>/checkpoint_000NNN/checkpoints   ``torch.save``'d state dict, no extension
+
+Epochs: ``checkpoint_N`` is epoch N (``checkpoint_000000`` is the initialization) and
+takes its metrics from the result line whose ``training_iteration`` equals N, which is
+how the public zoos are written (the line for iteration N is logged after epoch N). A
+checkpoint without such a line - usually epoch 0 - gets NaN metrics.
+
+Listing uses one recursive listing of the root plus the small JSON files (fetched
+concurrently on S3); checkpoint files are only opened when loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sane_ray import storage
+from sane_ray.zoo.architectures import UnknownArchitectureError
+from sane_ray.zoo.checks import BadCheckpointError, as_float, reference_layout, skip
+from sane_ray.zoo.spec import METRICS, CheckpointRecord, ModelRecord, Skipped, Zoo, with_ggap
+
+PARAMS = "params.json"
+RESULTS = "result.json"
+CHECKPOINT_FILE = "checkpoints"
+_CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
+
+_RESNETS = {"resnet18": "resnet18", "resnet34": "resnet34"}
+_CNNS = {1: "cnn_mnist_public", 3: "cnn_cifar_public"}
+
+
+def architecture_from_params(params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Registry name and keyword arguments for a public model's ``params.json``.
+
+    ``model::type`` CNN maps by ``model::channels_in`` (1 -> ``cnn_mnist_public``, 3 ->
+    ``cnn_cifar_public``), ResNet18/ResNet34 (any case) to ``resnet18``/``resnet34``;
+    ``model::nlin`` -> ``activation`` (CNNs), ``model::o_dim`` -> ``num_classes``,
+    ``model::channels_in`` -> ``in_channels``. Raises ``UnknownArchitectureError`` for an
+    unknown type and ``ValueError`` for unusable values.
+    """
+    mtype = params.get("model::type")
+    kind = str(mtype).lower()
+    kwargs: dict[str, Any] = {}
+    try:
+        if "model::o_dim" in params:
+            kwargs["num_classes"] = int(params["model::o_dim"])
+        channels = int(params["model::channels_in"]) if "model::channels_in" in params else None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"non-integer model::o_dim or model::channels_in: {e}") from e
+    if kind == "cnn":
+        if channels is None:
+            raise ValueError("model::type CNN without model::channels_in: cannot tell the "
+                             "1-channel (MNIST) CNN from the 3-channel (CIFAR) one")
+        if channels not in _CNNS:
+            raise UnknownArchitectureError(f"no public CNN with {channels} input channels (known: 1, 3)")
+        arch = _CNNS[channels]
+        if "model::nlin" in params:
+            kwargs["activation"] = str(params["model::nlin"]).lower()
+    elif kind in _RESNETS:
+        arch = _RESNETS[kind]
+    else:
+        raise UnknownArchitectureError(
+            f"unknown architecture model::type={mtype!r} (known: CNN, ResNet18, ResNet34)")
+    if channels is not None:
+        kwargs["in_channels"] = channels
+    return arch, kwargs
+
+
+def parse_results(text: str) -> dict[int, dict[str, Any]]:
+    """``result.json`` lines keyed by ``training_iteration``; raises ``ValueError`` if malformed."""
+    out: dict[int, dict[str, Any]] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"line {n} is not JSON: {e}") from e
+        it = rec.get("training_iteration") if isinstance(rec, dict) else None
+        if not isinstance(it, int) or isinstance(it, bool):
+            raise ValueError(f"line {n} has no integer training_iteration")
+        out[it] = rec
+    return out
+
+
+@dataclass
+class ModelDir:
+    """What a listing shows of one model directory (nothing opened yet)."""
+
+    name: str
+    files: set[str] = field(default_factory=set)
+    checkpoint_dirs: dict[int, str] = field(default_factory=dict)  # epoch -> directory name
+    complete: set[int] = field(default_factory=set)  # epochs whose directory holds ``checkpoints``
+
+
+def list_model_dirs(root: str, s3: storage.S3Options | None = None) -> dict[str, ModelDir]:
+    """Model directories under ``root`` from one recursive listing.
+
+    A directory counts if it holds ``params.json``, ``result.json`` or checkpoint
+    directories; anything else under the root (Ray Tune state files, ...) is ignored.
+    """
+    fs, base = storage.open_uri(root, s3)
+    base = base.rstrip("/")
+    dirs: dict[str, ModelDir] = {}
+    for p in fs.find(base, withdirs=True, detail=False):
+        rel = p.rstrip("/")[len(base) + 1:]
+        parts = rel.split("/") if rel else []
+        if len(parts) < 2 or len(parts) > 3:
+            continue
+        model, name = parts[0], parts[1]
+        m = _CHECKPOINT_DIR.fullmatch(name)
+        if len(parts) == 2 and name in (PARAMS, RESULTS):
+            dirs.setdefault(model, ModelDir(model)).files.add(name)
+        elif m:
+            md = dirs.setdefault(model, ModelDir(model))
+            epoch = int(m.group(1))
+            md.checkpoint_dirs.setdefault(epoch, name)
+            if len(parts) == 3 and parts[2] == CHECKPOINT_FILE:
+                md.complete.add(epoch)
+    return dirs
+
+
+def read_public(root: str, dirs: dict[str, ModelDir], s3: storage.S3Options | None = None) -> Zoo:
+    """The zoo in the listed model directories; unusable models and checkpoints go to ``skipped``."""
+    fs, base = storage.open_uri(root, s3)
+    base = base.rstrip("/")
+    wanted = [f"{base}/{d.name}/{f}" for d in dirs.values() for f in sorted(d.files)]
+    contents = fs.cat(wanted, on_error="return") if wanted else {}
+    models: list[ModelRecord] = []
+    skipped: list[Skipped] = []
+    for name in sorted(dirs):
+        rec = _read_model(root, dirs[name], {f: contents.get(f"{base}/{name}/{f}") for f in dirs[name].files},
+                          skipped)
+        if rec is not None:
+            models.append(rec)
+    return Zoo(uri=root, format="public", models=models, skipped=skipped)
+
+
+class _Unusable(Exception):
+    """A model directory that cannot be read; ``args[0]`` says why."""
+
+
+def _parsed(raw: dict[str, Any], fname: str, parse: Any) -> Any:
+    data = raw.get(fname)
+    if data is None:
+        raise _Unusable(f"missing {fname}")
+    if isinstance(data, Exception):
+        raise _Unusable(f"cannot read {fname}: {data}")
+    try:
+        return parse(data)
+    except ValueError as e:  # JSON and UTF-8 decoding errors are ValueErrors
+        raise _Unusable(f"malformed {fname}: {e}") from e
+
+
+def _params(data: bytes) -> dict[str, Any]:
+    params = json.loads(data)
+    if not isinstance(params, dict):
+        raise ValueError("not a JSON object")
+    return params
+
+
+def _read_model(root: str, d: ModelDir, raw: dict[str, Any], skipped: list[Skipped]) -> ModelRecord | None:
+    where = storage.join(root, d.name)
+    try:
+        params = _parsed(raw, PARAMS, _params)
+        try:
+            arch, arch_kwargs = architecture_from_params(params)
+            reference_layout(arch, arch_kwargs)
+        except (UnknownArchitectureError, ValueError) as e:
+            raise _Unusable(f"{PARAMS}: {e}") from e
+        results = _parsed(raw, RESULTS, lambda b: parse_results(b.decode("utf-8")))
+    except _Unusable as e:
+        skipped.append(skip(where, str(e)))
+        return None
+
+    checkpoints = []
+    for epoch in sorted(d.checkpoint_dirs):
+        ckpt_dir = storage.join(where, d.checkpoint_dirs[epoch])
+        if epoch not in d.complete:
+            skipped.append(skip(ckpt_dir, f"no '{CHECKPOINT_FILE}' file in the checkpoint directory"))
+            continue
+        line = results.get(epoch, {})
+        metrics = with_ggap({m: as_float(line[m]) for m in METRICS if m in line})
+        checkpoints.append(CheckpointRecord(d.name, epoch, posixpath.join(ckpt_dir, CHECKPOINT_FILE), metrics))
+    if not checkpoints:
+        skipped.append(skip(where, "no checkpoints"))
+        return None
+    return ModelRecord(d.name, arch, arch_kwargs, params, checkpoints)
+
+
+def decode_checkpoint(data: bytes, ckpt: CheckpointRecord) -> Any:
+    """The object ``torch.save`` stored (weights only: no arbitrary code runs)."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle untrusted bytes means a bad file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise BadCheckpointError(ckpt.uri, f"torch.load failed ({type(e).__name__}): {first}") from e

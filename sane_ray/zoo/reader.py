@@ -1,0 +1,163 @@
+"""Open any zoo by URI and load its checkpoints lazily.
+
+:func:`open_zoo` tells the two layouts apart from the root alone (``manifest.parquet``
+-> native; model directories with ``params.json`` -> public) and lists the zoo without
+opening a checkpoint. Loading is per checkpoint (:func:`load_checkpoint`) or per model
+(:func:`load_model_checkpoints`), always through the checks in :mod:`sane_ray.zoo.checks`.
+``verify=True`` runs those checks on every checkpoint up front.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import torch
+from tqdm.auto import tqdm
+
+from sane_ray import storage
+from sane_ray.zoo import native, public
+from sane_ray.zoo.checks import (
+    DEFAULT_MAX_ABS,
+    BadCheckpointError,
+    ZooError,
+    reference_layout,
+    skip,
+    validate_state_dict,
+)
+from sane_ray.zoo.spec import CheckpointRecord, ModelRecord, Skipped, Zoo
+
+
+def open_zoo(
+    uri: str,
+    s3: storage.S3Options | None = None,
+    verify: bool = False,
+    progress: bool = False,
+    max_abs: float = DEFAULT_MAX_ABS,
+    workers: int = 8,
+) -> Zoo:
+    """Describe the zoo at ``uri`` (local path, ``file://`` or ``s3://``).
+
+    Raises :class:`ZooError` naming the URI when there is no readable zoo there. With
+    ``verify``, every checkpoint is loaded and checked (``workers`` threads, a tqdm bar
+    if ``progress``); failures move to ``zoo.skipped`` and models left without
+    checkpoints are dropped.
+    """
+    try:
+        root = storage.parse_uri(uri, s3).uri
+    except storage.StorageError as e:
+        raise ZooError(str(e)) from e
+    names = _list_root(root, s3)
+    if native.MANIFEST in names:
+        zoo = native.read_manifest(root, s3)
+    else:
+        try:
+            dirs = public.list_model_dirs(root, s3)
+            if not any(public.PARAMS in d.files for d in dirs.values()):
+                raise ZooError(_not_a_zoo(root, names))
+            zoo = public.read_public(root, dirs, s3)
+        except OSError as e:
+            raise ZooError(f"cannot read zoo {root}: {e}") from e
+    if verify:
+        zoo = verify_zoo(zoo, s3=s3, progress=progress, max_abs=max_abs, workers=workers)
+    return zoo
+
+
+def _list_root(root: str, s3: storage.S3Options | None) -> list[str]:
+    fs, path = storage.open_uri(root, s3)
+    try:
+        if fs.isfile(path):
+            raise ZooError(f"{root} is a file, not a zoo directory")
+        names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    except FileNotFoundError as e:
+        raise ZooError(f"no zoo at {root}: it does not exist") from e
+    except ZooError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any storage failure (S3 auth, network) becomes one clear error
+        raise ZooError(f"cannot list zoo root {root}: {type(e).__name__}: {e}") from e
+    if not names:
+        raise ZooError(f"no zoo at {root}: the directory is empty")
+    return names
+
+
+def _not_a_zoo(root: str, names: list[str]) -> str:
+    if "models" in names:
+        return (f"{root} is not a zoo: it has models/ but no {native.MANIFEST}, i.e. a native zoo whose "
+                f"writer did not finish (the zoo exists only once {native.MANIFEST} is published)")
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return (f"{root} is not a zoo: expected {native.MANIFEST} (native zoo) or model directories "
+            f"containing {public.PARAMS} (public layout); found: {shown}")
+
+
+def load_checkpoint(
+    model: ModelRecord, ckpt: CheckpointRecord, *, s3: storage.S3Options | None = None,
+    max_abs: float = DEFAULT_MAX_ABS,
+) -> dict[str, torch.Tensor]:
+    """One checkpoint as float32 CPU tensors (integer buffers such as ``num_batches_tracked`` as stored).
+
+    Raises :class:`BadCheckpointError` (path + reason) for unreadable, corrupt, non-finite,
+    too large (``max_abs``) or mismatched weights, and ``UnknownArchitectureError`` if the
+    model's architecture is not registered.
+    """
+    reference_layout(model.architecture, model.arch_kwargs)
+    try:
+        data = storage.read_bytes(ckpt.uri, s3)
+    except storage.StorageError as e:
+        raise BadCheckpointError(ckpt.uri, f"cannot read the file ({e})") from e
+    decode = native.decode_checkpoint if ckpt.uri.endswith(native.SUFFIX) else public.decode_checkpoint
+    return validate_state_dict(decode(data, ckpt), model.architecture, model.arch_kwargs, ckpt.uri, max_abs)
+
+
+def load_model_checkpoints(
+    model: ModelRecord, *, s3: storage.S3Options | None = None, max_abs: float = DEFAULT_MAX_ABS,
+) -> tuple[list[tuple[CheckpointRecord, dict[str, torch.Tensor]]], list[Skipped]]:
+    """All good checkpoints of one model in epoch order, and the ones skipped (logged)."""
+    good: list[tuple[CheckpointRecord, dict[str, torch.Tensor]]] = []
+    bad: list[Skipped] = []
+    for ckpt in model.checkpoints:
+        try:
+            good.append((ckpt, load_checkpoint(model, ckpt, s3=s3, max_abs=max_abs)))
+        except BadCheckpointError as e:
+            bad.append(skip(e.path, e.reason))
+    return good, bad
+
+
+def verify_zoo(
+    zoo: Zoo, *, s3: storage.S3Options | None = None, progress: bool = False,
+    max_abs: float = DEFAULT_MAX_ABS, workers: int = 8,
+) -> Zoo:
+    """A copy of ``zoo`` holding only checkpoints that load and pass the checks."""
+
+    def check(model: ModelRecord, ckpt: CheckpointRecord) -> None:
+        load_checkpoint(model, ckpt, s3=s3, max_abs=max_abs)  # tensors dropped at once: bounded memory
+
+    jobs = [(m, c) for m in zoo.models for c in m.checkpoints]
+    failed: dict[str, BadCheckpointError] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(
+        total=len(jobs), disable=not progress, desc="verifying checkpoints", unit="ckpt"
+    ) as bar:
+        futures = {pool.submit(check, m, c): c for m, c in jobs}
+        for fut in as_completed(futures):
+            try:
+                fut.result()
+            except BadCheckpointError as e:
+                failed[futures[fut].uri] = e
+            bar.update()
+
+    models: list[ModelRecord] = []
+    skipped = list(zoo.skipped)
+    for m in zoo.models:
+        skipped += [skip(c.uri, failed[c.uri].reason) for c in m.checkpoints if c.uri in failed]
+        good = [c for c in m.checkpoints if c.uri not in failed]
+        if good:
+            models.append(dataclasses.replace(m, checkpoints=good))
+        else:
+            skipped.append(skip(_model_path(zoo, m), "no usable checkpoints"))
+    return dataclasses.replace(zoo, models=models, skipped=skipped)
+
+
+def _model_path(zoo: Zoo, model: ModelRecord) -> str:
+    if zoo.format == "native":
+        return storage.join(zoo.uri, "models", model.model_id)
+    return storage.join(zoo.uri, model.model_id)

@@ -1,0 +1,131 @@
+"""Tiny zoos in both layouts for tests: registry architectures, random weights drifting per
+epoch, synthetic metrics. Nothing is trained, so building a zoo takes milliseconds.
+
+Every builder returns ``{model_id: [state_dict per epoch]}`` (epoch 0 first) so tests can
+compare what a reader loads with what was written; metrics are :func:`fake_metrics`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Sequence
+
+import torch
+
+from sane_ray import storage
+from sane_ray.zoo import native
+from sane_ray.zoo.architectures import build_model
+
+# params.json entries that select each public architecture (see sane_ray.zoo.public).
+PUBLIC_TYPES: dict[str, dict[str, Any]] = {
+    "cnn_mnist_public": {"model::type": "CNN", "model::channels_in": 1},
+    "cnn_cifar_public": {"model::type": "CNN", "model::channels_in": 3},
+    "resnet18": {"model::type": "Resnet18", "model::channels_in": 3},
+}
+
+
+def root_uri(where: str, tmp_path: Any, s3: dict[str, Any] | None, name: str = "zoo") -> str:
+    """A fresh zoo root: a local directory, or a prefix in the ``s3`` fixture's bucket."""
+    return f"s3://{s3['bucket']}/{name}" if where == "s3" else str(tmp_path / name)
+
+
+def trajectory(arch: str, arch_kwargs: dict[str, Any] | None = None, seed: int = 0, epochs: int = 2,
+               step: float = 0.05) -> list[dict[str, torch.Tensor]]:
+    """State dicts for epochs 0..``epochs``: a seeded initialization plus a random walk of the parameters."""
+    torch.manual_seed(seed)
+    model = build_model(arch, **(arch_kwargs or {}))
+    params = {k for k, _ in model.named_parameters()}
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    states = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    for _ in range(epochs):
+        prev = states[-1]
+        nxt = {}
+        for k, v in prev.items():
+            if k in params:
+                nxt[k] = v + step * torch.randn(v.shape, generator=gen)
+            elif k.endswith("num_batches_tracked"):
+                nxt[k] = v + 10
+            else:
+                nxt[k] = v.clone()
+        states.append(nxt)
+    return states
+
+
+def fake_metrics(seed: int, epoch: int) -> dict[str, float]:
+    """Deterministic, plausible metrics: accuracy rises with the epoch and differs per model."""
+    test = min(0.95, 0.1 + 0.2 * epoch + 0.01 * seed)
+    return {"train_acc": min(0.99, test + 0.03), "test_acc": test, "val_acc": test - 0.01,
+            "train_loss": 2.3 / (1 + epoch), "test_loss": 2.4 / (1 + epoch)}
+
+
+def build_native_zoo(root: str, n_models: int = 3, epochs: int = 2, archs: Sequence[str] = ("cnn_digits",),
+                     metadata: dict[str, Any] | None = None,
+                     s3: storage.S3Options | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """A published native zoo; model ``m{i:03d}`` uses ``archs[i % len(archs)]``."""
+    rows, states = [], {}
+    for i in range(n_models):
+        model_id, arch = f"m{i:03d}", archs[i % len(archs)]
+        states[model_id] = trajectory(arch, seed=i, epochs=epochs)
+        for epoch, sd in enumerate(states[model_id]):
+            rows.append(native.write_checkpoint(
+                root, model_id, epoch, sd, fake_metrics(i, epoch), arch, {},
+                {"seed": i, "lr": 1e-3}, s3=s3))
+    native.publish_manifest(root, rows, metadata or {"source": "zoo_builders"}, s3=s3)
+    return states
+
+
+def public_model_name(i: int) -> str:
+    return f"NN_tune_trainable_{i:05d}_{i}_seed={i}"
+
+
+def public_params(seed: int, arch: str = "cnn_mnist_public", nlin: str = "tanh", epochs: int = 2) -> dict[str, Any]:
+    return {**PUBLIC_TYPES[arch], "model::nlin": nlin, "model::init_type": "kaiming_uniform",
+            "model::o_dim": 10, "model::dropout": 0.0, "optim::optimizer": "adam", "optim::lr": 3e-4,
+            "optim::wd": 0.0, "seed": seed, "training::epochs_train": epochs}
+
+
+def result_lines(seed: int, epochs: int) -> bytes:
+    """``result.json`` as the public zoos write it: iteration N carries epoch N's metrics, no line for epoch 0."""
+    lines = [{"training_iteration": e, **fake_metrics(seed, e), "time_this_iter_s": 0.5, "done": e == epochs}
+             for e in range(1, epochs + 1)]
+    return "".join(json.dumps(x) + "\n" for x in lines).encode()
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def write_public_model(root: str, name: str, params: dict[str, Any], results: bytes,
+                       states: Sequence[dict[str, torch.Tensor]], s3: storage.S3Options | None = None) -> None:
+    """One model directory in the public layout (``checkpoint_{epoch:06d}/checkpoints``)."""
+    put(root, f"{name}/params.json", json.dumps(params).encode(), s3)
+    put(root, f"{name}/result.json", results, s3)
+    for epoch, sd in enumerate(states):
+        put(root, f"{name}/checkpoint_{epoch:06d}/checkpoints", torch_bytes(sd), s3)
+
+
+def build_public_zoo(root: str, n_models: int = 3, epochs: int = 2, arch: str = "cnn_mnist_public",
+                     nlin: str = "tanh",
+                     s3: storage.S3Options | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """A public-layout zoo of ``n_models`` models named by :func:`public_model_name`."""
+    states = {}
+    for i in range(n_models):
+        name = public_model_name(i)
+        params = public_params(i, arch, nlin, epochs)
+        kwargs = {"activation": nlin} if arch.startswith("cnn") else {}
+        states[name] = trajectory(arch, kwargs, seed=i, epochs=epochs)
+        write_public_model(root, name, params, result_lines(i, epochs), states[name], s3)
+    put(root, "experiment_state-2022.json", b"{}", s3)  # Tune's own files sit beside the models
+    return states
+
+
+def put(root: str, rel: str, data: bytes, s3: storage.S3Options | None = None) -> None:
+    storage.write_bytes_atomic(storage.join(root, rel), data, s3)
+
+
+def remove(root: str, rel: str, s3: storage.S3Options | None = None) -> None:
+    fs, path = storage.open_uri(storage.join(root, rel), s3)
+    fs.rm(path)
