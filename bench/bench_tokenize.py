@@ -13,6 +13,7 @@ import argparse
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,14 +23,27 @@ from sane_ray.weights.tokenize import detokenize, detokenize_stack, tokenize, to
 from sane_ray.zoo.architectures import build_model
 
 
-def median_seconds(fn: Callable[[], object], runs: int) -> float:
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock median and min, and median CPU time (all threads): a shared machine is noisy."""
+
+    median: float
+    min: float
+    cpu: float
+
+    def __str__(self) -> str:
+        return f"median {self.median * 1e3:7.1f} ms (min {self.min * 1e3:.1f} ms, CPU {self.cpu * 1e3:.1f} ms)"
+
+
+def timed(fn: Callable[[], object], runs: int) -> Timing:
     fn()  # warm-up (builds and caches the layout's index tensors)
-    times = []
+    wall, cpu = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return Timing(statistics.median(wall), min(wall), statistics.median(cpu))
 
 
 def peak_rss_mib() -> float:
@@ -58,27 +72,27 @@ def main() -> None:
         exact = list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
         if not exact:
             raise SystemExit(f"round trip is NOT exact (include_bn={include_bn})")
-        t_tok = median_seconds(lambda: tokenize(sd, args.token_size, include_bn), args.runs)
-        t_detok = median_seconds(lambda: detokenize(t.tokens, t.layout), args.runs)
+        t_tok = timed(lambda bn=include_bn: tokenize(sd, args.token_size, bn), args.runs)
+        t_detok = timed(lambda t=t: detokenize(t.tokens, t.layout), args.runs)
         mb = t.tokens.numel() * 4 / 2**20
         print(f"include_bn={include_bn!s:5}: {t.layout.num_tokens:,} tokens ({mb:.0f} MiB), "
               f"{int(t.mask.sum()):,} real entries, exact round trip: {exact}")
-        print(f"  tokenize   {t_tok * 1e3:7.1f} ms  ({1 / t_tok:6.1f} models/s, {mb / t_tok:6.0f} MiB/s)")
-        print(f"  detokenize {t_detok * 1e3:7.1f} ms  ({1 / t_detok:6.1f} models/s)")
+        print(f"  tokenize   {t_tok}: {1 / t_tok.median:.1f} models/s, {mb / t_tok.median:.0f} MiB/s of tokens")
+        print(f"  detokenize {t_detok}: {1 / t_detok.median:.1f} models/s")
 
     stats = StandardizationStats.from_models([sd])
     t = tokenize(sd, args.token_size)
-    t_inv = median_seconds(lambda: stats.invert_tokens(t.tokens, t.layout), args.runs)
-    print(f"invert_tokens (de-standardize decoded tokens) {t_inv * 1e3:.1f} ms")
+    t_inv = timed(lambda: stats.invert_tokens(t.tokens, t.layout), args.runs)
+    print(f"invert_tokens (de-standardize decoded tokens, BN excluded) {t_inv}")
 
     checkpoints = [{k: v + 0.01 * i if v.is_floating_point() else v for k, v in sd.items()} for i in range(args.stack)]
     stacked = tokenize_stack(checkpoints, args.token_size)
     back = detokenize_stack(stacked.tokens, stacked.layout)
     if not all(torch.equal(back[k][i], checkpoints[i][k]) for k in back for i in range(args.stack)):
         raise SystemExit("stacked round trip is NOT exact")
-    t_stack = median_seconds(lambda: tokenize_stack(checkpoints, args.token_size), max(3, args.runs // 3))
-    print(f"tokenize_stack of {args.stack} checkpoints {t_stack * 1e3:.1f} ms "
-          f"({args.stack / t_stack:.1f} models/s), exact round trip: True")
+    t_stack = timed(lambda: tokenize_stack(checkpoints, args.token_size), max(3, args.runs // 3))
+    print(f"tokenize_stack of {args.stack} checkpoints (BN excluded) {t_stack}: "
+          f"{args.stack / t_stack.median:.1f} models/s, exact round trip: True")
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
 
 

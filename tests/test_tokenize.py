@@ -187,7 +187,10 @@ def test_dtypes_are_float32_and_tokens_are_copies():
     assert torch.equal(back["fc.weight"], sd["fc.weight"].float())
 
 
-@pytest.mark.parametrize("num_classes, include_bn, expected", [(10, False, 39124), (10, True, 53524), (100, True, 53704)])
+@pytest.mark.parametrize(
+    "num_classes, include_bn, expected",
+    [(10, False, 39124), (10, True, 53524), (100, False, 39304), (100, True, 53704)],
+)
 def test_resnet18_token_counts(num_classes, include_bn, expected):
     from sane_ray.zoo.architectures import build_model
 

@@ -153,8 +153,8 @@ class StandardizationStats:
         per_layer = torch.tensor([s.num_tokens for s in layout.layers], dtype=torch.int64)
         means = torch.tensor([self.mean(s.key) for s in layout.layers], dtype=torch.float32)
         stds = torch.tensor([self.std(s.key) for s in layout.layers], dtype=torch.float32)
-        rep = lambda t: torch.repeat_interleave(t, per_layer).unsqueeze(1).to(device)  # noqa: E731
-        return rep(means), rep(stds)
+        return (torch.repeat_interleave(means, per_layer).unsqueeze(1).to(device),
+                torch.repeat_interleave(stds, per_layer).unsqueeze(1).to(device))
 
     def apply_tokens(self, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Standardize tokens (N, d_t) or (B, N, d_t) of ``layout``; padding stays zero."""
@@ -198,4 +198,5 @@ class StandardizationStats:
         return isinstance(other, StandardizationStats) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
-        return f"StandardizationStats({len(self.layers)} layers, include_bn={self.include_bn}, std_floor={self.std_floor})"
+        return (f"StandardizationStats({len(self.layers)} layers, "
+                f"include_bn={self.include_bn}, std_floor={self.std_floor})")

@@ -15,8 +15,8 @@ What becomes a token (:func:`split_keys`):
   ``Tokens.bn_state``), as in the paper, which restores them by BN-conditioning. With
   ``include_bn=True`` the BN ``weight`` (+ ``bias`` column) is one layer and
   ``running_mean`` and ``running_var`` are one layer each (3 tokens per channel when
-  ``d_t >= 2``; this reproduces the reference's 53,704 tokens for a 100-class CIFAR
-  ResNet-18 at ``d_t = 288``).
+  ``d_t >= 2``: 53,704 tokens for a 100-class CIFAR ResNet-18 at ``d_t = 288``, the
+  paper's ~54k; 39,304 without BN).
 * ``num_batches_tracked`` is never a token: it is always kept aside.
 * Every other floating tensor is tokenized, including 1-d weights without running
   statistics (LayerNorm, GroupNorm): they are learned parameters that BN-conditioning
@@ -220,7 +220,7 @@ def layout_from_state_dict(
     return _build_layout(token_size, include_bn, groups, [(k, shapes[k]) for k in split.aside], list(shapes))
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def _index_tensors(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """The layout's mask (N, d_t) and positions (N, 3), computed in one vectorized pass."""
     d, n_tok = layout.token_size, layout.num_tokens
@@ -304,15 +304,17 @@ def _write_layer(out: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias:
     block[:, :, spec.row_len :].zero_()
 
 
-def _first_device(tensors: Sequence[torch.Tensor]) -> torch.device:
-    return tensors[0].device if tensors else torch.device("cpu")
+def _empty_tokens(layout: TokenLayout, batch: int, like: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Uninitialized (B, N, d_t) float32 on the device of the first tokenized tensor."""
+    device = like[layout.token_keys[0]].device if layout.layers else torch.device("cpu")
+    return torch.empty(batch, layout.num_tokens, layout.token_size, device=device)
 
 
 def tokenize(state_dict: Mapping[str, torch.Tensor], token_size: int, include_bn: bool = False) -> Tokens:
     """Tokenize one model: tokens float32 (N, d_t), mask, positions, layout and aside tensors."""
     layout = layout_from_state_dict(state_dict, token_size, include_bn)
     _check_tensors(state_dict, layout, (), "state dict")
-    out = torch.empty(1, layout.num_tokens, token_size, device=_first_device([state_dict[k] for k in layout.token_keys]))
+    out = _empty_tokens(layout, 1, state_dict)
     with torch.no_grad():
         for spec in layout.layers:
             bias = state_dict[spec.bias_key].unsqueeze(0) if spec.bias_key else None
@@ -339,7 +341,7 @@ def tokenize_stack(
         batch = next(iter(stacked.values())).shape[0]
         layout = layout_from_state_dict({k: v.shape[1:] for k, v in stacked.items()}, token_size, include_bn)
         _check_tensors(stacked, layout, (batch,), "stacked state dict")
-        out = torch.empty(batch, layout.num_tokens, token_size, device=_first_device(list(stacked.values())))
+        out = _empty_tokens(layout, batch, stacked)
         with torch.no_grad():
             for spec in layout.layers:
                 _write_layer(out, spec, stacked[spec.key], stacked[spec.bias_key] if spec.bias_key else None)
@@ -350,7 +352,7 @@ def tokenize_stack(
         layout = layout_from_state_dict(models[0], token_size, include_bn)
         for i, sd in enumerate(models):
             _check_tensors(sd, layout, (), f"model {i} of the stack")
-        out = torch.empty(len(models), layout.num_tokens, token_size, device=_first_device(list(models[0].values())))
+        out = _empty_tokens(layout, len(models), models[0])
         with torch.no_grad():
             for spec in layout.layers:
                 for i, sd in enumerate(models):
@@ -363,10 +365,9 @@ def tokenize_stack(
 # ---------------------------------------------------------------- detokenize
 
 
-def _as_layout(layout_or_reference: TokenLayout | Mapping[str, ShapeLike], token_size: int, include_bn: bool) -> TokenLayout:
-    if isinstance(layout_or_reference, TokenLayout):
-        return layout_or_reference
-    return layout_from_state_dict(layout_or_reference, token_size, include_bn)
+def _as_layout(layout: TokenLayout | Mapping[str, ShapeLike], token_size: int, include_bn: bool) -> TokenLayout:
+    """A layout, or the layout of a reference state dict."""
+    return layout if isinstance(layout, TokenLayout) else layout_from_state_dict(layout, token_size, include_bn)
 
 
 def _assemble(
@@ -384,21 +385,19 @@ def _assemble(
             bias = torch.empty((b, spec.rows), dtype=torch.float32, device=tokens.device)
             parts[spec.bias_key] = bias.copy_(block[:, :, spec.weight_cols]).view(lead + (spec.rows,))
     if bn_state is not None:
-        shapes = dict(layout.aside)
         for key, shape in layout.aside:
             value = bn_state.get(key)
             if value is None:
                 raise LayoutMismatchError(f"bn_state lacks {key!r}, which the layout keeps aside")
-            if tuple(value.shape) != lead + shapes[key]:
+            if tuple(value.shape) != lead + shape:
                 raise LayoutMismatchError(f"bn_state {key!r} has shape {tuple(value.shape)}, expected {lead + shape}")
             parts[key] = value
     return {k: parts[k] for k in layout.keys if k in parts}
 
 
-def _check_token_shape(tokens: torch.Tensor, layout: TokenLayout, lead: tuple[int, ...] | None) -> None:
-    want = f"({'B, ' if lead is None else ''}{layout.num_tokens}, {layout.token_size})"
-    ndim = 2 if lead == () else 3
-    if tokens.ndim != ndim or tuple(tokens.shape[-2:]) != (layout.num_tokens, layout.token_size):
+def _check_token_shape(tokens: torch.Tensor, layout: TokenLayout, batched: bool) -> None:
+    want = f"({'B, ' if batched else ''}{layout.num_tokens}, {layout.token_size})"
+    if tokens.ndim != 2 + batched or tuple(tokens.shape[-2:]) != (layout.num_tokens, layout.token_size):
         raise LayoutMismatchError(f"tokens have shape {tuple(tokens.shape)}, the layout needs {want}")
 
 
@@ -416,7 +415,7 @@ def detokenize(
     they are merged back in their original positions.
     """
     layout = _as_layout(layout, tokens.shape[-1], include_bn)
-    _check_token_shape(tokens, layout, ())
+    _check_token_shape(tokens, layout, batched=False)
     return _assemble(layout, tokens.unsqueeze(0), (), bn_state)
 
 
@@ -429,5 +428,5 @@ def detokenize_stack(
 ) -> dict[str, torch.Tensor]:
     """Like :func:`detokenize` for tokens (B, N, d_t): every tensor gets a leading B dimension."""
     layout = _as_layout(layout, tokens.shape[-1], include_bn)
-    _check_token_shape(tokens, layout, None)
+    _check_token_shape(tokens, layout, batched=True)
     return _assemble(layout, tokens, (tokens.shape[0],), bn_state)
