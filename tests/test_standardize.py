@@ -95,6 +95,8 @@ def test_apply_and_invert_on_state_dicts_and_tokens(arch, include_bn, seed, d):
             assert torch.allclose(std_sd[layer.bias_key], expected)
     back = stats.invert(std_sd)
     assert all(torch.allclose(back[k].double(), sd[k].double(), rtol=1e-5, atol=1e-5) for k in sd)
+    stacked = stats.apply({k: torch.stack([m[k] for m in train]) for k in sd}, stacked=True)
+    assert all(torch.equal(stacked[k][i], standardized[i][k]) for k in sd for i in range(len(train)))
     # On tokens: same values as standardizing the state dict first, padding stays zero.
     std_tokens = stats.apply_tokens(t.tokens, t.layout)
     assert torch.allclose(std_tokens, tokenize(std_sd, d, include_bn).tokens, rtol=1e-5, atol=1e-5)
@@ -103,8 +105,8 @@ def test_apply_and_invert_on_state_dicts_and_tokens(arch, include_bn, seed, d):
     assert torch.allclose(restored, t.tokens, rtol=1e-5, atol=1e-5)
     decoded = detokenize(restored, t.layout)
     assert all(torch.allclose(decoded[k], sd[k], rtol=1e-5, atol=1e-5) for k in decoded)
-    stacked = stats.invert_tokens(torch.stack([std_tokens, std_tokens]), t.layout)
-    assert torch.equal(stacked[1], restored)
+    restored_stack = stats.invert_tokens(torch.stack([std_tokens, std_tokens]), t.layout)
+    assert torch.equal(restored_stack[1], restored)
 
 
 def test_pooled_variance_includes_spread_between_models():

@@ -126,8 +126,8 @@ class StandardizationStats:
 
     # ------------------------------------------------------------ state dicts
 
-    def _map(self, state_dict: Mapping[str, torch.Tensor], invert: bool) -> dict[str, torch.Tensor]:
-        shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    def _map(self, state_dict: Mapping[str, torch.Tensor], invert: bool, stacked: bool) -> dict[str, torch.Tensor]:
+        shapes = {k: tuple(v.shape[1:] if stacked else v.shape) for k, v in state_dict.items()}
         out = dict(state_dict)
         for weight_key, bias_key in split_keys(shapes, self.include_bn).groups:
             mean, std = self.mean(weight_key), self.std(weight_key)
@@ -136,13 +136,16 @@ class StandardizationStats:
                 out[key] = v * std + mean if invert else (v - mean) / std
         return out
 
-    def apply(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Standardized copy of a state dict (aside keys unchanged, same key order)."""
-        return self._map(state_dict, invert=False)
+    def apply(self, state_dict: Mapping[str, torch.Tensor], stacked: bool = False) -> dict[str, torch.Tensor]:
+        """Standardized copy of a state dict (aside keys unchanged, same key order).
 
-    def invert(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        With ``stacked``, tensors carry a leading batch dimension (e.g. all epochs of a model).
+        """
+        return self._map(state_dict, invert=False, stacked=stacked)
+
+    def invert(self, state_dict: Mapping[str, torch.Tensor], stacked: bool = False) -> dict[str, torch.Tensor]:
         """Undo :meth:`apply`."""
-        return self._map(state_dict, invert=True)
+        return self._map(state_dict, invert=True, stacked=stacked)
 
     # ------------------------------------------------------------ tokens
 
