@@ -1,0 +1,94 @@
+"""Settings of the data side: which checkpoints, how they are preprocessed, how windows are drawn.
+
+Fields split in two kinds. *Preprocessing* fields (:data:`CANONICAL_FIELDS`) change the
+canonical tokenized zoo and are part of its cache key; *stream* fields (window size,
+supersampling, permutation augmentation, block sizes, actor pool) only change how
+windows are drawn from it, so changing them reuses the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# Fields whose values change the canonical tokenized zoo (and thus its cache key).
+CANONICAL_FIELDS = (
+    "token_size", "include_bn", "epochs", "skip_epoch_zero", "align", "reference_model",
+    "align_max_sweeps", "align_seed", "split_fractions", "split_seed", "max_abs_weight",
+)
+
+
+@dataclass
+class DataConfig:
+    """Where the zoo is, how it becomes tokens, and how training windows are drawn from them."""
+
+    zoo_uri: str = ""
+    # Where the canonical tokenized zoo is cached; "" puts it next to the zoo
+    # (``<zoo_uri>.canonical``), on the same storage, so every node of a cluster can read it.
+    cache_uri: str = ""
+
+    # ---- preprocessing (part of the cache key)
+    token_size: int = 289
+    include_bn: bool = False
+    epochs: list[int] | None = None  # checkpoints to use; None: every stored epoch
+    skip_epoch_zero: bool = False  # leave out the initialization checkpoints
+    align: bool = True  # weight-match every model to the reference (git re-basin)
+    reference_model: str = ""  # "": the first model (sorted ids) of the training split
+    align_max_sweeps: int = 100
+    align_seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, val, test, by model
+    split_seed: int = 42
+    max_abs_weight: float = 1e4  # checkpoints with a larger |weight| are skipped as diverged
+
+    # ---- stream (free to change between runs)
+    window_size: int = 32
+    # Windows drawn per checkpoint per pass; None: max(1, round(sequence_length / window_size)),
+    # i.e. about one full coverage of every model per epoch (the paper's supersampling).
+    windows_per_model_epoch: int | None = None
+    permutation_augmentation: bool = True  # view j: a random function-preserving permutation
+    rows_per_block: int = 64  # checkpoints per window-drawing task (windows interleave across them)
+    max_block_bytes: int = 256 * 1024**2  # caps rows_per_block for large models
+    stream_cpus: float = 1.0  # logical CPUs per window-drawing task
+
+    # ---- preprocessing compute
+    num_actors: int = 2  # max size of the preprocessing actor pool
+    actor_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.split_fractions = tuple(float(f) for f in self.split_fractions)  # type: ignore[assignment]
+        if isinstance(self.token_size, bool) or not isinstance(self.token_size, int) or self.token_size < 1:
+            raise ValueError(f"DataConfig.token_size must be an integer >= 1, got {self.token_size!r}")
+        if self.window_size < 1:
+            raise ValueError(f"DataConfig.window_size must be >= 1, got {self.window_size}")
+        if self.windows_per_model_epoch is not None and self.windows_per_model_epoch < 1:
+            raise ValueError(
+                f"DataConfig.windows_per_model_epoch must be >= 1 or None, got {self.windows_per_model_epoch}"
+            )
+        fr = self.split_fractions
+        if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6 or fr[0] <= 0:
+            raise ValueError(
+                "DataConfig.split_fractions must be three non-negative fractions (train, val, test) "
+                f"summing to 1 with train > 0, got {fr}"
+            )
+        for name in ("rows_per_block", "num_actors", "max_block_bytes", "align_max_sweeps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("actor_cpus", "stream_cpus"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DataConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.epochs is not None and (not self.epochs or any(e < 0 for e in self.epochs)):
+            raise ValueError(f"DataConfig.epochs must be None or a non-empty list of epochs >= 0, got {self.epochs}")
+
+    def canonical_settings(self) -> dict[str, Any]:
+        """The preprocessing settings, JSON-ready (for the cache key and the cache manifest)."""
+        d = dataclasses.asdict(self)
+        out = {k: d[k] for k in CANONICAL_FIELDS}
+        out["split_fractions"] = list(self.split_fractions)
+        out["epochs"] = sorted(set(self.epochs)) if self.epochs is not None else None
+        return out
+
+    def uses_epoch(self, epoch: int) -> bool:
+        if self.skip_epoch_zero and epoch == 0:
+            return False
+        return self.epochs is None or epoch in self.epochs

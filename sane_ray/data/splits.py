@@ -1,0 +1,48 @@
+"""Train/val/test splits by model (never by checkpoint), deterministic from sorted ids and a seed.
+
+All checkpoints of a model stay in one split, so no split sees another's training
+trajectory. The assignment depends only on the set of model ids, the fractions and the
+seed: the ids are sorted, shuffled with ``numpy.random.default_rng(seed)`` and cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+class SplitError(ValueError):
+    """A zoo has too few models for the requested splits (the message gives the counts)."""
+
+
+def split_sizes(num_models: int, fractions: Sequence[float]) -> tuple[int, int, int]:
+    """Models per split: rounded fractions, at least one for every non-zero fraction, train gets the rest."""
+    if len(fractions) != 3:
+        raise ValueError(f"split fractions must be (train, val, test), got {tuple(fractions)}")
+    needed = sum(1 for f in fractions if f > 0)
+    if num_models < needed:
+        pct = "/".join(f"{100 * f:g}" for f in fractions)
+        raise SplitError(
+            f"the zoo has {num_models} usable model(s), but splits {pct} need at least {needed} "
+            "(one per non-empty split); add models or set split_fractions with fewer non-zero entries"
+        )
+    val, test = (max(1, round(f * num_models)) if f > 0 else 0 for f in fractions[1:])
+    while num_models - val - test < 1:  # rounding up the small splits must leave one training model
+        if val >= test and val > 1:
+            val -= 1
+        else:
+            test -= 1
+    return num_models - val - test, val, test
+
+
+def split_models(model_ids: Iterable[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...], "test": [...]}``, each list sorted."""
+    ids = sorted(set(model_ids))
+    n_train, n_val, _ = split_sizes(len(ids), fractions)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = [ids[i] for i in order]
+    cuts = {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val], "test": shuffled[n_train + n_val :]}
+    return {name: sorted(members) for name, members in cuts.items()}

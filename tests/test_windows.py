@@ -1,0 +1,132 @@
+"""Windows, row interleaving, splits and data settings: pure torch/numpy, no Ray."""
+
+import pytest
+import torch
+
+from sane_ray.data.config import DataConfig
+from sane_ray.data.splits import SplitError, split_models, split_sizes
+from sane_ray.data.windows import (
+    WindowSizeError,
+    check_window_size,
+    gather_windows,
+    interleave_rows,
+    plan_windows,
+    window_index,
+    windows_per_checkpoint,
+)
+
+D = 4  # token size in these tests
+
+
+def block(lengths: list[int]):
+    """A block of rows whose token values encode (row, token) so gathers can be checked exactly."""
+    lengths_t = torch.tensor(lengths)
+    offsets = torch.cumsum(lengths_t, 0) - lengths_t
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
+    local = torch.arange(int(lengths_t.sum())) - offsets[rows]
+    flat = (rows * 1000 + local).float()[:, None].repeat(1, D)
+    return flat, offsets, lengths_t
+
+
+def cut(lengths, counts, ws, model_codes=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    flat, offsets, lens = block(lengths)
+    codes = torch.arange(len(lengths)) if model_codes is None else torch.tensor(model_codes)
+    plan = plan_windows(lens, torch.tensor(counts), ws, interleave_rows(codes, gen), gen)
+    local, valid = window_index(plan, lens, ws)
+    # one layout per row here: the mask table marks the first 3 entries real, positions (n, 7, 9)
+    mask_table = torch.zeros(int(lens.sum()), D, dtype=torch.bool)
+    mask_table[:, :3] = True
+    pos_table = torch.stack([torch.arange(int(lens.sum())), torch.full_like(flat[:, 0], 7).long(),
+                             torch.full_like(flat[:, 0], 9).long()], 1)
+    index = offsets[plan.rows][:, None] + local
+    (x,), mask, pos = gather_windows([flat], index, mask_table, pos_table, index, valid, torch.tensor([99, 98, 97]))
+    return plan, x, mask, pos, valid
+
+
+def test_windows_are_consecutive_tokens_of_their_row():
+    plan, x, mask, pos, valid = cut([20, 30, 25], [3, 3, 3], ws=8)
+    assert x.shape == (9, 8, D) and mask.shape == (9, 8, D) and pos.shape == (9, 8, 3)
+    assert x.dtype == torch.float32 and mask.dtype == torch.bool and pos.dtype == torch.int64
+    assert valid.all()
+    lengths = torch.tensor([20, 30, 25])
+    assert ((plan.starts >= 0) & (plan.starts <= lengths[plan.rows] - 8)).all()
+    expected = plan.rows[:, None] * 1000 + plan.starts[:, None] + torch.arange(8)
+    assert torch.equal(x[..., 0], expected.float())
+    assert torch.equal(mask[..., :3], torch.ones(9, 8, 3, dtype=torch.bool)) and not mask[..., 3].any()
+    offsets = torch.tensor([0, 20, 50])
+    assert torch.equal(pos[..., 0], offsets[plan.rows][:, None] + plan.starts[:, None] + torch.arange(8))
+    assert (pos[..., 1] == 7).all()
+
+
+def test_round_robin_emits_each_row_once_per_round():
+    plan, *_ = cut([40] * 5, [4] * 5, ws=8)
+    rounds = plan.rows.view(4, 5)
+    for r in rounds:
+        assert sorted(r.tolist()) == list(range(5))
+    assert (rounds == rounds[0]).all()  # same order every round: any 5 consecutive windows are distinct rows
+    for i in range(len(plan.rows) - 5):
+        assert len(set(plan.rows[i : i + 5].tolist())) == 5
+
+
+def test_checkpoints_of_one_model_are_spread_apart():
+    # 4 models x 3 checkpoints, stored model by model; within a round no model repeats in any 4 rows
+    codes = [m for m in range(4) for _ in range(3)]
+    plan, *_ = cut([16] * 12, [1] * 12, ws=8, model_codes=codes)
+    models = torch.tensor(codes)[plan.rows]
+    for i in range(len(models) - 3):
+        assert len(set(models[i : i + 4].tolist())) == 4
+
+
+def test_short_models_are_padded_with_unmasked_pad_positions():
+    plan, x, mask, pos, valid = cut([5, 12], [1, 1], ws=8)
+    short = int((plan.rows == 0).nonzero())
+    assert plan.starts[short] == 0
+    assert valid[short, :5].all() and not valid[short, 5:].any()
+    assert (x[short, 5:] == 0).all() and not mask[short, 5:].any()
+    assert (pos[short, 5:] == torch.tensor([99, 98, 97])).all()
+    assert torch.equal(x[short, :5, 0], torch.arange(5).float())
+    assert mask[short, :5, :3].all()
+    assert valid[1 - short].all()  # the long row is never padded
+
+
+def test_mixed_counts_and_fresh_draws():
+    plan, *_ = cut([100, 10], [5, 1], ws=10, seed=1)
+    assert (plan.rows == 0).sum() == 5 and (plan.rows == 1).sum() == 1
+    other, *_ = cut([100, 10], [5, 1], ws=10, seed=2)
+    assert not torch.equal(plan.starts, other.starts)
+
+
+def test_window_settings_errors_name_the_setting():
+    assert windows_per_checkpoint(50, 16) == 3
+    assert windows_per_checkpoint(10, 32) == 1
+    assert windows_per_checkpoint(50, 16, override=7) == 7
+    check_window_size(50, {"cnn": 50, "mlp": 20})
+    with pytest.raises(WindowSizeError, match=r"window_size=64 .*\(longest: cnn with 50 tokens\)"):
+        check_window_size(64, {"cnn": 50, "mlp": 20})
+
+
+def test_splits_are_disjoint_deterministic_and_by_model():
+    ids = [f"m{i:03d}" for i in range(20)]
+    a = split_models(ids, (0.7, 0.15, 0.15), seed=3)
+    assert [len(a[s]) for s in ("train", "val", "test")] == [14, 3, 3]
+    assert sorted(sum(a.values(), [])) == ids
+    assert split_models(list(reversed(ids)), (0.7, 0.15, 0.15), seed=3) == a  # input order is irrelevant
+    assert split_models(ids, (0.7, 0.15, 0.15), seed=4) != a
+    assert split_sizes(3, (0.7, 0.15, 0.15)) == (1, 1, 1)
+    assert split_sizes(5, (0.8, 0.2, 0.0)) == (4, 1, 0)
+    with pytest.raises(SplitError, match="has 2 usable model.*need at least 3"):
+        split_models(ids[:2], (0.7, 0.15, 0.15), seed=0)
+
+
+def test_data_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="token_size"):
+        DataConfig(token_size=0)
+    with pytest.raises(ValueError, match="split_fractions"):
+        DataConfig(split_fractions=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="windows_per_model_epoch"):
+        DataConfig(windows_per_model_epoch=0)
+    a, b = DataConfig(window_size=8), DataConfig(window_size=16)
+    assert a.canonical_settings() == b.canonical_settings()  # stream settings are not part of the cache key
+    assert DataConfig(token_size=8).canonical_settings() != a.canonical_settings()
+    assert not DataConfig(skip_epoch_zero=True).uses_epoch(0) and DataConfig(epochs=[2]).uses_epoch(2)
