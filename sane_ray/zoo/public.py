@@ -21,7 +21,7 @@ import io
 import json
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,8 +101,8 @@ class ModelDir:
 
     name: str
     files: set[str] = field(default_factory=set)
-    checkpoint_dirs: dict[int, str] = field(default_factory=dict)  # epoch -> directory name
-    complete: set[int] = field(default_factory=set)  # epochs whose directory holds ``checkpoints``
+    checkpoint_dirs: dict[str, int] = field(default_factory=dict)  # directory name -> epoch
+    complete: set[str] = field(default_factory=set)  # checkpoint directories holding ``checkpoints``
 
 
 def list_model_dirs(root: str, s3: storage.S3Options | None = None) -> dict[str, ModelDir]:
@@ -125,10 +125,9 @@ def list_model_dirs(root: str, s3: storage.S3Options | None = None) -> dict[str,
             dirs.setdefault(model, ModelDir(model)).files.add(name)
         elif m:
             md = dirs.setdefault(model, ModelDir(model))
-            epoch = int(m.group(1))
-            md.checkpoint_dirs.setdefault(epoch, name)
+            md.checkpoint_dirs[name] = int(m.group(1))
             if len(parts) == 3 and parts[2] == CHECKPOINT_FILE:
-                md.complete.add(epoch)
+                md.complete.add(name)
     return dirs
 
 
@@ -152,7 +151,7 @@ class _Unusable(Exception):
     """A model directory that cannot be read; ``args[0]`` says why."""
 
 
-def _parsed(raw: dict[str, Any], fname: str, parse: Any) -> Any:
+def _parsed(raw: dict[str, Any], fname: str, parse: Callable[[bytes], Any]) -> Any:
     data = raw.get(fname)
     if data is None:
         raise _Unusable(f"missing {fname}")
@@ -185,11 +184,14 @@ def _read_model(root: str, d: ModelDir, raw: dict[str, Any], skipped: list[Skipp
         skipped.append(skip(where, str(e)))
         return None
 
-    checkpoints = []
-    for epoch in sorted(d.checkpoint_dirs):
-        ckpt_dir = storage.join(where, d.checkpoint_dirs[epoch])
-        if epoch not in d.complete:
+    checkpoints: list[CheckpointRecord] = []
+    for dname, epoch in sorted(d.checkpoint_dirs.items(), key=lambda item: (item[1], item[0])):
+        ckpt_dir = storage.join(where, dname)
+        if dname not in d.complete:
             skipped.append(skip(ckpt_dir, f"no '{CHECKPOINT_FILE}' file in the checkpoint directory"))
+            continue
+        if checkpoints and checkpoints[-1].epoch == epoch:
+            skipped.append(skip(ckpt_dir, f"another checkpoint directory already holds epoch {epoch}"))
             continue
         line = results.get(epoch, {})
         metrics = with_ggap({m: as_float(line[m]) for m in METRICS if m in line})
@@ -205,5 +207,17 @@ def decode_checkpoint(data: bytes, ckpt: CheckpointRecord) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle untrusted bytes means a bad file
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise BadCheckpointError(ckpt.uri, f"torch.load failed ({type(e).__name__}): {first}") from e
+        raise BadCheckpointError(ckpt.uri, f"torch.load failed: {_load_failure(e)}") from e
+
+
+def _load_failure(e: Exception) -> str:
+    """The useful part of torch.load's error (its weights-only message is mostly advice)."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = " ".join(text.split(marker, 1)[1].split("Check the documentation", 1)[0].split())
+        return f"corrupt, or holds objects other than tensors (weights-only unpickler: {detail})"
+    if isinstance(e, EOFError):
+        return "unexpected end of file (empty or truncated)"
+    first = (text.strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first} (corrupt or truncated file)"
