@@ -1,0 +1,362 @@
+"""Generate model zoos on the digits tasks: one Ray task trains one model.
+
+Like the public model zoos, models differ in seed, learning rate, weight decay,
+activation, initialization and dropout; every choice is drawn from ``(cfg.seed, model
+index)`` alone, and training is single-threaded with a seeded batch order, so a config
+always yields bit-identical checkpoints wherever the zoo is written (local disk or S3).
+
+Each task writes its own checkpoints (epoch 0 is the initialization) and returns its
+manifest rows; the driver publishes the manifest only after every task succeeded, so a
+failed run leaves no zoo. The generation config is stored in the manifest metadata:
+:func:`ensure_zoo` reuses a published zoo with the same config instead of retraining.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sane_ray import storage
+from sane_ray.config import to_dict
+from sane_ray.zoo.architectures import ACTIVATIONS, build_model, get_architecture
+from sane_ray.zoo.native import MANIFEST, publish_manifest, write_checkpoint
+from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, Task, evaluate, get_task
+
+log = logging.getLogger(__name__)
+
+# Bump when training changes in a way that changes checkpoints: cached zoos then regenerate.
+GENERATOR_VERSION = 1
+DIGITS_ARCHITECTURES = ("cnn_digits", "cnn_digits_bn", "mlp_digits")
+
+
+class ZooExistsError(FileExistsError):
+    """A zoo is already published at the output URI and overwriting was not allowed."""
+
+
+class ZooGenerationError(RuntimeError):
+    """Training a model failed; no manifest was published."""
+
+
+def _uniform_init(w: torch.Tensor) -> None:
+    nn.init.uniform_(w, -0.3, 0.3)
+
+
+def _normal_init(w: torch.Tensor) -> None:
+    nn.init.normal_(w, 0.0, 0.2)
+
+
+# Weight initializations (biases start at zero); "default" keeps PyTorch's layer init.
+INITS: dict[str, Callable[[torch.Tensor], Any] | None] = {
+    "default": None,
+    "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
+    "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
+    "xavier_uniform": nn.init.xavier_uniform_,
+    "xavier_normal": nn.init.xavier_normal_,
+    "uniform": _uniform_init,
+    "normal": _normal_init,
+}
+
+
+@dataclass
+class SearchSpace:
+    """What varies per model: ``lr`` is a log-uniform range [low, high], the rest are choices."""
+
+    lr: list[float] = field(default_factory=lambda: [5e-4, 1e-2])
+    weight_decay: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3])
+    activation: list[str] = field(default_factory=lambda: ["relu", "tanh", "gelu", "sigmoid", "silu", "leakyrelu"])
+    init: list[str] = field(default_factory=lambda: list(INITS))
+    dropout: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
+
+
+@dataclass
+class ZooGenConfig:
+    """How to generate one zoo. ``out`` defaults to a cache directory named after the config."""
+
+    out: str | None = None
+    task: str = "digits"
+    arch: str = "cnn_digits"
+    models: int = 48
+    epochs: int = 10
+    seed: int = 0
+    batch_size: int = 32
+    split_seed: int = DEFAULT_SPLIT_SEED
+    overwrite: bool = False
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+    def validate(self) -> None:
+        """Fail on the driver, before any task starts, naming the bad setting."""
+        if self.arch not in DIGITS_ARCHITECTURES:
+            get_architecture(self.arch)  # unknown names get the registry's error
+            raise ValueError(f"arch {self.arch!r} does not take 8x8 digits; use one of {', '.join(DIGITS_ARCHITECTURES)}")
+        get_task(self.task, self.split_seed)
+        for name in ("models", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        lo_hi = self.space.lr
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            raise ValueError(f"space.lr must be [low, high] with 0 < low <= high, got {lo_hi}")
+        for name in ("weight_decay", "activation", "init", "dropout"):
+            if not getattr(self.space, name):
+                raise ValueError(f"space.{name} must not be empty")
+        unknown = sorted(set(self.space.init) - set(INITS))
+        if unknown:
+            raise ValueError(f"unknown init {unknown[0]!r} in space.init; known: {', '.join(INITS)}")
+        unknown = sorted({a.lower() for a in self.space.activation} - set(ACTIVATIONS))
+        if unknown:
+            raise ValueError(f"unknown activation {unknown[0]!r} in space.activation; known: {', '.join(ACTIVATIONS)}")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the zoo's contents (not where it goes or overwrite)."""
+        d = to_dict(self)
+        del d["out"], d["overwrite"]
+        return {"generator_version": GENERATOR_VERSION, **d}
+
+
+def cache_dir() -> str:
+    """sane-ray's local cache root: ``$SANE_RAY_CACHE`` or ``~/.cache/sane-ray``."""
+    return os.path.expanduser(os.environ.get("SANE_RAY_CACHE") or "~/.cache/sane-ray")
+
+
+def zoo_uri(cfg: ZooGenConfig) -> str:
+    """Where ``cfg``'s zoo goes: ``cfg.out``, else ``<cache>/zoos/<task>-<arch>-<models>x<epochs>-s<seed>``."""
+    if cfg.out:
+        return storage.parse_uri(cfg.out).uri
+    name = f"{cfg.task}-{cfg.arch}-{cfg.models}x{cfg.epochs}-s{cfg.seed}"
+    return os.path.join(cache_dir(), "zoos", name)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Everything one task needs to train one model, fixed on the driver."""
+
+    model_id: str
+    seed: int
+    task: str
+    split_seed: int
+    arch: str
+    arch_kwargs: dict[str, Any]
+    hparams: dict[str, Any]
+    epochs: int
+    batch_size: int
+
+
+def plan_models(cfg: ZooGenConfig) -> list[ModelPlan]:
+    """Draw each model's seed and hyperparameters from ``(cfg.seed, index)`` alone."""
+    plans = []
+    sp = cfg.space
+    for i in range(cfg.models):
+        rng = np.random.default_rng([cfg.seed, i])
+        seed = int(rng.integers(2**31 - 1))
+        lr = float(f"{math.exp(rng.uniform(math.log(sp.lr[0]), math.log(sp.lr[1]))):.3g}")
+        pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+        wd, act, init, dropout = pick(sp.weight_decay), pick(sp.activation), pick(sp.init), pick(sp.dropout)
+        plans.append(ModelPlan(
+            model_id=f"model_{i:04d}",
+            seed=seed,
+            task=cfg.task,
+            split_seed=cfg.split_seed,
+            arch=cfg.arch,
+            arch_kwargs={"activation": act, "dropout": float(dropout), "num_classes": 10},
+            hparams={
+                "index": i, "seed": seed, "lr": lr, "weight_decay": float(wd), "init": init,
+                "optimizer": "adam", "batch_size": cfg.batch_size, "epochs": cfg.epochs,
+                "task": cfg.task, "split_seed": cfg.split_seed,
+            },
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+        ))
+    return plans
+
+
+def initialize(model: nn.Module, scheme: str) -> None:
+    """Re-initialize conv and linear weights with ``scheme`` and zero their biases."""
+    fn = INITS[scheme]
+    if fn is None:
+        return
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fn(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def train_model(
+    plan: ModelPlan, task: Task, root: str, s3: storage.S3Options | None = None
+) -> list[dict[str, Any]]:
+    """Train one model on ``task``, writing a checkpoint per epoch (0 = initialization); return its manifest rows.
+
+    Runs single-threaded on a private RNG state (the caller's thread count and RNG are
+    restored), so the result depends on the plan alone.
+    """
+    if task.name != plan.task:
+        raise ValueError(f"{plan.model_id} is planned for task {plan.task!r}, got task {task.name!r}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(plan.seed)
+            return _train(plan, task, root, s3)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options | None) -> list[dict[str, Any]]:
+    model = build_model(plan.arch, **plan.arch_kwargs)
+    initialize(model, plan.hparams["init"])
+    opt = torch.optim.Adam(model.parameters(), lr=plan.hparams["lr"], weight_decay=plan.hparams["weight_decay"])
+    order = torch.Generator().manual_seed(plan.seed + 1)
+    x, y = task.train.x, task.train.y
+
+    def checkpoint(epoch: int) -> dict[str, Any]:
+        metrics = {}
+        for split in ("train", "val", "test"):
+            metrics[f"{split}_acc"], metrics[f"{split}_loss"] = evaluate(model, task.split(split))
+        return write_checkpoint(
+            root, plan.model_id, epoch, model.state_dict(), metrics,
+            plan.arch, plan.arch_kwargs, plan.hparams, s3,
+        )
+
+    rows = [checkpoint(0)]
+    model.train()
+    for epoch in range(1, plan.epochs + 1):
+        for idx in torch.randperm(len(y), generator=order).split(plan.batch_size):
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        rows.append(checkpoint(epoch))
+    return rows
+
+
+def _published_metadata(root: str, s3: storage.S3Options) -> dict[str, Any] | None:
+    """The manifest's metadata if a zoo is published at ``root``, else None."""
+    uri = storage.join(root, MANIFEST)
+    if not storage.exists(uri, s3):
+        return None
+    schema = pq.read_schema(io.BytesIO(storage.read_bytes(uri, s3)))
+    raw = (schema.metadata or {}).get(b"sane_ray.metadata", b"{}")
+    return json.loads(raw)
+
+
+def _unpublish(root: str, s3: storage.S3Options) -> None:
+    """Remove a published zoo: the manifest first (so it stops existing), then its checkpoints."""
+    fs, path = storage.open_uri(root, s3)
+    fs.rm(storage.join(path, MANIFEST))
+    models = storage.join(path, "models")
+    if fs.exists(models):
+        fs.rm(models, recursive=True)
+
+
+@ray.remote(num_cpus=1)
+def _train_task(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options) -> list[dict[str, Any]]:
+    return train_model(plan, task, root, s3)
+
+
+def _ensure_ray() -> None:
+    if not ray.is_initialized():
+        ray.init()
+
+
+def _collect(refs: dict, root: str, progress: bool) -> list[dict[str, Any]]:
+    """Wait for every task, showing progress; on the first failure cancel the rest and raise."""
+    n = len(refs)
+    bar = tqdm(total=n, unit="model", desc="zoo", disable=not (progress and sys.stderr.isatty()))
+    log_every = max(1, n // 10)
+    pending, rows, best, t0 = list(refs), [], -1.0, time.perf_counter()
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                try:
+                    model_rows = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    for other in pending:
+                        ray.cancel(other)
+                    cause = getattr(e, "cause", None) or e
+                    raise ZooGenerationError(
+                        f"training {refs[ref].model_id} failed ({type(cause).__name__}: {cause}); "
+                        f"no manifest published at {root}"
+                    ) from e
+                rows.extend(model_rows)
+                best = max(best, model_rows[-1]["test_acc"])
+                bar.update(1)
+                bar.set_postfix(best_test_acc=f"{best:.3f}")
+                finished = n - len(pending)
+                if progress and bar.disable and (finished % log_every == 0 or finished == n):
+                    log.info("zoo %s: %d/%d models trained in %.1fs, best test acc %.3f",
+                             root, finished, n, time.perf_counter() - t0, best)
+    finally:
+        bar.close()
+    return rows
+
+
+def generate_zoo(cfg: ZooGenConfig, progress: bool = True, s3: storage.S3Options | None = None) -> str:
+    """Train ``cfg.models`` models as Ray tasks, publish the zoo, return its URI.
+
+    Refuses (``ZooExistsError``) if a zoo is already published there, unless
+    ``cfg.overwrite``. S3 settings are resolved here (``s3`` or the AWS variables) and
+    handed to the tasks, so they reach workers on any cluster.
+    """
+    cfg.validate()
+    s3 = (s3 or storage.S3Options()).resolved()
+    root = zoo_uri(cfg)
+    if _published_metadata(root, s3) is not None:
+        if not cfg.overwrite:
+            raise ZooExistsError(f"a zoo is already published at {root} (manifest.parquet); set overwrite=true to replace it")
+        _unpublish(root, s3)
+    _ensure_ray()
+    if storage.parse_uri(root).scheme == "file" and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+        log.warning("writing zoo to local path %s from a multi-node cluster: it must be a shared filesystem", root)
+    # The task's tensors are built once here and shared through the object store, so
+    # workers need not import scikit-learn.
+    task = ray.put(get_task(cfg.task, cfg.split_seed))
+    refs = {_train_task.remote(p, task, root, s3): p for p in plan_models(cfg)}
+    rows = _collect(refs, root, progress)
+    publish_manifest(root, rows, metadata={"generation": cfg.identity()}, s3=s3)
+    return root
+
+
+def ensure_zoo(cfg: ZooGenConfig, progress: bool = True, s3: storage.S3Options | None = None) -> str:
+    """The zoo for ``cfg``: reused if one with the same generation config is published, else generated.
+
+    A published zoo with a *different* config is replaced only with ``cfg.overwrite``.
+    """
+    cfg.validate()
+    s3 = (s3 or storage.S3Options()).resolved()
+    root = zoo_uri(cfg)
+    meta = _published_metadata(root, s3)
+    if meta is not None and meta.get("generation") == cfg.identity():
+        return root
+    if meta is not None and not cfg.overwrite:
+        theirs = meta.get("generation") or {}
+        diff = sorted(k for k in set(theirs) | set(cfg.identity()) if theirs.get(k) != cfg.identity().get(k))
+        raise ZooExistsError(
+            f"a zoo with a different generation config is published at {root} (differs in: {', '.join(diff)}); "
+            "set overwrite=true to replace it"
+        )
+    return generate_zoo(cfg, progress, s3)
+
+
+def default_zoo_config() -> ZooGenConfig:
+    """The built-in zoo the main job uses: 48 ``cnn_digits`` models x 10 epochs on ``digits``."""
+    return ZooGenConfig()
+
+
+def ensure_default_zoo(progress: bool = True) -> str:
+    return ensure_zoo(default_zoo_config(), progress)
