@@ -30,6 +30,7 @@ from sane_ray.zoo.generate import (
     zoo_uri,
 )
 from sane_ray.zoo.native import MANIFEST
+from sane_ray.zoo.reader import load_checkpoint, open_zoo
 from sane_ray.zoo.tasks import LABEL_PERMUTATION, TASKS, UnknownTaskError, evaluate, get_task, split_indices
 
 # A space where every model learns within 3 epochs, so "beats chance" holds for each one.
@@ -138,28 +139,28 @@ def test_zoo_local_and_s3_identical(ray_cluster, s3, tmp_path):
         assert _safetensors_parts(storage.read_bytes(storage.join(local, rel))) == _safetensors_parts(
             storage.read_bytes(storage.join(remote, rel)))
 
+    zoo = open_zoo(local, verify=True)  # every checkpoint loads and passes the reader's checks
+    assert not zoo.skipped and zoo.metadata["generation"] == ZooGenConfig(**TINY).identity()
     task = get_task("digits")
-    rows = a.to_pylist()
-    for plan in plan_models(ZooGenConfig(**TINY)):
-        mine = {r["epoch"]: r for r in rows if r["model_id"] == plan.model_id}
-        assert sorted(mine) == list(range(TINY["epochs"] + 1))
-        load = lambda e: safetensors_load(storage.read_bytes(storage.join(local, mine[e]["path"])))  # noqa: E731
+    for plan, rec in zip(plan_models(ZooGenConfig(**TINY)), zoo.models, strict=True):
+        assert (rec.model_id, rec.architecture, rec.arch_kwargs, rec.hparams) == (
+            plan.model_id, plan.arch, plan.arch_kwargs, plan.hparams)
+        assert rec.epochs == list(range(TINY["epochs"] + 1))
+        first, last = (load_checkpoint(rec, c) for c in (rec.checkpoints[0], rec.last))
         # Epoch 0 is the initialization: the same seed rebuilds it exactly.
         torch.manual_seed(plan.seed)
         init = build_model(plan.arch, **plan.arch_kwargs)
         initialize(init, plan.hparams["init"])
-        assert all(torch.equal(v, load(0)[k]) for k, v in init.state_dict().items())
-        last = load(TINY["epochs"])
-        assert not torch.equal(last["module_list.0.weight"], load(0)["module_list.0.weight"])
+        assert all(torch.equal(v, first[k]) for k, v in init.state_dict().items())
+        assert not torch.equal(last["module_list.0.weight"], first["module_list.0.weight"])
         # Recorded metrics are those of the stored weights.
         model = build_model(plan.arch, **plan.arch_kwargs)
         model.load_state_dict(last)
         acc, loss = evaluate(model, task.test)
-        assert mine[TINY["epochs"]]["test_acc"] == acc and mine[TINY["epochs"]]["test_loss"] == pytest.approx(loss)
-        r = mine[TINY["epochs"]]
-        assert r["ggap"] == pytest.approx(r["train_acc"] - r["test_acc"])
-    final = [r["test_acc"] for r in rows if r["epoch"] == TINY["epochs"]]
-    assert min(final) > 0.5  # chance is 0.1
+        m = rec.last.metrics
+        assert m["test_acc"] == acc and m["test_loss"] == pytest.approx(loss)
+        assert m["ggap"] == pytest.approx(m["train_acc"] - m["test_acc"])
+        assert m["test_acc"] > 0.5  # chance is 0.1
 
 
 @pytest.mark.parametrize("arch", ["cnn_digits_bn", "mlp_digits"])

@@ -13,8 +13,6 @@ failed run leaves no zoo. The generation config is stored in the manifest metada
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import os
@@ -24,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 from torch import nn
@@ -33,7 +30,7 @@ from tqdm.auto import tqdm
 from sane_ray import storage
 from sane_ray.config import to_dict
 from sane_ray.zoo.architectures import ACTIVATIONS, build_model, get_architecture
-from sane_ray.zoo.native import MANIFEST, publish_manifest, write_checkpoint
+from sane_ray.zoo.native import MANIFEST, publish_manifest, read_manifest, write_checkpoint
 from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, Task, evaluate, get_task
 
 log = logging.getLogger(__name__)
@@ -246,12 +243,9 @@ def _train(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options | None)
 
 def _published_metadata(root: str, s3: storage.S3Options) -> dict[str, Any] | None:
     """The manifest's metadata if a zoo is published at ``root``, else None."""
-    uri = storage.join(root, MANIFEST)
-    if not storage.exists(uri, s3):
+    if not storage.exists(storage.join(root, MANIFEST), s3):
         return None
-    schema = pq.read_schema(io.BytesIO(storage.read_bytes(uri, s3)))
-    raw = (schema.metadata or {}).get(b"sane_ray.metadata", b"{}")
-    return json.loads(raw)
+    return read_manifest(root, s3).metadata
 
 
 def _unpublish(root: str, s3: storage.S3Options) -> None:
