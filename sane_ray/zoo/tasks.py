@@ -130,7 +130,7 @@ def get_task(name: str, split_seed: int = DEFAULT_SPLIT_SEED) -> Task:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 1024) -> tuple[float, float]:
+def evaluate(model: nn.Module, split: Split, batch_size: int = 4096) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model`` on ``split``, in eval mode, restoring the mode after."""
     was_training = model.training
     model.eval()
