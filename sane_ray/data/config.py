@@ -52,7 +52,7 @@ class DataConfig:
     stream_cpus: float = 1.0  # logical CPUs per window-drawing task
 
     # ---- preprocessing compute
-    num_actors: int = 2  # max size of the preprocessing actor pool
+    num_actors: int = 2  # preprocessing parallelism: max actors (and concurrent statistics tasks)
     actor_cpus: float = 1.0
 
     def __post_init__(self) -> None:

@@ -1,0 +1,139 @@
+"""``prepare_data(cfg)``: the one call the pretraining job makes to get its datasets.
+
+Cheap checks first (settings, zoo listing, splits, window size against the sequence
+lengths), then the canonical tokenized zoo (reused from the cache when the zoo and the
+preprocessing settings are unchanged, built otherwise), then one lazy window dataset
+per split. Nothing here collects weights on the driver: the zoo is described by URIs,
+the canonical zoo by a manifest, and the windows stream.
+
+Train side::
+
+    data = prepare_data(cfg)
+    trainer = TorchTrainer(..., datasets=data.datasets)         # "train", "val" (and "test")
+    # in the loop:
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=32, local_shuffle_buffer_size=...):
+        batch["x_i"], batch["x_j"], batch["mask"], batch["pos"]
+
+Local shuffling: windows already arrive in random order with at most one window per
+checkpoint in any run of ``rows_per_block`` consecutive rows (:mod:`sane_ray.data.windows`).
+A local shuffle buffer of S rows mixes windows across blocks but can put two windows of one
+checkpoint in one batch; keep it at most a few blocks' worth of windows, or leave it off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import ray
+
+from sane_ray import storage
+from sane_ray.data.canonical import (
+    CanonicalZoo,
+    DataPreparationError,
+    LayoutGroup,
+    build_canonical,
+    cache_key,
+    default_cache_uri,
+    load_manifest,
+    load_stats,
+    plan,
+)
+from sane_ray.data.config import DataConfig
+from sane_ray.data.splits import SPLITS
+from sane_ray.data.stream import StreamSpec, window_dataset
+from sane_ray.data.windows import check_window_size
+from sane_ray.weights.standardize import StandardizationStats
+from sane_ray.weights.tokenize import TokenLayout
+from sane_ray.zoo.reader import open_zoo
+from sane_ray.zoo.spec import Skipped
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """Datasets and everything the model and downstream tasks need to know about them.
+
+    ``stats`` is keyed by layout id (one per distinct architecture shape; most zoos have
+    one): :meth:`group_of` and :meth:`stats_of` find a model's. ``max_positions`` is the
+    largest ``(n, l, k)`` any batch contains, the padding position included: position
+    tables need ``max + 1`` rows. ``num_windows`` counts windows per pass, per split.
+    """
+
+    datasets: dict[str, ray.data.Dataset]
+    canonical: CanonicalZoo
+    stats: dict[str, StandardizationStats]
+    token_size: int
+    window_size: int
+    max_positions: tuple[int, int, int]
+    pad_position: tuple[int, int, int]
+    sequence_lengths: dict[str, int]  # architecture name -> tokens per model
+    num_windows: dict[str, int]
+    cache_hit: bool
+
+    @property
+    def cache_uri(self) -> str:
+        return self.canonical.uri
+
+    @property
+    def splits(self) -> dict[str, list[str]]:
+        return self.canonical.splits
+
+    @property
+    def skipped(self) -> list[Skipped]:
+        return self.canonical.skipped
+
+    @property
+    def layouts(self) -> dict[str, TokenLayout]:
+        return self.canonical.layouts()
+
+    def group_of(self, model_id: str) -> LayoutGroup:
+        """The layout group (layout JSON, architecture, alignment reference) of one of the zoo's models."""
+        try:
+            return self.canonical.groups[self.canonical.layout_of[model_id]]
+        except KeyError:
+            raise KeyError(f"model {model_id!r} is not in the prepared data of {self.canonical.zoo_uri}") from None
+
+    def stats_of(self, model_id: str) -> StandardizationStats:
+        return self.stats[self.group_of(model_id).layout_id]
+
+
+def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None) -> PreparedData:
+    """Validate, build or reuse the canonical tokenized zoo, and return one window dataset per split."""
+    if not cfg.zoo_uri:
+        raise DataPreparationError("DataConfig.zoo_uri is not set")
+    s3 = (s3 or storage.S3Options()).resolved()
+    zoo = open_zoo(cfg.zoo_uri, s3=s3)
+    p = plan(zoo, cfg)
+    check_window_size(cfg.window_size, {"/".join(g.architectures): g.sequence_length for g in p.groups.values()})
+
+    key = cache_key(zoo, cfg)
+    uri = storage.join(storage.parse_uri(cfg.cache_uri or default_cache_uri(zoo.uri), s3).uri, key)
+    canonical = load_manifest(uri, s3)
+    hit = canonical is not None
+    if canonical is None:
+        log.info("building the canonical tokenized zoo of %s at %s", zoo.uri, uri)
+        canonical = build_canonical(p, cfg, uri, key, s3)
+    else:
+        log.info("reusing the canonical tokenized zoo at %s", uri)
+    if canonical.skipped:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in canonical.skipped[:5])
+        log.warning("left out %d checkpoint(s)/model(s) of %s, e.g. %s",
+                    len(canonical.skipped), canonical.zoo_uri, reasons)
+
+    spec = StreamSpec.build(canonical, cfg)
+    splits = [s for s in SPLITS if canonical.files[s]]
+    return PreparedData(
+        datasets={s: window_dataset(canonical, s, cfg, s3) for s in splits},
+        canonical=canonical,
+        stats=load_stats(uri, s3),
+        token_size=cfg.token_size,
+        window_size=cfg.window_size,
+        max_positions=spec.pad_position,
+        pad_position=spec.pad_position,
+        sequence_lengths={a: g.sequence_length for g in canonical.groups.values() for a in g.architectures},
+        num_windows={s: spec.windows_per_pass(canonical.checkpoints[s]) for s in splits},
+        cache_hit=hit,
+    )

@@ -1,0 +1,164 @@
+"""The training stream: canonical shards in, batches of window pairs out (``docs/CONTRACTS.md``).
+
+``read_parquet`` of a split's shards (file order reshuffled on every pass for training)
+feeds ``map_batches(draw_windows)``: each task takes a block of up to ``rows_per_block``
+checkpoints, draws its windows (see :mod:`sane_ray.data.windows` for the order) and emits
+one row per window: ``x_i`` (aligned tokens), ``x_j`` (a fresh random function-preserving
+permutation of the same model, or ``x_i`` again without permutation augmentation),
+``mask``, ``pos``, and the window's source ``model_idx`` and ``epoch``. Every pass re-runs
+the tasks, so every epoch draws fresh windows and permutations; noise is the trainer's.
+
+One random permutation is drawn per checkpoint and pass, shared by that checkpoint's
+windows in the pass (they land in different batches), so permuting costs one pass over a
+model's tokens per pass however many windows it yields.
+
+The token column is read without copying: a block's tokens are one contiguous Arrow
+buffer, viewed as a (T, d_t) float32 tensor, from which all windows are cut at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import posixpath
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from sane_ray import storage
+from sane_ray.data.canonical import CanonicalZoo
+from sane_ray.data.config import DataConfig
+from sane_ray.data.views import layout_from_json, permute_tokens, token_spec
+from sane_ray.data.windows import gather_windows, interleave_rows, plan_windows, window_index, windows_per_checkpoint
+from sane_ray.weights.tokenize import layout_mask, layout_positions
+
+READ_COLUMNS = ["model_idx", "epoch", "layout_id", "tokens"]
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a window-drawing task needs; hashable, so per-layout tables are cached per worker."""
+
+    window_size: int
+    token_size: int
+    layout_ids: tuple[str, ...]
+    layout_jsons: tuple[str, ...]
+    architectures: tuple[tuple[str, str], ...]  # (name, arch kwargs JSON) per layout, for the permutation spec
+    counts: tuple[int, ...]  # windows per checkpoint per pass, per layout
+    pad_position: tuple[int, int, int]
+    permute: bool
+
+    @classmethod
+    def build(cls, canonical: CanonicalZoo, cfg: DataConfig) -> StreamSpec:
+        pad = tuple(m + 1 for m in canonical.max_positions())
+        lids = tuple(sorted(canonical.groups))
+        groups = [canonical.groups[lid] for lid in lids]
+        return cls(
+            window_size=cfg.window_size,
+            token_size=cfg.token_size,
+            layout_ids=lids,
+            layout_jsons=tuple(g.layout_json for g in groups),
+            architectures=tuple((g.architecture, g.arch_kwargs_json) for g in groups),
+            counts=tuple(windows_per_checkpoint(g.sequence_length, cfg.window_size, cfg.windows_per_model_epoch) for g in groups),
+            pad_position=pad,  # type: ignore[arg-type]
+            permute=cfg.permutation_augmentation,
+        )
+
+    def windows_per_pass(self, rows_per_layout: dict[str, int]) -> int:
+        return sum(rows_per_layout.get(lid, 0) * c for lid, c in zip(self.layout_ids, self.counts))
+
+
+@functools.lru_cache(maxsize=8)
+def _layout_tables(spec: StreamSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masks and positions of all layouts concatenated, their offsets and lengths."""
+    layouts = [layout_from_json(t) for t in spec.layout_jsons]
+    lengths = torch.tensor([lay.num_tokens for lay in layouts], dtype=torch.int64)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    mask = torch.cat([layout_mask(lay) for lay in layouts])
+    pos = torch.cat([layout_positions(lay) for lay in layouts])
+    return mask, pos, offsets, lengths
+
+
+def token_rows(column: pa.ChunkedArray | pa.Array, token_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-copy view of a binary column of float32 token matrices: flat (T, d_t), row offsets, row lengths."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not pa.types.is_large_binary(arr.type):
+        arr = arr.cast(pa.large_binary())
+    _, off_buf, data_buf = arr.buffers()
+    offs = np.frombuffer(off_buf, dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    row_bytes = 4 * token_size
+    first = int(offs[0]) if len(offs) else 0
+    data = np.frombuffer(data_buf, dtype=np.uint8, count=int(offs[-1]) - first, offset=first) if len(arr) else np.empty(0, np.uint8)
+    with warnings.catch_warnings():  # read-only Arrow memory: the tensor is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.from_numpy(data.view(np.float32).reshape(-1, token_size))
+    rel = torch.from_numpy((offs - first) // row_bytes)
+    return flat, rel[:-1], rel[1:] - rel[:-1]
+
+
+def draw_windows(block: pa.Table, spec: StreamSpec) -> dict[str, np.ndarray]:
+    """One block of checkpoints -> its windows in round-robin order (batch format of the contract)."""
+    gen = torch.Generator()
+    gen.seed()  # fresh entropy: every pass (epoch) draws new windows and permutations
+    flat, offsets, lengths = token_rows(block.column("tokens"), spec.token_size)
+    which = {lid: i for i, lid in enumerate(spec.layout_ids)}
+    layout_idx = torch.tensor([which[lid] for lid in block.column("layout_id").to_pylist()], dtype=torch.int64)
+    model_idx = torch.from_numpy(block.column("model_idx").to_numpy().astype(np.int64))
+    epoch = torch.from_numpy(block.column("epoch").to_numpy().astype(np.int64))
+
+    views = [flat]
+    if spec.permute and len(block):
+        parts = []
+        for r in range(len(block)):  # one permutation per checkpoint: a loop over models, not elements
+            li = int(layout_idx[r])
+            layout = layout_from_json(spec.layout_jsons[li])
+            pspec = token_spec(*spec.architectures[li], spec.layout_jsons[li])
+            parts.append(permute_tokens(flat[offsets[r] : offsets[r] + lengths[r]], layout, pspec, gen))
+        views.append(torch.cat(parts))
+
+    counts = torch.tensor(spec.counts, dtype=torch.int64)[layout_idx]
+    plan = plan_windows(lengths, counts, spec.window_size, interleave_rows(model_idx, gen), gen)
+    local, valid = window_index(plan, lengths, spec.window_size)
+    mask_t, pos_t, lay_off, _ = _layout_tables(spec)
+    (x_i, *rest), mask, pos = gather_windows(
+        views, offsets[plan.rows][:, None] + local, mask_t, pos_t,
+        lay_off[layout_idx[plan.rows]][:, None] + local, valid, torch.tensor(spec.pad_position),
+    )
+    x_j = rest[0] if rest else x_i
+    return {
+        "x_i": x_i.numpy(),
+        "x_j": x_j.numpy(),
+        "mask": mask.numpy(),
+        "pos": pos.numpy(),
+        "model_idx": model_idx[plan.rows].numpy(),
+        "epoch": epoch[plan.rows].numpy(),
+    }
+
+
+def rows_per_block(spec: StreamSpec, cfg: DataConfig) -> int:
+    """``cfg.rows_per_block``, capped so a block's tokens (and their permuted copy) stay under ``max_block_bytes``."""
+    longest = max(layout_from_json(t).num_tokens for t in spec.layout_jsons)
+    per_row = longest * spec.token_size * 4 * (2 if spec.permute else 1)
+    return max(1, min(cfg.rows_per_block, cfg.max_block_bytes // per_row))
+
+
+def window_dataset(
+    canonical: CanonicalZoo, split: str, cfg: DataConfig, s3: storage.S3Options | None = None
+) -> ray.data.Dataset:
+    """The lazy dataset of window pairs for one split (re-executed, with fresh windows, on every pass)."""
+    fs, root = storage.pyarrow_fs(canonical.uri, s3)
+    paths = [posixpath.join(root, f) for f in canonical.files[split]]
+    spec = StreamSpec.build(canonical, cfg)
+    ds = ray.data.read_parquet(
+        paths, filesystem=fs, shuffle="files" if split == "train" else None,
+    ).select_columns(READ_COLUMNS)
+    return ds.map_batches(
+        draw_windows,
+        batch_size=rows_per_block(spec, cfg),
+        batch_format="pyarrow",
+        fn_kwargs={"spec": spec},
+        num_cpus=cfg.stream_cpus,
+    )

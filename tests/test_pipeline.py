@@ -1,0 +1,196 @@
+"""The data pipeline end to end on a small mixed-architecture zoo in local S3 (moto) and Ray."""
+
+import threading
+import uuid
+
+import boto3
+import pytest
+import torch
+
+from sane_ray import storage
+from sane_ray.data import DataConfig, DataPreparationError, SplitError, WindowSizeError, prepare_data
+from sane_ray.data.canonical import cache_key, load_manifest
+from sane_ray.weights.tokenize import detokenize, layout_mask, layout_positions
+from sane_ray.zoo import native
+from sane_ray.zoo.architectures import build_model, input_shape
+from sane_ray.zoo.reader import load_checkpoint, open_zoo
+
+TOKEN_SIZE = 64  # cnn_digits -> 50 tokens, mlp_digits -> 90 tokens
+
+
+def write_zoo(root: str, n_cnn: int, n_mlp: int, epochs: int = 2, with_bad: bool = False) -> str:
+    """Random, slightly drifting weights per epoch; optionally a diverged checkpoint and a mislabeled model."""
+    rows = []
+    models = [(f"cnn{i:02d}", "cnn_digits", {"activation": ("relu", "tanh")[i % 2]}) for i in range(n_cnn)]
+    models += [(f"mlp{i:02d}", "mlp_digits", {}) for i in range(n_mlp)]
+    for i, (mid, arch, kwargs) in enumerate(models):
+        torch.manual_seed(i)
+        net = build_model(arch, **kwargs)
+        for epoch in range(epochs):
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            sd = net.state_dict()
+            if with_bad and mid == "cnn01" and epoch == 1:
+                sd = {k: v.clone().fill_(float("nan")) for k, v in sd.items()}
+            if with_bad and mid == "cnn02":
+                sd = build_model("mlp_digits").state_dict()  # weights of another architecture
+            rows.append(native.write_checkpoint(root, mid, epoch, sd, {"test_acc": 0.1 * epoch}, arch, kwargs))
+    native.publish_manifest(root, rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    name = f"pipe-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server["endpoint"]).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def zoo_cfg(bucket, ray_cluster):
+    # window 90 = the mlp's whole sequence: every window is a whole model (cnn windows padded
+    # from 50 tokens), so views can be checked as models; random starts are tested in test_windows.
+    zoo = write_zoo(f"s3://{bucket}/zoo", n_cnn=9, n_mlp=4, with_bad=True)
+    return DataConfig(
+        zoo_uri=zoo, cache_uri=f"s3://{bucket}/cache", token_size=TOKEN_SIZE, window_size=90,
+        split_seed=1, num_actors=2, actor_cpus=0.5, stream_cpus=0.5,
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared(zoo_cfg):
+    return prepare_data(zoo_cfg)
+
+
+@pytest.fixture(scope="module")
+def train_pass(prepared):
+    """One pass over the training windows, split between two consumers running concurrently."""
+    shards = prepared.datasets["train"].streaming_split(2, equal=True)
+    outs: list[list] = [[], []]
+
+    def consume(it, out):
+        out.extend(it.iter_torch_batches(batch_size=4))
+
+    threads = [threading.Thread(target=consume, args=(it, out)) for it, out in zip(shards, outs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return [{k: torch.cat([b[k] for b in out]) for k in out[0]} for out in outs]
+
+
+def test_preparation_reports_zoo_facts_and_skips(prepared):
+    data = prepared
+    assert not data.cache_hit and data.cache_uri.startswith("s3://")
+    assert data.sequence_lengths == {"cnn_digits": 50, "mlp_digits": 90}
+    assert data.max_positions == data.pad_position == (90, 4, 32)  # one past the largest real (n, l, k)
+    reasons = " | ".join(f"{s.path}: {s.reason}" for s in data.skipped)
+    assert "cnn02" in reasons and "do not match architecture" in reasons
+    assert "cnn01/epoch_0001" in reasons and "non-finite" in reasons
+    assert len(data.skipped) == 4  # cnn01 epoch 1, cnn02 epochs 0 and 1, and cnn02 as a whole
+    assert all("cnn02" not in ids for ids in data.splits.values())
+    assert {data.group_of(m).architecture for m in data.splits["train"]} == {"cnn_digits", "mlp_digits"}
+
+
+def test_two_consumers_share_one_pass_of_training_models_only(prepared, train_pass):
+    data = prepared
+    index = data.canonical.model_index
+    train_idx = {index[m] for m in data.splits["train"]}
+    seen = [part["model_idx"] for part in train_pass]
+    total = data.num_windows["train"]  # one window per checkpoint and pass
+    assert len(seen[0]) == len(seen[1]) == total // 2  # equal=True drops the odd window out
+    assert set(torch.cat(seen).tolist()) <= train_idx  # only training models...
+    assert len(set(torch.cat(seen).tolist())) >= len(train_idx) - 1  # ...and (all but at most one) all of them
+    part = train_pass[0]
+    assert part["x_i"].dtype == part["x_j"].dtype == torch.float32 and part["x_i"].shape[1:] == (90, TOKEN_SIZE)
+    assert part["mask"].dtype == torch.bool and part["mask"].shape == part["x_i"].shape
+    assert part["pos"].dtype == torch.int64 and part["pos"].shape[1:] == (90, 3)
+    val_idx = {index[m] for m in data.splits["val"]}
+    val = torch.cat([b["model_idx"] for b in data.datasets["val"].iter_torch_batches(batch_size=64)])
+    assert set(val.tolist()) == val_idx and not (val_idx & train_idx)
+
+
+def test_views_are_function_preserving_permutations(prepared, train_pass, zoo_cfg):
+    """View i is the aligned checkpoint, view j a random permutation of it: after de-standardizing
+    and detokenizing, both compute the stored checkpoint's function."""
+    data = prepared
+    zoo = open_zoo(zoo_cfg.zoo_uri)
+    by_idx = {i: m for m, i in data.canonical.model_index.items()}
+    x = torch.randn(16, *input_shape("cnn_digits"))
+    checked = {"cnn_digits": 0, "mlp_digits": 0}
+    for part in train_pass:
+        for r in range(len(part["model_idx"])):
+            model = zoo.model(by_idx[int(part["model_idx"][r])])
+            group = data.group_of(model.model_id)
+            layout, n = group.layout, group.sequence_length
+            assert torch.equal(part["mask"][r, :n], layout_mask(layout)) and not part["mask"][r, n:].any()
+            assert torch.equal(part["pos"][r, :n], layout_positions(layout))
+            assert (part["pos"][r, n:] == torch.tensor(data.pad_position)).all()
+            assert (part["x_i"][r, n:] == 0).all() and (part["x_j"][r, n:] == 0).all()
+            stats = data.stats_of(model.model_id)
+            ckpt = next(c for c in model.checkpoints if c.epoch == int(part["epoch"][r]))
+            net = build_model(model.architecture, **model.arch_kwargs).eval()
+            net.load_state_dict(load_checkpoint(model, ckpt))
+            with torch.no_grad():
+                want = net(x)
+                for view in ("x_i", "x_j"):
+                    net.load_state_dict(detokenize(stats.invert_tokens(part[view][r, :n], layout), layout))
+                    torch.testing.assert_close(net(x), want, atol=1e-4, rtol=1e-4)
+            assert not torch.equal(part["x_i"][r], part["x_j"][r])
+            checked[model.architecture] += 1
+    assert all(checked.values()), checked
+
+
+def test_every_pass_draws_fresh_views(prepared, train_pass):
+    """Each checkpoint's window is its whole model here: a new pass brings the same values under a new permutation."""
+
+    def by_checkpoint(part):
+        keys = zip(part["model_idx"].tolist(), part["epoch"].tolist())
+        return {k: (x_i, x_j) for k, x_i, x_j in zip(keys, part["x_i"], part["x_j"])}
+
+    first = {k: v for part in train_pass for k, v in by_checkpoint(part).items()}
+    again = {}
+    for b in prepared.datasets["train"].iter_torch_batches(batch_size=64):
+        again.update(by_checkpoint(b))
+    assert len(again) == prepared.num_windows["train"] and len(set(first) & set(again)) >= len(first)
+    changed = 0
+    for k in first:
+        (i0, j0), (i1, j1) = first[k], again[k]
+        assert torch.equal(i0, i1)  # the aligned view is fixed
+        torch.testing.assert_close(j0.flatten().sort().values, j1.flatten().sort().values)  # same weights...
+        changed += not torch.equal(j0, j1)  # ...in another order
+    assert changed >= len(first) - 1
+
+
+def test_cache_is_reused_and_invalidated(prepared, zoo_cfg):
+    fs, path = storage.open_uri(prepared.cache_uri)
+    before = {p: fs.info(p)["LastModified"] for p in fs.find(path)}
+    # a stream setting changes nothing upstream: same cache, nothing rewritten or re-tokenized
+    again = prepare_data(DataConfig(**{**zoo_cfg.__dict__, "window_size": 16}))
+    assert again.cache_hit and again.cache_uri == prepared.cache_uri
+    assert {p: fs.info(p)["LastModified"] for p in fs.find(path)} == before
+    assert again.num_windows["train"] > prepared.num_windows["train"]
+    # a preprocessing setting gives another key, whose cache does not exist yet
+    zoo = open_zoo(zoo_cfg.zoo_uri)
+    for change in ({"token_size": 32}, {"align": False}, {"split_seed": 2}, {"include_bn": True}, {"epochs": [1]}):
+        other = DataConfig(**{**zoo_cfg.__dict__, **change})
+        assert cache_key(zoo, other) != cache_key(zoo, zoo_cfg), change
+    moved = storage.join(zoo_cfg.cache_uri, cache_key(zoo, DataConfig(**{**zoo_cfg.__dict__, "token_size": 32})))
+    assert load_manifest(moved) is None
+
+
+def test_bad_input_fails_before_heavy_work(tmp_path, ray_cluster):
+    zoo = write_zoo(str(tmp_path / "zoo"), n_cnn=2, n_mlp=0, epochs=1)
+    cache = tmp_path / "cache"
+    with pytest.raises(SplitError, match="has 2 usable model.*need at least 3"):
+        prepare_data(DataConfig(zoo_uri=zoo, cache_uri=str(cache), token_size=TOKEN_SIZE))
+    zoo = write_zoo(str(tmp_path / "zoo3"), n_cnn=3, n_mlp=0, epochs=1)
+    with pytest.raises(WindowSizeError, match="window_size=51 .*longest: cnn_digits with 50 tokens"):
+        prepare_data(DataConfig(zoo_uri=zoo, cache_uri=str(cache), token_size=TOKEN_SIZE, window_size=51))
+    with pytest.raises(DataPreparationError, match="reference_model 'nope' must be a training model"):
+        prepare_data(DataConfig(zoo_uri=zoo, cache_uri=str(cache), token_size=TOKEN_SIZE, window_size=8,
+                                reference_model="nope"))
+    assert not cache.exists()  # nothing was built
+    with pytest.raises(ValueError, match="token_size must be an integer >= 1"):
+        DataConfig(zoo_uri=zoo, token_size=0)
