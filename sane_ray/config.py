@@ -116,8 +116,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, aliases: di
     group = parser.add_argument_group("config keys (override the file)")
     for alias, key in (aliases or {}).items():
         group.add_argument(f"--{alias}", dest=f"cfg:{key}", metavar="VALUE", help=f"same as --{key}")
+    defaults = to_dict(cls())
     for key in leaf_keys(cls):
-        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar="VALUE", default=None, help=argparse.SUPPRESS)
+        default = defaults
+        for part in key.split("."):
+            default = default[part]
+        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar="VALUE", default=None, help=f"default: {default}")
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:

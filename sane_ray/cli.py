@@ -1,0 +1,94 @@
+"""The ``sane-ray`` command line: one parser for every job.
+
+``jobs/*.py`` are thin entry points for ``ray job submit`` that call :func:`main` with
+their subcommand, so a flag means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+from sane_ray.config import ConfigError, add_config_arguments, load_config, overrides_from_args
+from sane_ray.storage import StorageError
+
+log = logging.getLogger("sane_ray")
+
+
+def _zoo_info(args: argparse.Namespace) -> int:
+    from sane_ray.zoo.info import format_info, zoo_info
+    from sane_ray.zoo.reader import open_zoo
+
+    zoo = open_zoo(args.uri, verify=not args.no_verify, progress=not args.json)
+    info = zoo_info(zoo)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
+    return 0
+
+
+def _make_zoo(args: argparse.Namespace) -> int:
+    from sane_ray.zoo.generate import ZooGenConfig, generate_zoo
+
+    cfg = load_config(ZooGenConfig, args.config, overrides_from_args(args))
+    uri = generate_zoo(cfg, progress=True)
+    print(f"zoo written to {uri}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from sane_ray.pretrain import PretrainConfig, preset_config, run_pretrain
+
+    base = preset_config(args.preset) if args.preset else None
+    cfg = load_config(PretrainConfig, args.config, overrides_from_args(args), base=base)
+    run_pretrain(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sane-ray", description="SANE weight-space learning on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="inspect model zoos").add_subparsers(dest="zoo_command", required=True)
+    info = zoo.add_parser("info", help="summarize a zoo: format, models, checkpoints, skipped inputs")
+    info.add_argument("uri", help="zoo location: a path or s3://bucket/prefix")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--no-verify", action="store_true", help="list only; do not open every checkpoint")
+    info.set_defaults(func=_zoo_info)
+
+    from sane_ray.zoo.generate import ZooGenConfig
+
+    make = sub.add_parser("make-zoo", help="train a model zoo on scikit-learn's digits (Ray tasks)")
+    add_config_arguments(make, ZooGenConfig, aliases={})
+    make.set_defaults(func=_make_zoo)
+
+    from sane_ray.pretrain import PRETRAIN_ALIASES, PRESETS, PretrainConfig
+
+    pre = sub.add_parser("pretrain", help="pretrain SANE on a zoo with Ray Train + FSDP2")
+    pre.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration")
+    add_config_arguments(pre, PretrainConfig, aliases=PRETRAIN_ALIASES)
+    pre.set_defaults(func=_pretrain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ConfigError, StorageError, ValueError, KeyError, FileNotFoundError) as e:
+        # Bad input: one clear line, not a traceback from deep inside a library.
+        if args.verbose:
+            raise
+        print(f"sane-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
