@@ -160,3 +160,22 @@ def test_sdpa_backend_matches_naive_attention():
     scores = torch.einsum("bthd,bshd->bhts", q, k) / 2.0
     expected = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
     assert torch.allclose(attention.sdpa_attention(q, k, v, 0.0), expected, atol=1e-6)
+
+
+def test_onednn_linear_matches_float64_reference():
+    from sane_ray.model.linear import linear, use_onednn
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(12, generator=g, dtype=torch.float64)
+    grad = torch.randn(4, 5, 12, generator=g, dtype=torch.float64)
+    xf, wf, bf = (t.float().requires_grad_() for t in (x, w, b))
+    linear(xf, wf, bf).backward(grad.float())
+    xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, b))
+    torch.nn.functional.linear(xd, wd, bd).backward(grad)
+    for got, want in ((xf.grad, xd.grad), (wf.grad, wd.grad), (bf.grad, bd.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert not use_onednn(x, w)  # float64 takes the plain path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not use_onednn(xf, wf)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sane_ray.model.attention import select_attention_backend
+from sane_ray.model.linear import Linear
 
 _COORDS = ("n (token index)", "l (layer index)", "k (row index)")
 
@@ -62,11 +63,11 @@ class Block(nn.Module):
         self.n_heads = n_heads
         self.dropout = dropout
         self.ln1 = nn.LayerNorm(d_model, bias=False)
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.qkv = Linear(d_model, 3 * d_model, bias=False)
+        self.out_proj = Linear(d_model, d_model, bias=False)
         self.ln2 = nn.LayerNorm(d_model, bias=False)
-        self.fc_in = nn.Linear(d_model, 4 * d_model, bias=False)
-        self.fc_out = nn.Linear(4 * d_model, d_model, bias=False)
+        self.fc_in = Linear(d_model, 4 * d_model, bias=False)
+        self.fc_out = Linear(4 * d_model, d_model, bias=False)
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,9 +91,9 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, d_z: int, dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(d_z, dim)
+        self.fc1 = Linear(d_z, dim)
         self.norm = nn.LayerNorm(dim)
-        self.fc2 = nn.Linear(dim, dim)
+        self.fc2 = Linear(dim, dim)
 
     def forward(self, z: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         if token_mask is None:

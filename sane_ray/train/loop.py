@@ -1,0 +1,225 @@
+"""The per-worker training function run by ``ray.train.torch.TorchTrainer``.
+
+Everything Ray-specific for a worker is here: dataset shards, ``ray.train.report``
+(a barrier: every rank reports every epoch), checkpoints and resume. The model, loss,
+FSDP, optimizer and checkpoint format come from their own modules.
+
+``config`` (built by :func:`sane_ray.train.trainer.run_pretraining`):
+
+- ``train``: a :class:`TrainConfig` as a dict
+- ``steps_per_epoch``: optimizer steps per epoch and worker (sizes the OneCycle schedule)
+- ``use_gpu``: bool
+- ``has_val``: whether a ``"val"`` dataset was given
+- ``run_uri``: where rank 0 exports the model and the report at the end (None: no export)
+- ``export_files``: extra ``{name: bytes}`` written next to the exported model
+- ``on_epoch_end``: optional ``callable(rank, epoch)`` run on every worker after each
+  epoch's report (a hook for logging or fault injection)
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+import ray.train
+import ray.train.torch
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from sane_ray.config import from_dict
+from sane_ray.model.sane import SaneModel
+from sane_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from sane_ray.train.config import TrainConfig
+from sane_ray.train.distributed import all_reduce_max, all_reduce_sum, gather_rows, is_distributed, rank_and_world
+from sane_ray.train.export import export_model
+from sane_ray.train.fsdp import apply_fsdp, data_parallel_mesh
+from sane_ray.train.optim import build_optimizer
+from sane_ray.train.report import write_run_report
+from sane_ray.train.runtime import Runtime, select_runtime
+from sane_ray.train.step import compute_loss, optimizer_step, to_device
+
+log = logging.getLogger(__name__)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
+    """Train (or resume) the SANE model on this worker's shards; returns the metric history."""
+    # The model's outputs come from Linear layers on 3-d inputs, i.e. views; FSDP2 warns
+    # because an in-place op on them would lose its pre-backward hook. The step never
+    # modifies them in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    cfg = from_dict(TrainConfig, config["train"])
+    steps_per_epoch = int(config["steps_per_epoch"])
+    runtime = select_runtime(bool(config["use_gpu"]), cfg.mixed_precision)
+    device = ray.train.torch.get_device() if runtime.device_type == "cuda" else torch.device("cpu")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    rank, world = rank_and_world()
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank: FSDP keeps each rank's shard
+    model = SaneModel(cfg.model).to(device)
+    distributed = is_distributed()
+    if distributed:
+        apply_fsdp(model, data_parallel_mesh(runtime.device_type, world), runtime.param_dtype, runtime.reduce_dtype)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.epochs * steps_per_epoch)
+    state = TrainState(model, optimizer, scheduler)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            load_checkpoint(state, directory)
+    resumed_from = state.epoch
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
+    gather = gather_rows if distributed else None
+    on_epoch_end: Callable[[int, int], None] | None = config.get("on_epoch_end")
+
+    for epoch in range(state.epoch, cfg.epochs):
+        # Noise is reseeded per epoch so a resumed run draws what an uninterrupted one would.
+        noise = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
+        metrics: dict[str, float] = {"epoch": float(epoch + 1)}
+        metrics.update(_train_epoch(model, train_shard, state, cfg, runtime, device, gather, noise, distributed))
+        if val_shard is not None:
+            metrics.update(_evaluate(model, val_shard, cfg, runtime, device, gather, distributed))
+        metrics["lr"] = float(scheduler.get_last_lr()[0])
+        metrics["peak_rss_mb"] = _peak_rss_mb(device)
+        metrics["resumed_from_epoch"] = float(resumed_from)
+        if rank == 0 and metrics["steps"] != steps_per_epoch:
+            log.warning("epoch %d ran %d steps per worker, the schedule planned %d", epoch + 1, metrics["steps"], steps_per_epoch)
+        state.epoch = epoch + 1
+        state.history.append(metrics)
+        due = state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs
+        _report(state, metrics, with_checkpoint=due)
+        if on_epoch_end is not None:
+            on_epoch_end(rank, state.epoch)
+
+    _export(model, state, cfg, rank, distributed, config.get("run_uri"), config.get("export_files"))
+    return state.history
+
+
+def _train_epoch(
+    model: SaneModel,
+    shard: Any,
+    state: TrainState,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    device: torch.device,
+    gather: Any,
+    noise: torch.Generator,
+    distributed: bool,
+) -> dict[str, float]:
+    """One pass over the shard. Losses accumulate on the device: no host sync per step."""
+    model.train()
+    sums = torch.zeros(4, device=device)  # total, reconstruction, contrastive, grad norm
+    steps = windows = tokens = 0
+    wait = 0.0
+    batches = iter(shard.iter_torch_batches(
+        batch_size=cfg.batch_size,
+        local_shuffle_buffer_size=cfg.local_shuffle_buffer_size or None,
+        drop_last=True,  # every rank must run the same number of equally sized steps
+        device=device,
+    ))
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        wait += time.perf_counter() - t0
+        if batch is None:
+            break
+        batch = to_device(batch, device)
+        parts = compute_loss(model, batch, cfg.model, runtime, gather, noise, autocast=not distributed)
+        norm = optimizer_step(parts.total, model, state.optimizer, state.scheduler, cfg.optim.grad_clip)
+        sums += torch.stack([parts.total.detach(), parts.reconstruction.detach(), parts.contrastive.detach(), norm])
+        steps += 1
+        windows += batch["x_i"].shape[0]
+        tokens += 2 * batch["x_i"].shape[0] * batch["x_i"].shape[1]  # both views go through the model
+    elapsed = time.perf_counter() - start
+    counters = torch.tensor([steps, windows, tokens, wait, elapsed], dtype=torch.float64, device=device)
+    totals = all_reduce_sum(torch.cat([sums.double(), counters]))
+    loss, rec, con, norm, all_steps, all_windows, all_tokens, all_wait, all_elapsed = totals.tolist()
+    _, world = rank_and_world()
+    if all_steps == 0:
+        raise RuntimeError(
+            f"no training step in this epoch: each worker's shard holds fewer than batch_size={cfg.batch_size} windows"
+        )
+    mean_elapsed = all_elapsed / world
+    return {
+        "train_loss": loss / all_steps,
+        "train_reconstruction": rec / all_steps,
+        "train_contrastive": con / all_steps,
+        "grad_norm": norm / all_steps,
+        "steps": float(steps),
+        "epoch_time_s": mean_elapsed,
+        "tokens_per_s": all_tokens / mean_elapsed,
+        "windows_per_s": all_windows / mean_elapsed,
+        "data_wait_fraction": all_wait / all_elapsed,
+    }
+
+
+@torch.no_grad()
+def _evaluate(
+    model: SaneModel,
+    shard: Any,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    device: torch.device,
+    gather: Any,
+    distributed: bool,
+) -> dict[str, float]:
+    """Validation loss on clean views (no noise), averaged over windows of all ranks."""
+    model.eval()
+    sums = torch.zeros(4, device=device)  # total, reconstruction, contrastive (window-weighted), windows
+    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False, device=device):
+        batch = to_device(batch, device)
+        parts = compute_loss(model, batch, cfg.model, runtime, gather, autocast=not distributed)
+        b = batch["x_i"].shape[0]
+        sums += torch.stack([parts.total * b, parts.reconstruction * b, parts.contrastive * b, torch.tensor(float(b), device=device)])
+    loss, rec, con, windows = all_reduce_sum(sums).tolist()
+    if windows == 0:
+        nan = float("nan")
+        return {"val_loss": nan, "val_reconstruction": nan, "val_contrastive": nan}
+    return {"val_loss": loss / windows, "val_reconstruction": rec / windows, "val_contrastive": con / windows}
+
+
+def _peak_rss_mb(device: torch.device) -> float:
+    """The largest peak resident set size of any worker process so far, in MiB."""
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return all_reduce_max(torch.tensor([rss_kib / 1024.0], dtype=torch.float64, device=device)).item()
+
+
+def _report(state: TrainState, metrics: dict[str, float], with_checkpoint: bool) -> None:
+    """``ray.train.report`` on every rank; with a checkpoint, every rank writes its DCP shards first."""
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    directory = tempfile.mkdtemp(prefix="sane-ckpt-")
+    try:
+        save_checkpoint(state, directory)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _export(
+    model: SaneModel,
+    state: TrainState,
+    cfg: TrainConfig,
+    rank: int,
+    distributed: bool,
+    run_uri: str | None,
+    extra_files: dict[str, bytes] | None,
+) -> None:
+    """Gather the full weights (a collective) and let rank 0 write the model and the report."""
+    if run_uri is None:
+        return
+    if distributed:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full = model.state_dict()
+    if rank == 0:
+        export_model(full, cfg.model, run_uri, extra_files)
+        write_run_report(state.history, run_uri)

@@ -1,0 +1,66 @@
+"""A pretraining run at a glance: the loss-curve PNG and a short Markdown summary.
+
+Both are built from the per-epoch metric history the train loop keeps (and
+checkpoints), so a resumed run reports its whole history.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sane_ray import storage
+
+History = Sequence[dict[str, float]]
+LOSS_PARTS = (("loss", "total"), ("reconstruction", "reconstruction (masked MSE)"), ("contrastive", "contrastive (NT-Xent)"))
+
+
+def loss_curve_png(history: History) -> bytes:
+    """Train (and validation, when present) loss parts per epoch, log scale, as PNG bytes."""
+    if not history:
+        raise ValueError("no epochs in the history: nothing to plot")
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(12, 3.6), tight_layout=True)
+    FigureCanvasAgg(fig)
+    for i, (key, title) in enumerate(LOSS_PARTS):
+        ax = fig.add_subplot(1, len(LOSS_PARTS), i + 1)
+        for split in ("train", "val"):
+            values = [h.get(f"{split}_{key}", math.nan) for h in history]
+            if any(math.isfinite(v) for v in values):
+                ax.plot(epochs, values, marker="o", markersize=3, label=split)
+        if key != "contrastive":  # NT-Xent is bounded below by a positive constant
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def summary_markdown(history: History, title: str = "SANE pretraining") -> str:
+    """Final and best losses plus throughput, as a small Markdown document."""
+    if not history:
+        raise ValueError("no epochs in the history: nothing to summarize")
+    last = history[-1]
+    rows = [("epochs", f"{int(last['epoch'])}")]
+    for key in ("train_loss", "train_reconstruction", "train_contrastive", "val_loss", "val_reconstruction", "val_contrastive"):
+        if key in last and math.isfinite(last[key]):
+            best = min(h[key] for h in history if key in h and math.isfinite(h[key]))
+            rows.append((key, f"{last[key]:.5g} (best {best:.5g})"))
+    for key, fmt in (("tokens_per_s", "{:,.0f}"), ("windows_per_s", "{:,.1f}"), ("data_wait_fraction", "{:.1%}"), ("lr", "{:.3g}")):
+        if key in last:
+            rows.append((key, fmt.format(last[key])))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"# {title}\n\nLast epoch, and the best value over all epochs.\n\n| metric | value |\n|---|---|\n{table}\n"
+
+
+def write_run_report(history: History, uri: str, title: str = "SANE pretraining") -> None:
+    """Write ``loss_curve.png`` and ``summary.md`` under ``uri``."""
+    storage.makedirs(uri)
+    storage.write_bytes_atomic(storage.join(uri, "loss_curve.png"), loss_curve_png(history))
+    storage.write_bytes_atomic(storage.join(uri, "summary.md"), summary_markdown(history, title).encode())

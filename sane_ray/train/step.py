@@ -1,0 +1,88 @@
+"""One training or evaluation step on a batch in the data contract's format.
+
+A batch holds two clean views ``x_i``/``x_j`` (B, ws, d_t), their shared ``mask`` and
+``pos``. Both views go through the model in one call (2B windows), noise is applied
+on the device, and each view is reconstructed towards its clean tokens.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from sane_ray.model.config import SaneConfig
+from sane_ray.model.losses import GatherFn, LossParts, sane_loss
+from sane_ray.train.runtime import Runtime
+
+BATCH_KEYS = ("x_i", "x_j", "mask", "pos")
+
+
+def _multiplicative_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x * (1 + sigma * eps)``, eps ~ N(0, 1) drawn on x's device.
+
+    Stand-in until ``sane_ray.weights.augment.multiplicative_noise`` exists (same contract).
+    """
+    if sigma == 0:
+        return x
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x * (1.0 + sigma * eps)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The contract's four tensors on ``device``; a missing key is named in the error."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"training batch lacks {missing}; expected keys {list(BATCH_KEYS)} (docs/CONTRACTS.md)")
+    return {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS}
+
+
+def compute_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    cfg: SaneConfig,
+    runtime: Runtime,
+    gather: GatherFn | None = None,
+    noise: torch.Generator | None = None,
+    autocast: bool = False,
+) -> LossParts:
+    """Forward both views (noised with ``noise`` unless None) and the SANE loss.
+
+    ``autocast`` runs the forward under ``torch.autocast`` in the runtime's compute
+    dtype; with FSDP the mixed-precision policy does that instead.
+    """
+    clean = torch.cat([batch["x_i"], batch["x_j"]])
+    x = clean if noise is None else _multiplicative_noise(clean, cfg.noise_sigma, noise)
+    mask = torch.cat([batch["mask"], batch["mask"]])
+    pos = torch.cat([batch["pos"], batch["pos"]])
+    ctx = torch.autocast(runtime.device_type, dtype=runtime.param_dtype) if autocast and runtime.mixed else nullcontext()
+    with ctx:
+        out = model(x, pos, mask.any(dim=-1))
+    p_i, p_j = out.projection.float().chunk(2)
+    return sane_loss(out.x_hat, clean, mask, p_i, p_j, cfg.gamma, cfg.temperature, gather)
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float,
+) -> torch.Tensor:
+    """Backward, clip to ``grad_clip`` (0: no clipping), step optimizer and schedule.
+
+    If the data yields more steps than the schedule planned, the learning rate stays at
+    its final value.
+
+    Returns the global gradient norm before clipping (a 0-d tensor; no host sync).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    optimizer.step()
+    if scheduler.last_epoch < getattr(scheduler, "total_steps", float("inf")):
+        scheduler.step()  # past the planned steps OneCycle would raise; hold its final rate instead
+    return norm.detach()
