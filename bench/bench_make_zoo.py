@@ -24,31 +24,48 @@ from sane_ray.zoo.generate import ZooGenConfig, generate_zoo
 from sane_ray.zoo.native import MANIFEST
 
 
-def _peak_rss_mib(pid: int) -> float | None:
-    """VmHWM (peak resident set) of a live process, from /proc (Linux only)."""
+def _proc_table() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, cmdline) for every process we can see (Linux /proc)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                table[int(entry)] = (ppid, f.read())
+        except OSError:
+            continue
+    return table
+
+
+def _our_workers() -> list[int]:
+    """Ray workers of the cluster this driver started (its descendants; workers retitle themselves ray::...)."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    stack, found = [os.getpid()], []
+    while stack:
+        for child in children.get(stack.pop(), []):
+            stack.append(child)
+            if table[child][1].startswith(b"ray::"):
+                found.append(child)
+    return found
+
+
+def _worker_usage(pid: int) -> tuple[float, float] | None:
+    """(peak RSS MiB, CPU seconds) of a live process, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
+            hwm = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, StopIteration):
         return None
-    return None
-
-
-@ray.remote(num_cpus=0)
-def _worker_pids() -> list[int]:
-    """PIDs of this node's Ray worker processes (their peak RSS is read before shutdown)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::"):  # workers retitle themselves ray::<task>
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
+    return hwm, cpu
 
 
 def main() -> None:
@@ -70,7 +87,7 @@ def main() -> None:
         t_ray = time.perf_counter() - t0
         uri = generate_zoo(cfg, progress=False)
         wall = time.perf_counter() - t0
-        worker_rss = [r for r in map(_peak_rss_mib, ray.get(_worker_pids.remote())) if r is not None]
+        usage = [u for u in map(_worker_usage, _our_workers()) if u is not None]
         ray.shutdown()
 
         table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, MANIFEST))))
@@ -79,14 +96,18 @@ def main() -> None:
         total_bytes = sum(table.column("nbytes").to_pylist())
 
     driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load = os.getloadavg()[0]
     print(f"zoo: {args.models} x {args.arch}, {args.epochs} epochs, {args.num_cpus} CPUs, {table.num_rows} checkpoints "
           f"({total_bytes / 2**20:.1f} MiB)")
-    print(f"wall time           {wall:8.2f} s  (ray.init {t_ray:.2f} s)")
+    print(f"wall time           {wall:8.2f} s  (ray.init {t_ray:.2f} s; 1-min load average at the end {load:.1f})")
     print(f"models/s            {args.models / wall:8.2f}")
     print(f"model-epochs/s      {args.models * args.epochs / wall:8.1f}")
     print(f"peak RSS driver     {driver_rss:8.0f} MiB")
-    if worker_rss:
-        print(f"peak RSS worker     {max(worker_rss):8.0f} MiB (max of {len(worker_rss)} workers)")
+    if usage:
+        cpu = sum(u[1] for u in usage)
+        print(f"peak RSS worker     {max(u[0] for u in usage):8.0f} MiB (max of {len(usage)} workers)")
+        print(f"worker CPU time     {cpu:8.1f} s  ({cpu / (args.models * args.epochs) * 1e3:.0f} ms per model-epoch, "
+              f"incl. worker start-up; wall on {args.num_cpus} idle cores >= {cpu / args.num_cpus:.1f} s)")
     print(f"final test acc      min {accs[0]:.3f}  median {statistics.median(accs):.3f}  max {accs[-1]:.3f}")
     print(f"models at chance    {sum(a < 0.15 for a in accs)} / {len(accs)} (test acc < 0.15)")
 

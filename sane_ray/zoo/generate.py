@@ -3,7 +3,8 @@
 Like the public model zoos, models differ in seed, learning rate, weight decay,
 activation, initialization and dropout; every choice is drawn from ``(cfg.seed, model
 index)`` alone, and training is single-threaded with a seeded batch order, so a config
-always yields bit-identical checkpoints wherever the zoo is written (local disk or S3).
+always yields bit-identical weights and metrics wherever the zoo is written (local disk
+or S3). Local output on a multi-node cluster must be a shared filesystem; prefer S3.
 
 Each task writes its own checkpoints (epoch 0 is the initialization) and returns its
 manifest rows; the driver publishes the manifest only after every task succeeded, so a
