@@ -67,7 +67,9 @@ def write_checkpoint(
 ) -> dict[str, Any]:
     """Write one checkpoint file and return its manifest row (not yet published)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    data = safetensors_save(tensors, metadata={"model_id": model_id, "epoch": str(epoch)})
+    # One metadata key: safetensors writes a multi-key map in arbitrary order, and the same
+    # checkpoint must give the same bytes (and SHA-256) wherever and whenever it is written.
+    data = safetensors_save(tensors, metadata={"sane_ray": json.dumps({"model_id": model_id, "epoch": int(epoch)})})
     rel = checkpoint_path(model_id, epoch)
     storage.write_bytes_atomic(storage.join(root, rel), data, s3)
     return {
