@@ -107,8 +107,7 @@ def test_permuted_copy_is_recovered_exactly(arch, kw, seed):
     assert distance(ref, recovered) < 1e-5
 
 
-@pytest.mark.parametrize("arch,kw", [("cnn_digits_bn", {}), ("resnet18", {"width": 8}), ("resnet18", {"width": 16})],
-                         ids=["cnn_digits_bn", "resnet18-w8", "resnet18-w16"])
+@pytest.mark.parametrize("arch,kw", [("cnn_digits_bn", {}), ("resnet18", {"width": 8})], ids=["cnn_digits_bn", "resnet18"])
 def test_same_iterates_as_the_textbook_loop(arch, kw, monkeypatch):
     """Cached and low-rank-corrected contributions must not change the descent (checked over seeds)."""
     spec = permutation_spec(arch, **kw)

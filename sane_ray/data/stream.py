@@ -8,9 +8,12 @@ permutation of the same model, or ``x_i`` again without permutation augmentation
 ``mask``, ``pos``, and the window's source ``model_idx`` and ``epoch``. Every pass re-runs
 the tasks, so every epoch draws fresh windows and permutations; noise is the trainer's.
 
-One random permutation is drawn per checkpoint and pass, shared by that checkpoint's
-windows in the pass (they land in different batches), so permuting costs one pass over a
-model's tokens per pass however many windows it yields.
+View j is gathered straight from the canonical tokens: standardization is a scalar
+affine map per layer and commutes with permuting hidden units, so the permuted model's
+standardized tokens are a re-indexing of the aligned ones, and only the window's tokens
+are gathered (:func:`sane_ray.weights.augment.permute_tokens`). One random permutation is
+drawn per checkpoint and pass, shared by that checkpoint's windows in the pass (they
+land in different batches).
 
 The token column is read without copying: a block's tokens are one contiguous Arrow
 buffer, viewed as a (T, d_t) float32 tensor, from which all windows are cut at once.
@@ -19,6 +22,7 @@ buffer, viewed as a (T, d_t) float32 tensor, from which all windows are cut at o
 from __future__ import annotations
 
 import functools
+import json
 import posixpath
 import warnings
 from dataclasses import dataclass
@@ -31,9 +35,17 @@ import torch
 from sane_ray import storage
 from sane_ray.data.canonical import CanonicalZoo
 from sane_ray.data.config import DataConfig
-from sane_ray.data.views import layout_from_json, permute_tokens, token_spec
-from sane_ray.data.windows import gather_windows, interleave_rows, plan_windows, window_index, windows_per_checkpoint
-from sane_ray.weights.tokenize import layout_mask, layout_positions
+from sane_ray.data.windows import (
+    WindowPlan,
+    gather_windows,
+    interleave_rows,
+    plan_windows,
+    window_index,
+    windows_per_checkpoint,
+)
+from sane_ray.weights.augment import permute_tokens
+from sane_ray.weights.permutation import permutation_spec, random_permutation
+from sane_ray.weights.tokenize import TokenLayout, layout_mask, layout_positions
 
 READ_COLUMNS = ["model_idx", "epoch", "layout_id", "tokens"]
 
@@ -69,6 +81,12 @@ class StreamSpec:
 
     def windows_per_pass(self, rows_per_layout: dict[str, int]) -> int:
         return sum(rows_per_layout.get(lid, 0) * c for lid, c in zip(self.layout_ids, self.counts))
+
+
+@functools.lru_cache(maxsize=64)
+def layout_from_json(text: str) -> TokenLayout:
+    """Parsed (and cached) layout: every block refers to one of a handful of layouts."""
+    return TokenLayout.from_json(text)
 
 
 @functools.lru_cache(maxsize=8)
@@ -109,25 +127,15 @@ def draw_windows(block: pa.Table, spec: StreamSpec) -> dict[str, np.ndarray]:
     model_idx = torch.from_numpy(block.column("model_idx").to_numpy().astype(np.int64))
     epoch = torch.from_numpy(block.column("epoch").to_numpy().astype(np.int64))
 
-    views = [flat]
-    if spec.permute and len(block):
-        parts = []
-        for r in range(len(block)):  # one permutation per checkpoint: a loop over models, not elements
-            li = int(layout_idx[r])
-            layout = layout_from_json(spec.layout_jsons[li])
-            pspec = token_spec(*spec.architectures[li], spec.layout_jsons[li])
-            parts.append(permute_tokens(flat[offsets[r] : offsets[r] + lengths[r]], layout, pspec, gen))
-        views.append(torch.cat(parts))
-
     counts = torch.tensor(spec.counts, dtype=torch.int64)[layout_idx]
     plan = plan_windows(lengths, counts, spec.window_size, interleave_rows(model_idx, gen), gen)
     local, valid = window_index(plan, lengths, spec.window_size)
     mask_t, pos_t, lay_off, _ = _layout_tables(spec)
-    (x_i, *rest), mask, pos = gather_windows(
-        views, offsets[plan.rows][:, None] + local, mask_t, pos_t,
+    (x_i,), mask, pos = gather_windows(
+        [flat], offsets[plan.rows][:, None] + local, mask_t, pos_t,
         lay_off[layout_idx[plan.rows]][:, None] + local, valid, torch.tensor(spec.pad_position),
     )
-    x_j = rest[0] if rest else x_i
+    x_j = _permuted_windows(spec, flat, offsets, lengths, layout_idx, plan, gen) if spec.permute else x_i
     return {
         "x_i": x_i.numpy(),
         "x_j": x_j.numpy(),
@@ -138,10 +146,30 @@ def draw_windows(block: pa.Table, spec: StreamSpec) -> dict[str, np.ndarray]:
     }
 
 
+def _permuted_windows(
+    spec: StreamSpec, flat: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor,
+    layout_idx: torch.Tensor, plan: WindowPlan, gen: torch.Generator,
+) -> torch.Tensor:
+    """View j of every planned window: one random permutation per row, gathered window by window."""
+    per_row: dict[int, tuple] = {}
+    out = torch.zeros(len(plan.rows), spec.window_size, spec.token_size)
+    for w, (r, start) in enumerate(zip(plan.rows.tolist(), plan.starts.tolist())):  # a loop over windows
+        if r not in per_row:
+            li = int(layout_idx[r])
+            pspec = permutation_spec(spec.architectures[li][0], **json.loads(spec.architectures[li][1]))
+            tokens = flat[offsets[r] : offsets[r] + lengths[r]]
+            per_row[r] = (tokens, layout_from_json(spec.layout_jsons[li]), pspec, random_permutation(pspec, gen))
+        tokens, layout, pspec, perms = per_row[r]
+        stop = min(start + spec.window_size, len(tokens))
+        out[w, : stop - start] = permute_tokens(tokens, layout, pspec, perms, start, stop)
+    return out
+
+
 def rows_per_block(spec: StreamSpec, cfg: DataConfig) -> int:
-    """``cfg.rows_per_block``, capped so a block's tokens (and their permuted copy) stay under ``max_block_bytes``."""
+    """``cfg.rows_per_block``, capped so that a block's tokens and the windows cut from them
+    (about one sequence per view at the default supersampling) stay under ``max_block_bytes``."""
     longest = max(layout_from_json(t).num_tokens for t in spec.layout_jsons)
-    per_row = longest * spec.token_size * 4 * (2 if spec.permute else 1)
+    per_row = longest * spec.token_size * 4 * 3
     return max(1, min(cfg.rows_per_block, cfg.max_block_bytes // per_row))
 
 
