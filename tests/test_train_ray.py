@@ -10,12 +10,11 @@ import torch
 from ray.train import TrainingFailedError
 
 from sane_ray import storage
-from sane_ray.model import tiny
+from sane_ray.model import SaneModel, tiny
 from sane_ray.train import TrainConfig, load_sane, run_pretraining
 from sane_ray.train.checkpoint import TrainState, load_checkpoint
 from sane_ray.train.config import OptimConfig
 from sane_ray.train.optim import build_optimizer
-from sane_ray.model import SaneModel
 from sane_ray.train.synthetic import synthetic_dataset
 
 pytestmark = pytest.mark.timeout(180)
@@ -25,7 +24,7 @@ WORKERS = dict(num_workers=2, resources_per_worker={"CPU": 1})
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(model=MODEL, optim=OptimConfig(lr=1e-3), epochs=3, batch_size=8, num_threads=1)
+    base = dict(model=MODEL, optim=OptimConfig(lr=1e-3), epochs=2, batch_size=8, num_threads=1)
     return TrainConfig(**{**base, **kw})
 
 
@@ -53,13 +52,13 @@ def _stop_at(epoch: int):
 def test_resume_with_same_run_name(datasets, tmp_path):
     cfg = _cfg()
     with pytest.raises(TrainingFailedError):
-        run_pretraining(cfg, datasets, str(tmp_path), "resume", on_epoch_end=_stop_at(2),
+        run_pretraining(cfg, datasets, str(tmp_path), "resume", on_epoch_end=_stop_at(1),
                         controller_failure_limit=0, **WORKERS)
     result = run_pretraining(cfg, datasets, str(tmp_path), "resume", controller_failure_limit=0, **WORKERS)
     history = result.return_value
-    assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0]
-    assert result.metrics["epoch"] == 3.0 and result.metrics["resumed_from_epoch"] == 2.0
-    assert history[1]["resumed_from_epoch"] == 0.0
+    assert [h["epoch"] for h in history] == [1.0, 2.0]
+    assert result.metrics["epoch"] == 2.0 and result.metrics["resumed_from_epoch"] == 1.0
+    assert history[0]["resumed_from_epoch"] == 0.0
     assert history[0]["steps"] == 4.0  # 32 windows per worker / batch 8
     for h in history:
         assert all(h[k] > 0 for k in ("train_loss", "val_loss", "tokens_per_s", "windows_per_s", "lr"))
@@ -73,11 +72,11 @@ def test_resume_with_same_run_name(datasets, tmp_path):
     assert exported.cfg == MODEL and not exported.training
     torch.manual_seed(99)
     fresh = SaneModel(MODEL)
-    opt, sched = build_optimizer(fresh, cfg.optim, total_steps=12)
+    opt, sched = build_optimizer(fresh, cfg.optim, total_steps=8)
     state = TrainState(fresh, opt, sched)
     with result.checkpoint.as_directory() as d:
         load_checkpoint(state, d)
-    assert state.epoch == 3
+    assert state.epoch == 2
     for name, t in exported.state_dict().items():
         assert torch.equal(t, fresh.state_dict()[name]), name
 
@@ -86,10 +85,10 @@ def test_worker_failure_restarts_from_last_checkpoint(datasets, tmp_path):
     marker = str(tmp_path / "failed-once")
     result = run_pretraining(
         _cfg(max_failures=1), {"train": datasets["train"]}, str(tmp_path), "faulty",
-        on_epoch_end=_fail_once_at(2, marker), controller_failure_limit=0, **WORKERS,
+        on_epoch_end=_fail_once_at(1, marker), controller_failure_limit=0, **WORKERS,
     )
     assert os.path.exists(marker)
     assert result.error is None
-    assert [h["epoch"] for h in result.return_value] == [1.0, 2.0, 3.0]
-    assert result.metrics["resumed_from_epoch"] == 2.0
+    assert [h["epoch"] for h in result.return_value] == [1.0, 2.0]
+    assert result.metrics["resumed_from_epoch"] == 1.0
     assert "val_loss" not in result.metrics

@@ -39,7 +39,6 @@ from sane_ray.train.distributed import all_reduce_max, all_reduce_sum, gather_ro
 from sane_ray.train.export import export_model
 from sane_ray.train.fsdp import apply_fsdp, data_parallel_mesh
 from sane_ray.train.optim import build_optimizer
-from sane_ray.train.report import write_run_report
 from sane_ray.train.runtime import Runtime, select_runtime
 from sane_ray.train.step import compute_loss, optimizer_step, to_device
 
@@ -221,5 +220,7 @@ def _export(
     else:
         full = model.state_dict()
     if rank == 0:
+        from sane_ray.train.report import write_run_report  # matplotlib: only rank 0, only here
+
         export_model(full, cfg.model, run_uri, extra_files)
         write_run_report(state.history, run_uri)
