@@ -1,12 +1,17 @@
 """The training stream: canonical shards in, batches of window pairs out (``docs/CONTRACTS.md``).
 
-``read_parquet`` of a split's shards (file order reshuffled on every pass for training)
-feeds ``map_batches(draw_windows)``: each task takes a block of up to ``rows_per_block``
-checkpoints, draws its windows (see :mod:`sane_ray.data.windows` for the order) and emits
-one row per window: ``x_i`` (aligned tokens), ``x_j`` (a fresh random function-preserving
-permutation of the same model, or ``x_i`` again without permutation augmentation),
-``mask``, ``pos``, and the window's source ``model_idx`` and ``epoch``. Every pass re-runs
-the tasks, so every epoch draws fresh windows and permutations; noise is the trainer's.
+A split's shard files become a dataset of file names (one block per file, block order
+reshuffled on every pass for training); ``map_batches(read_and_draw)`` then reads a
+group of files per task and draws their windows (see :mod:`sane_ray.data.windows` for
+the order), emitting one row per window: ``x_i`` (aligned tokens), ``x_j`` (a fresh random
+function-preserving permutation of the same model, or ``x_i`` again without permutation
+augmentation), ``mask``, ``pos``, and the window's source ``model_idx`` and ``epoch``. Every
+pass re-runs the tasks, so every epoch draws fresh windows and permutations and groups
+different checkpoints together; the noise is the trainer's.
+
+Reading inside the window task (instead of ``read_parquet``) keeps raw tokens out of the
+object store, and avoids Ray 2.60's Parquet listing, which starts 32 footer-reader actors
+on every execution, i.e. on every epoch (about 15 s and 1-2 GB on a 2-core machine).
 
 View j is gathered straight from the canonical tokens: standardization is a scalar
 affine map per layer and commutes with permuting hidden units, so the permuted model's
@@ -15,8 +20,8 @@ are gathered (:func:`sane_ray.weights.augment.permute_tokens`). One random permu
 drawn per checkpoint and pass, shared by that checkpoint's windows in the pass (they
 land in different batches).
 
-The token column is read without copying: a block's tokens are one contiguous Arrow
-buffer, viewed as a (T, d_t) float32 tensor, from which all windows are cut at once.
+A block's token column is one contiguous Arrow buffer, viewed without copying as a
+(T, d_t) float32 tensor, from which all windows are cut at once.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -165,28 +172,40 @@ def _permuted_windows(
     return out
 
 
-def rows_per_block(spec: StreamSpec, cfg: DataConfig) -> int:
-    """``cfg.rows_per_block``, capped so that a block's tokens and the windows cut from them
-    (about one sequence per view at the default supersampling) stay under ``max_block_bytes``."""
+def files_per_task(spec: StreamSpec, cfg: DataConfig, checkpoints_per_file: float) -> int:
+    """Shard files per window task: about ``cfg.rows_per_block`` checkpoints, capped so that a
+    block's tokens and the windows cut from them (about one sequence per view at the default
+    supersampling) stay under ``max_block_bytes``."""
     longest = max(layout_from_json(t).num_tokens for t in spec.layout_jsons)
-    per_row = longest * spec.token_size * 4 * 3
-    return max(1, min(cfg.rows_per_block, cfg.max_block_bytes // per_row))
+    rows = max(1, min(cfg.rows_per_block, cfg.max_block_bytes // (longest * spec.token_size * 4 * 3)))
+    return max(1, round(rows / max(checkpoints_per_file, 1.0)))
+
+
+@functools.lru_cache(maxsize=4)
+def _filesystem(root: str, s3: storage.S3Options | None) -> tuple[pafs.FileSystem, str]:
+    return storage.pyarrow_fs(root, s3)
+
+
+def read_and_draw(batch: dict[str, np.ndarray], root: str, s3: storage.S3Options | None, spec: StreamSpec) -> dict[str, np.ndarray]:
+    """Read a group of shard files and draw their windows."""
+    fs, base = _filesystem(root, s3)
+    tables = [pq.read_table(posixpath.join(base, name), filesystem=fs, columns=READ_COLUMNS) for name in batch["file"]]
+    return draw_windows(pa.concat_tables(tables), spec)
 
 
 def window_dataset(
     canonical: CanonicalZoo, split: str, cfg: DataConfig, s3: storage.S3Options | None = None
 ) -> ray.data.Dataset:
     """The lazy dataset of window pairs for one split (re-executed, with fresh windows, on every pass)."""
-    fs, root = storage.pyarrow_fs(canonical.uri, s3)
-    paths = [posixpath.join(root, f) for f in canonical.files[split]]
     spec = StreamSpec.build(canonical, cfg)
-    ds = ray.data.read_parquet(
-        paths, filesystem=fs, shuffle="files" if split == "train" else None,
-    ).select_columns(READ_COLUMNS)
+    files = canonical.files[split]
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    if split == "train":
+        ds = ds.randomize_block_order()  # a new grouping of checkpoints on every pass
+    per_file = sum(canonical.checkpoints[split].values()) / len(files)
     return ds.map_batches(
-        draw_windows,
-        batch_size=rows_per_block(spec, cfg),
-        batch_format="pyarrow",
-        fn_kwargs={"spec": spec},
+        read_and_draw,
+        batch_size=files_per_task(spec, cfg, per_file),
+        fn_kwargs={"root": canonical.uri, "s3": s3, "spec": spec},
         num_cpus=cfg.stream_cpus,
     )

@@ -1,0 +1,234 @@
+"""Benchmark the data pipeline: window throughput and peak memory at 1x and 10x zoo size.
+
+Generates two real digits zoos once (``--models`` and ``--factor`` times as many
+``cnn_digits`` models, cached under ``$SANE_RAY_CACHE/bench``), then measures each in a
+fresh process with its own Ray cluster:
+
+* build: ``prepare_data`` from scratch (stats pass + canonicalization actor pool), wall time;
+* stream: ``--passes`` epochs of the training windows through ``streaming_split(2)``
+  consumed by two threads with ``iter_torch_batches(batch_size=32)`` (as two Train
+  workers would), windows/s per pass;
+* memory: sampled every 0.2 s over the whole process tree (driver, GCS, raylet, every Ray
+  worker): peak of the summed PSS (shared object-store pages counted once), peak driver
+  RSS and the largest single worker RSS, for the build and the stream separately.
+
+Example::
+
+    python bench/bench_pipeline.py --models 20 --factor 10 --epochs 5 --passes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout; Ray workers get it through PYTHONPATH (see _run)
+
+TRAIN_WINDOWS_PER_S = 2 * 80  # two workers of the `reference` preset (~5k tokens/s each, 32-token windows)
+
+
+# ---------------------------------------------------------------- process-tree memory (Linux /proc)
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def _tree(root: int) -> list[int]:
+    kids, stack, found = _children(), [root], [root]
+    while stack:
+        for c in kids.get(stack.pop(), []):
+            stack.append(c)
+            found.append(c)
+    return found
+
+
+def _kib(path: str, field: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class MemorySampler:
+    """Peaks of summed PSS over the tree, driver RSS and largest other process RSS (MiB)."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.reset()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        self.peak_pss = self.peak_driver = self.peak_worker = 0.0
+
+    def sample(self) -> float:
+        pids = _tree(os.getpid())
+        pss = sum(_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) / 1024
+        driver = _kib(f"/proc/{os.getpid()}/status", "VmRSS:") / 1024
+        worker = max((_kib(f"/proc/{p}/status", "VmRSS:") for p in pids if p != os.getpid()), default=0) / 1024
+        self.peak_pss = max(self.peak_pss, pss)
+        self.peak_driver = max(self.peak_driver, driver)
+        self.peak_worker = max(self.peak_worker, worker)
+        return pss
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def peaks(self) -> dict[str, float]:
+        self.sample()
+        return {"pss_mib": self.peak_pss, "driver_rss_mib": self.peak_driver, "max_worker_rss_mib": self.peak_worker}
+
+
+# ---------------------------------------------------------------- one measurement (child process)
+
+
+def measure(zoo: str, passes: int, num_cpus: int, batch_size: int) -> dict:
+    import ray
+
+    from sane_ray.data import DataConfig, prepare_data
+
+    mem = MemorySampler()
+    ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    time.sleep(2)
+    baseline = mem.sample()
+    mem.reset()
+    with tempfile.TemporaryDirectory() as cache:
+        cfg = DataConfig(zoo_uri=zoo, cache_uri=cache, token_size=289, window_size=32)
+        t0 = time.perf_counter()
+        data = prepare_data(cfg)
+        build_s = time.perf_counter() - t0
+        build_mem = mem.peaks()
+        mem.reset()
+
+        shards = data.datasets["train"].streaming_split(2, equal=True)
+        per_pass = []
+        for _ in range(passes):
+            counts = [0, 0]
+
+            def consume(i: int) -> None:
+                for b in shards[i].iter_torch_batches(batch_size=batch_size):
+                    counts[i] += len(b["x_i"])
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            per_pass.append((sum(counts), time.perf_counter() - t0))
+        stream_mem = mem.peaks()
+    ray.shutdown()
+    windows = sum(n for n, _ in per_pass)
+    seconds = sum(s for _, s in per_pass)
+    return {
+        "zoo": zoo,
+        "models": sum(len(v) for v in data.splits.values()),
+        "train_windows_per_pass": data.num_windows["train"],
+        "skipped": len(data.skipped),
+        "build_s": build_s,
+        "windows_per_s": windows / seconds,
+        "windows_per_s_by_pass": [n / s for n, s in per_pass],
+        "baseline_pss_mib": baseline,
+        "build": build_mem,
+        "stream": stream_mem,
+    }
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _run(args: list[str]) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True, env=env)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def ensure_zoo(models: int, epochs: int, seed: int) -> str:
+    import ray
+
+    from sane_ray.zoo.generate import ZooGenConfig, cache_dir, ensure_zoo
+
+    out = os.path.join(cache_dir(), "bench", f"cnn_digits-{models}x{epochs}-s{seed}")
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        return ensure_zoo(ZooGenConfig(out=out, models=models, epochs=epochs, seed=seed), progress=False)
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=int, default=20)
+    ap.add_argument("--factor", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--num-cpus", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--generate", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.generate:
+        print(ensure_zoo(args.generate, args.epochs, args.seed))
+        return
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.passes, args.num_cpus, args.batch_size)))
+        return
+
+    results = []
+    for n in (args.models, args.models * args.factor):
+        t0 = time.perf_counter()
+        zoo = _run(["--generate", str(n), "--epochs", str(args.epochs), "--seed", str(args.seed)])
+        print(f"zoo {n} models x {args.epochs} epochs: {zoo} ({time.perf_counter() - t0:.0f} s incl. generation if new)",
+              flush=True)
+        res = json.loads(_run(["--measure", zoo, "--passes", str(args.passes), "--num-cpus", str(args.num_cpus),
+                               "--batch-size", str(args.batch_size)]))
+        results.append(res)
+        b, s = res["build"], res["stream"]
+        print(f"  models {res['models']}, training windows/pass {res['train_windows_per_pass']}, skipped {res['skipped']}")
+        print(f"  build (stats + canonicalization)  {res['build_s']:7.1f} s")
+        print(f"  stream windows/s (2 consumers)    {res['windows_per_s']:7.0f}   per pass: "
+              + " ".join(f"{w:.0f}" for w in res["windows_per_s_by_pass"]))
+        print(f"  Ray baseline PSS after init       {res['baseline_pss_mib']:7.0f} MiB")
+        for name, m in (("build", b), ("stream", s)):
+            print(f"  peak {name:6s}: tree PSS {m['pss_mib']:6.0f} MiB, driver RSS {m['driver_rss_mib']:5.0f} MiB, "
+                  f"largest worker RSS {m['max_worker_rss_mib']:5.0f} MiB", flush=True)
+    small, big = results
+    print(f"\n{args.factor}x zoo / 1x zoo (target <= 1.3):")
+    for name in ("build", "stream"):
+        print(f"  {name:6s} peak tree PSS ratio {big[name]['pss_mib'] / small[name]['pss_mib']:.2f}, "
+              f"driver RSS ratio {big[name]['driver_rss_mib'] / small[name]['driver_rss_mib']:.2f}")
+    slowest = min(r["windows_per_s"] for r in results)
+    print(f"windows/s {slowest:.0f} vs two training workers' consumption ~{TRAIN_WINDOWS_PER_S}: "
+          f"{slowest / TRAIN_WINDOWS_PER_S:.1f}x")
+    print(f"1-min load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()
