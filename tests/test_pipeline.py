@@ -77,6 +77,8 @@ def train_pass(prepared):
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert all(len(set(b["model_idx"].tolist())) == len(b["model_idx"]) for out in outs for b in out), \
+        "a batch holds two windows of one model"
     return [{k: torch.cat([b[k] for b in out]) for k in out[0]} for out in outs]
 
 
@@ -188,7 +190,7 @@ def test_bad_input_fails_before_heavy_work(tmp_path, ray_cluster):
     zoo = write_zoo(str(tmp_path / "zoo3"), n_cnn=3, n_mlp=0, epochs=1)
     with pytest.raises(WindowSizeError, match="window_size=51 .*longest: cnn_digits with 50 tokens"):
         prepare_data(DataConfig(zoo_uri=zoo, cache_uri=str(cache), token_size=TOKEN_SIZE, window_size=51))
-    with pytest.raises(DataPreparationError, match="reference_model 'nope' must be a training model"):
+    with pytest.raises(DataPreparationError, match="reference_model .nope. must be a training model; it is not in the zoo"):
         prepare_data(DataConfig(zoo_uri=zoo, cache_uri=str(cache), token_size=TOKEN_SIZE, window_size=8,
                                 reference_model="nope"))
     assert not cache.exists()  # nothing was built

@@ -101,6 +101,7 @@ def test_window_settings_errors_name_the_setting():
     assert windows_per_checkpoint(50, 16) == 3
     assert windows_per_checkpoint(10, 32) == 1
     assert windows_per_checkpoint(50, 16, override=7) == 7
+    assert windows_per_checkpoint(10, 16, override=7) == 1  # a whole (padded) model: one window
     check_window_size(50, {"cnn": 50, "mlp": 20})
     with pytest.raises(WindowSizeError, match=r"window_size=64 .*\(longest: cnn with 50 tokens\)"):
         check_window_size(64, {"cnn": 50, "mlp": 20})

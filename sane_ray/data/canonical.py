@@ -245,18 +245,19 @@ def plan(zoo: Zoo, cfg: DataConfig) -> Plan:
                 "so it has no standardization statistics; add models of it or change split_seed"
             )
     if cfg.reference_model and cfg.reference_model not in splits["train"]:
-        where = split_of.get(cfg.reference_model, "not in the zoo (or no usable epochs)")
+        where = f"in the {split_of[cfg.reference_model]} split" if cfg.reference_model in split_of else "not in the zoo"
         raise DataPreparationError(f"reference_model {cfg.reference_model!r} must be a training model; it is {where}")
     return Plan(zoo, models, split_of, layout_of, groups, splits, skipped)
 
 
 def choose_references(p: Plan, cfg: DataConfig, s3: storage.S3Options) -> dict[str, LayoutGroup]:
-    """Per layout: the configured reference, else the first training model (sorted ids), at its
-    last usable checkpoint. Loads one checkpoint per layout on the driver to be sure it is usable."""
+    """Per layout: the configured reference (for its own layout), else the first training model
+    (sorted ids), at its last usable checkpoint. Loads one checkpoint per layout on the driver to be sure it is usable."""
     by_id = {m.model_id: m for m in p.models}
     out = {}
     for lid, g in p.groups.items():
-        ids = [cfg.reference_model] if cfg.reference_model else p.splits["train"]
+        configured = cfg.reference_model and p.layout_of[cfg.reference_model] == lid
+        ids = [cfg.reference_model] if configured else p.splits["train"]
         ref = None
         for mid in (i for i in ids if p.layout_of[i] == lid):
             model = by_id[mid]
@@ -272,7 +273,7 @@ def choose_references(p: Plan, cfg: DataConfig, s3: storage.S3Options) -> dict[s
         if ref is None:
             raise DataPreparationError(
                 f"no usable reference checkpoint for layout {lid} ({'/'.join(g.architectures)}) "
-                f"among {'reference_model ' + cfg.reference_model if cfg.reference_model else 'the training models'}"
+                f"among {'reference_model ' + cfg.reference_model if configured else 'the training models'}"
             )
         out[lid] = dataclasses.replace(g, reference=ref)
     return out

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from sane_ray.zoo.checks import DEFAULT_MAX_ABS
+
 # Fields whose values change the canonical tokenized zoo (and thus its cache key).
 CANONICAL_FIELDS = (
     "token_size", "include_bn", "epochs", "skip_epoch_zero", "align", "reference_model",
@@ -39,7 +41,7 @@ class DataConfig:
     align_seed: int = 0
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, val, test, by model
     split_seed: int = 42
-    max_abs_weight: float = 1e4  # checkpoints with a larger |weight| are skipped as diverged
+    max_abs_weight: float = DEFAULT_MAX_ABS  # checkpoints with a larger |weight| are skipped as diverged
 
     # ---- stream (free to change between runs)
     window_size: int = 32
@@ -47,8 +49,11 @@ class DataConfig:
     # i.e. about one full coverage of every model per epoch (the paper's supersampling).
     windows_per_model_epoch: int | None = None
     permutation_augmentation: bool = True  # view j: a random function-preserving permutation
-    rows_per_block: int = 64  # checkpoints per window-drawing task (windows interleave across them)
-    max_block_bytes: int = 256 * 1024**2  # caps rows_per_block for large models
+    # Models (shard files, all their checkpoints) per window-drawing task. Windows are
+    # interleaved across them, so a batch of up to this many consecutive windows holds
+    # distinct models: keep it >= the per-worker batch size.
+    models_per_block: int = 64
+    max_block_bytes: int = 512 * 1024**2  # caps models_per_block for large models
     stream_cpus: float = 1.0  # logical CPUs per window-drawing task
 
     # ---- preprocessing compute
@@ -71,7 +76,7 @@ class DataConfig:
                 "DataConfig.split_fractions must be three non-negative fractions (train, val, test) "
                 f"summing to 1 with train > 0, got {fr}"
             )
-        for name in ("rows_per_block", "num_actors", "max_block_bytes", "align_max_sweeps"):
+        for name in ("models_per_block", "num_actors", "max_block_bytes", "align_max_sweeps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("actor_cpus", "stream_cpus"):

@@ -15,10 +15,12 @@ Train side::
             batch_size=32, local_shuffle_buffer_size=...):
         batch["x_i"], batch["x_j"], batch["mask"], batch["pos"]
 
-Local shuffling: windows already arrive in random order with at most one window per
-checkpoint in any run of ``rows_per_block`` consecutive rows (:mod:`sane_ray.data.windows`).
-A local shuffle buffer of S rows mixes windows across blocks but can put two windows of one
-checkpoint in one batch; keep it at most a few blocks' worth of windows, or leave it off.
+Order and local shuffling: windows arrive in random order, and within a window task's
+block (``models_per_block`` models) in rounds of one window per checkpoint with a model's
+checkpoints spread apart (:mod:`sane_ray.data.windows`), so a batch of up to
+``models_per_block`` consecutive windows holds distinct models. A local shuffle buffer
+mixes windows across blocks but can put two windows of one model into a batch; keep it
+small (a few batches) or leave it off.
 """
 
 from __future__ import annotations

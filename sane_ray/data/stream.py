@@ -173,12 +173,12 @@ def _permuted_windows(
 
 
 def files_per_task(spec: StreamSpec, cfg: DataConfig, checkpoints_per_file: float) -> int:
-    """Shard files per window task: about ``cfg.rows_per_block`` checkpoints, capped so that a
-    block's tokens and the windows cut from them (about one sequence per view at the default
+    """Shard files (models) per window task: ``cfg.models_per_block``, capped so that a block's
+    tokens and the windows cut from them (about one sequence per view at the default
     supersampling) stay under ``max_block_bytes``."""
     longest = max(layout_from_json(t).num_tokens for t in spec.layout_jsons)
-    rows = max(1, min(cfg.rows_per_block, cfg.max_block_bytes // (longest * spec.token_size * 4 * 3)))
-    return max(1, round(rows / max(checkpoints_per_file, 1.0)))
+    per_file = longest * spec.token_size * 4 * 3 * max(checkpoints_per_file, 1.0)
+    return max(1, min(cfg.models_per_block, int(cfg.max_block_bytes // per_file)))
 
 
 @functools.lru_cache(maxsize=4)

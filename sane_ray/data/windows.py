@@ -3,8 +3,7 @@
 A *block* holds the token sequences of R checkpoints concatenated along the token axis
 (``offsets``/``lengths`` say where each one is). :func:`plan_windows` draws every window
 of the block (its source row and start token) and :func:`gather_windows` cuts them all
-out with one fancy-index per view, so the cost is independent of how many windows and
-rows a block has.
+out with one fancy-index per view: no Python loop over windows or tokens.
 
 Order (the paper keeps one window per model per batch): windows are emitted in *rounds*,
 one window per row per round, rows in the same order in every round. Rows are ordered
@@ -50,7 +49,12 @@ def check_window_size(window_size: int, sequence_lengths: dict[str, int]) -> Non
 
 
 def windows_per_checkpoint(sequence_length: int, window_size: int, override: int | None = None) -> int:
-    """Windows per checkpoint per pass: ``override``, else about one full coverage of the sequence."""
+    """Windows per checkpoint per pass: ``override``, else about one full coverage of the sequence.
+
+    A model no longer than the window has exactly one window (the whole model, padded).
+    """
+    if sequence_length <= window_size:
+        return 1
     if override is not None:
         return override
     return max(1, round(sequence_length / window_size))
