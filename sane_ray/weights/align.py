@@ -65,11 +65,12 @@ class _Term:
     ref_rows: torch.Tensor
     others: tuple[tuple[int, str, int], ...]
 
-    def full(self, perms: Perms) -> torch.Tensor:
-        """This tensor's contribution to ``A`` under the current other permutations."""
+    def full(self, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """This tensor's contribution to ``A``; other groups missing from ``perms`` are the identity."""
         m = self.model
         for dim, group, block in self.others:
-            m = m.index_select(dim, block_index(perms[group], block))
+            if group in perms:
+                m = m.index_select(dim, block_index(perms[group], block))
         return self.ref_rows @ m.reshape(self.ref_rows.shape[0], -1).T
 
     def delta(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,7 @@ def _float_tensors(sd: Mapping[str, torch.Tensor], spec: PermutationSpec, what: 
         t = sd[key].detach()
         if not t.is_floating_point():
             raise SpecMismatchError(f"{what}: {key!r} has dtype {t.dtype}, weight matching needs floats")
-        out[key] = t.to(torch.float32)
+        out[key] = t.to("cpu", torch.float32)  # matching is CPU work: the assignments run in scipy
     return out
 
 
@@ -127,7 +128,7 @@ def _check_finite(group: str, a: torch.Tensor, terms: Sequence[_Term]) -> None:
 
 
 # a cached contribution is updated by a delta while at most this fraction of units moved
-DELTA_FRACTION = 0.4
+DELTA_FRACTION = 0.5
 
 
 def match_weights(
@@ -155,13 +156,16 @@ def match_weights(
         if hit is not None and hit[0] == stamp:
             return hit[2]
         basis = tuple(perms[g] for _, g, _ in term.others)
+        value = None
         if hit is not None and len(basis) == 1:
-            moved = int((hit[1][0] != basis[0]).sum())
-            value = hit[2] if moved == 0 else (
-                hit[2] + term.delta(hit[1][0], basis[0]) if moved <= DELTA_FRACTION * len(basis[0]) else term.full(perms)
-            )
-        else:
-            value = term.full(perms)
+            old, new = hit[1][0], basis[0]
+            moved = int((old != new).sum())
+            if moved == 0:
+                value = hit[2]
+            elif moved <= DELTA_FRACTION * len(new):
+                value = hit[2] + term.delta(old, new)
+        if value is None:  # version 0 is the identity: skip gathering along those axes
+            value = term.full({g: perms[g] for _, g, _ in term.others if version[g]})
         cache[(group, i)] = (stamp, basis, value)
         return value
 
