@@ -120,3 +120,17 @@ def test_checkpoint_round_trip_single_process(tmp_path):
     assert o_sched.last_epoch == 2 and o_opt.state_dict()["state"][0]["step"].item() == 2
     with pytest.raises(FileNotFoundError, match="missing .metadata"):
         load_checkpoint(restored, str(tmp_path))
+
+
+def test_steps_per_epoch_and_argument_checks():
+    from sane_ray.train import run_pretraining, steps_per_epoch
+
+    assert steps_per_epoch(100, 2, 8) == 6  # 50 rows per worker, partial batch dropped
+    with pytest.raises(ValueError, match="too few for 4 workers"):
+        steps_per_epoch(30, 4, 8)
+    with pytest.raises(ValueError, match="'train'"):
+        run_pretraining(TrainConfig(), {"val": None}, "/tmp/x", "n")
+    with pytest.raises(ValueError, match="'train'"):
+        run_pretraining(TrainConfig(), {"train": None, "test": None}, "/tmp/x", "n")
+    with pytest.raises(ValueError, match="num_workers"):
+        run_pretraining(TrainConfig(), {"train": None}, "/tmp/x", "n", num_workers=0)

@@ -29,9 +29,11 @@ from typing import Any, Callable
 import ray.train
 import ray.train.torch
 import torch
+from ray.data import DataIterator
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from sane_ray.config import from_dict
+from sane_ray.model.losses import GatherFn
 from sane_ray.model.sane import SaneModel
 from sane_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sane_ray.train.config import TrainConfig
@@ -64,6 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     distributed = is_distributed()
     if distributed:
         apply_fsdp(model, data_parallel_mesh(runtime.device_type, world), runtime.param_dtype, runtime.reduce_dtype)
+    torch.manual_seed(cfg.seed + 1 + rank)  # from here on (dropout) ranks draw differently
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.epochs * steps_per_epoch)
     state = TrainState(model, optimizer, scheduler)
     checkpoint = ray.train.get_checkpoint()
@@ -102,12 +105,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
 
 def _train_epoch(
     model: SaneModel,
-    shard: Any,
+    shard: DataIterator,
     state: TrainState,
     cfg: TrainConfig,
     runtime: Runtime,
     device: torch.device,
-    gather: Any,
+    gather: GatherFn | None,
     noise: torch.Generator,
     distributed: bool,
 ) -> dict[str, float]:
@@ -162,11 +165,11 @@ def _train_epoch(
 @torch.no_grad()
 def _evaluate(
     model: SaneModel,
-    shard: Any,
+    shard: DataIterator,
     cfg: TrainConfig,
     runtime: Runtime,
     device: torch.device,
-    gather: Any,
+    gather: GatherFn | None,
     distributed: bool,
 ) -> dict[str, float]:
     """Validation loss on clean views (no noise), averaged over windows of all ranks."""
