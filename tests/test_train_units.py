@@ -13,7 +13,7 @@ from sane_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoi
 from sane_ray.train.config import OptimConfig, TrainConfig
 from sane_ray.train.optim import build_optimizer
 from sane_ray.train.runtime import select_runtime
-from sane_ray.train.step import _multiplicative_noise, compute_loss, optimizer_step, to_device
+from sane_ray.train.step import compute_loss, optimizer_step, to_device
 
 CPU = select_runtime(use_gpu=False)
 
@@ -59,15 +59,6 @@ def test_train_config_from_yaml(tmp_path):
     assert cfg.optim.betas == (0.8, 0.9)
     with pytest.raises(ConfigError, match="batch_size"):
         load_config(TrainConfig, None, ["batch_size=0"])
-
-
-def test_multiplicative_noise():
-    g = torch.Generator().manual_seed(0)
-    x = torch.full((200_000,), 2.0)
-    y = _multiplicative_noise(x, 0.1, g)
-    ratio = y / x
-    assert ratio.mean().item() == pytest.approx(1.0, abs=2e-3) and ratio.std().item() == pytest.approx(0.1, rel=0.02)
-    assert _multiplicative_noise(x, 0.0, g) is x
 
 
 def test_to_device_names_missing_keys():

@@ -14,19 +14,9 @@ import torch
 from sane_ray.model.config import SaneConfig
 from sane_ray.model.losses import GatherFn, LossParts, sane_loss
 from sane_ray.train.runtime import Runtime
+from sane_ray.weights.augment import multiplicative_noise
 
 BATCH_KEYS = ("x_i", "x_j", "mask", "pos")
-
-
-def _multiplicative_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``x * (1 + sigma * eps)``, eps ~ N(0, 1) drawn on x's device.
-
-    Stand-in until ``sane_ray.weights.augment.multiplicative_noise`` exists (same contract).
-    """
-    if sigma == 0:
-        return x
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x * (1.0 + sigma * eps)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -52,7 +42,7 @@ def compute_loss(
     dtype; with FSDP the mixed-precision policy does that instead.
     """
     clean = torch.cat([batch["x_i"], batch["x_j"]])
-    x = clean if noise is None else _multiplicative_noise(clean, cfg.noise_sigma, noise)
+    x = clean if noise is None else multiplicative_noise(clean, cfg.noise_sigma, noise)
     mask = torch.cat([batch["mask"], batch["mask"]])
     pos = torch.cat([batch["pos"], batch["pos"]])
     ctx = torch.autocast(runtime.device_type, dtype=runtime.param_dtype) if autocast and runtime.mixed else nullcontext()
