@@ -206,13 +206,14 @@ def main() -> None:
     for n in (args.models, args.models * args.factor):
         t0 = time.perf_counter()
         zoo = _run(["--generate", str(n), "--epochs", str(args.epochs), "--seed", str(args.seed)])
-        print(f"zoo {n} models x {args.epochs} epochs: {zoo} ({time.perf_counter() - t0:.0f} s incl. generation if new)",
-              flush=True)
+        took = time.perf_counter() - t0
+        print(f"zoo {n} models x {args.epochs} epochs: {zoo} ({took:.0f} s incl. generation if new)", flush=True)
         res = json.loads(_run(["--measure", zoo, "--passes", str(args.passes), "--num-cpus", str(args.num_cpus),
                                "--batch-size", str(args.batch_size)]))
         results.append(res)
         b, s = res["build"], res["stream"]
-        print(f"  models {res['models']}, training windows/pass {res['train_windows_per_pass']}, skipped {res['skipped']}")
+        print(f"  models {res['models']}, training windows/pass {res['train_windows_per_pass']}, "
+              f"skipped {res['skipped']}")
         print(f"  build (stats + canonicalization)  {res['build_s']:7.1f} s")
         print(f"  stream windows/s (2 consumers)    {res['windows_per_s']:7.0f}   (passes 2+; per pass: "
               + " ".join(f"{w:.0f}" for w in res["windows_per_s_by_pass"])

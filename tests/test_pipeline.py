@@ -1,15 +1,19 @@
 """The data pipeline end to end on a small mixed-architecture zoo in local S3 (moto) and Ray."""
 
+import dataclasses
 import threading
 import uuid
 
 import boto3
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from sane_ray import storage
 from sane_ray.data import DataConfig, DataPreparationError, SplitError, WindowSizeError, prepare_data
 from sane_ray.data.canonical import cache_key, load_manifest
+from sane_ray.data.stream import token_rows
 from sane_ray.weights.tokenize import detokenize, layout_mask, layout_positions
 from sane_ray.zoo import native
 from sane_ray.zoo.architectures import build_model, input_shape
@@ -180,6 +184,21 @@ def test_cache_is_reused_and_invalidated(prepared, zoo_cfg):
         assert cache_key(zoo, other) != cache_key(zoo, zoo_cfg), change
     moved = storage.join(zoo_cfg.cache_uri, cache_key(zoo, DataConfig(**{**zoo_cfg.__dict__, "token_size": 32})))
     assert load_manifest(moved) is None
+    # so does a changed zoo listing (a model gone, a checkpoint rewritten)
+    assert cache_key(dataclasses.replace(zoo, models=zoo.models[1:]), zoo_cfg) != cache_key(zoo, zoo_cfg)
+    first = zoo.models[0]
+    rewritten = dataclasses.replace(first, checkpoints=[dataclasses.replace(first.checkpoints[0], sha256="0" * 64)])
+    assert cache_key(dataclasses.replace(zoo, models=[rewritten, *zoo.models[1:]]), zoo_cfg) != cache_key(zoo, zoo_cfg)
+
+
+def test_token_column_is_viewed_without_copies():
+    rows = [np.arange(6, dtype=np.float32), np.arange(10, 14, dtype=np.float32)]
+    chunked = pa.chunked_array([pa.array([r.tobytes()], pa.large_binary()) for r in rows])
+    flat, offsets, lengths = token_rows(chunked, 2)
+    assert torch.equal(flat, torch.tensor([[0.0, 1], [2, 3], [4, 5], [10, 11], [12, 13]]))
+    assert offsets.tolist() == [0, 3] and lengths.tolist() == [3, 2]
+    flat, offsets, lengths = token_rows(pa.array([r.tobytes() for r in rows], pa.large_binary()).slice(1), 2)
+    assert torch.equal(flat, torch.tensor([[10.0, 11], [12, 13]])) and offsets.tolist() == [0] and lengths.tolist() == [2]
 
 
 def test_bad_input_fails_before_heavy_work(tmp_path, ray_cluster):
@@ -190,7 +209,7 @@ def test_bad_input_fails_before_heavy_work(tmp_path, ray_cluster):
     zoo = write_zoo(str(tmp_path / "zoo3"), n_cnn=3, n_mlp=0, epochs=1)
     with pytest.raises(WindowSizeError, match="window_size=51 .*longest: cnn_digits with 50 tokens"):
         prepare_data(DataConfig(zoo_uri=zoo, cache_uri=str(cache), token_size=TOKEN_SIZE, window_size=51))
-    with pytest.raises(DataPreparationError, match="reference_model .nope. must be a training model; it is not in the zoo"):
+    with pytest.raises(DataPreparationError, match="reference_model .nope. must be a training model; it is not in"):
         prepare_data(DataConfig(zoo_uri=zoo, cache_uri=str(cache), token_size=TOKEN_SIZE, window_size=8,
                                 reference_model="nope"))
     assert not cache.exists()  # nothing was built

@@ -101,7 +101,9 @@ def model_layout(model: ModelRecord, token_size: int, include_bn: bool) -> tuple
     return hashlib.sha256(text.encode()).hexdigest()[:12], text
 
 
-def group_models(models: list[ModelRecord], token_size: int, include_bn: bool) -> tuple[dict[str, str], dict[str, LayoutGroup]]:
+def group_models(
+    models: list[ModelRecord], token_size: int, include_bn: bool
+) -> tuple[dict[str, str], dict[str, LayoutGroup]]:
     """Layout id of every model, and the groups."""
     of_model: dict[str, str] = {}
     groups: dict[str, LayoutGroup] = {}
@@ -252,7 +254,8 @@ def plan(zoo: Zoo, cfg: DataConfig) -> Plan:
 
 def choose_references(p: Plan, cfg: DataConfig, s3: storage.S3Options) -> dict[str, LayoutGroup]:
     """Per layout: the configured reference (for its own layout), else the first training model
-    (sorted ids), at its last usable checkpoint. Loads one checkpoint per layout on the driver to be sure it is usable."""
+    (sorted ids), at its last usable checkpoint. Loads one checkpoint per layout on the driver
+    to be sure it is usable."""
     by_id = {m.model_id: m for m in p.models}
     out = {}
     for lid, g in p.groups.items():
@@ -293,7 +296,9 @@ def model_from_json(text: str) -> tuple[ModelRecord, dict[str, Any]]:
     return ModelRecord(**m), d
 
 
-def _model_stats(batch: dict[str, np.ndarray], include_bn: bool, max_abs: float, s3: storage.S3Options) -> dict[str, np.ndarray]:
+def _model_stats(
+    batch: dict[str, np.ndarray], include_bn: bool, max_abs: float, s3: storage.S3Options
+) -> dict[str, np.ndarray]:
     """Stats pass: the per-layer moments of each model's usable checkpoints."""
     out: dict[str, list[str]] = {"model_id": [], "layout_id": [], "stats": []}
     for text in batch["item"]:
@@ -334,7 +339,8 @@ class Canonicalizer:
         self.references: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
         for lid, text in job.references.items():
             model, _ = model_from_json(text)
-            self.references[lid] = (model.model_id, load_checkpoint(model, model.checkpoints[0], s3=job.s3, max_abs=job.max_abs))
+            state = load_checkpoint(model, model.checkpoints[0], s3=job.s3, max_abs=job.max_abs)
+            self.references[lid] = (model.model_id, state)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"summary": np.array([json.dumps(self.process(text)) for text in batch["item"]], dtype=object)}
@@ -432,7 +438,8 @@ def build_canonical(p: Plan, cfg: DataConfig, out_uri: str, key: str, s3: storag
     for lid, g in groups.items():
         mid, epoch = g.reference
         model = by_id[mid]
-        refs[lid] = model_to_json(dataclasses.replace(model, checkpoints=[c for c in model.checkpoints if c.epoch == epoch]))
+        chosen = [c for c in model.checkpoints if c.epoch == epoch]
+        refs[lid] = model_to_json(dataclasses.replace(model, checkpoints=chosen))
     job = CanonicalJob(
         out_uri, cfg.token_size, cfg.include_bn, cfg.align, cfg.align_max_sweeps, cfg.align_seed,
         cfg.max_abs_weight, groups, refs, {lid: s.to_dict() for lid, s in stats.items()}, s3,

@@ -44,5 +44,5 @@ def split_models(model_ids: Iterable[str], fractions: Sequence[float], seed: int
     n_train, n_val, _ = split_sizes(len(ids), fractions)
     order = np.random.default_rng(seed).permutation(len(ids))
     shuffled = [ids[i] for i in order]
-    cuts = {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val], "test": shuffled[n_train + n_val :]}
-    return {name: sorted(members) for name, members in cuts.items()}
+    cuts = (shuffled[:n_train], shuffled[n_train : n_train + n_val], shuffled[n_train + n_val :])
+    return {name: sorted(members) for name, members in zip(SPLITS, cuts)}

@@ -81,7 +81,9 @@ class StreamSpec:
             layout_ids=lids,
             layout_jsons=tuple(g.layout_json for g in groups),
             architectures=tuple((g.architecture, g.arch_kwargs_json) for g in groups),
-            counts=tuple(windows_per_checkpoint(g.sequence_length, cfg.window_size, cfg.windows_per_model_epoch) for g in groups),
+            counts=tuple(
+                windows_per_checkpoint(g.sequence_length, cfg.window_size, cfg.windows_per_model_epoch) for g in groups
+            ),
             pad_position=pad,  # type: ignore[arg-type]
             permute=cfg.permutation_augmentation,
         )
@@ -107,7 +109,9 @@ def _layout_tables(spec: StreamSpec) -> tuple[torch.Tensor, torch.Tensor, torch.
     return mask, pos, offsets, lengths
 
 
-def token_rows(column: pa.ChunkedArray | pa.Array, token_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_rows(
+    column: pa.ChunkedArray | pa.Array, token_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zero-copy view of a binary column of float32 token matrices: flat (T, d_t), row offsets, row lengths."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if not pa.types.is_large_binary(arr.type):
@@ -115,8 +119,8 @@ def token_rows(column: pa.ChunkedArray | pa.Array, token_size: int) -> tuple[tor
     _, off_buf, data_buf = arr.buffers()
     offs = np.frombuffer(off_buf, dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
     row_bytes = 4 * token_size
-    first = int(offs[0]) if len(offs) else 0
-    data = np.frombuffer(data_buf, dtype=np.uint8, count=int(offs[-1]) - first, offset=first) if len(arr) else np.empty(0, np.uint8)
+    first, last = int(offs[0]), int(offs[-1])
+    data = np.frombuffer(data_buf, np.uint8, last - first, first) if last > first else np.empty(0, np.uint8)
     with warnings.catch_warnings():  # read-only Arrow memory: the tensor is only ever read
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.from_numpy(data.view(np.float32).reshape(-1, token_size))
@@ -186,7 +190,9 @@ def _filesystem(root: str, s3: storage.S3Options | None) -> tuple[pafs.FileSyste
     return storage.pyarrow_fs(root, s3)
 
 
-def read_and_draw(batch: dict[str, np.ndarray], root: str, s3: storage.S3Options | None, spec: StreamSpec) -> dict[str, np.ndarray]:
+def read_and_draw(
+    batch: dict[str, np.ndarray], root: str, s3: storage.S3Options | None, spec: StreamSpec
+) -> dict[str, np.ndarray]:
     """Read a group of shard files and draw their windows."""
     fs, base = _filesystem(root, s3)
     tables = [pq.read_table(posixpath.join(base, name), filesystem=fs, columns=READ_COLUMNS) for name in batch["file"]]
