@@ -97,6 +97,11 @@ def test_preparation_reports_zoo_facts_and_skips(prepared):
     assert len(data.skipped) == 4  # cnn01 epoch 1, cnn02 epochs 0 and 1, and cnn02 as a whole
     assert all("cnn02" not in ids for ids in data.splits.values())
     assert {data.group_of(m).architecture for m in data.splits["train"]} == {"cnn_digits", "mlp_digits"}
+    # models of one architecture share a layout (and statistics) whatever their activation
+    assert data.stats_for("cnn_digits", {"activation": "gelu"}) is data.stats_of("cnn00")
+    assert data.stats_for("mlp_digits") is not data.stats_of("cnn00")
+    with pytest.raises(KeyError, match="resnet18 .* has no layout in this zoo"):
+        data.stats_for("resnet18")
 
 
 def test_two_consumers_share_one_pass_of_training_models_only(prepared, train_pass):

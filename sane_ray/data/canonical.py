@@ -94,9 +94,11 @@ class LayoutGroup:
         return self.layout.num_tokens
 
 
-def model_layout(model: ModelRecord, token_size: int, include_bn: bool) -> tuple[str, str]:
-    """(layout id, layout JSON) of a model's architecture, from shapes alone."""
-    shapes = {k: shape for k, (shape, _) in reference_layout(model.architecture, model.arch_kwargs).items()}
+def architecture_layout(
+    architecture: str, arch_kwargs: dict[str, Any], token_size: int, include_bn: bool
+) -> tuple[str, str]:
+    """(layout id, layout JSON) of an architecture, from shapes alone."""
+    shapes = {k: shape for k, (shape, _) in reference_layout(architecture, arch_kwargs).items()}
     text = layout_from_state_dict(shapes, token_size, include_bn).to_json()
     return hashlib.sha256(text.encode()).hexdigest()[:12], text
 
@@ -108,7 +110,7 @@ def group_models(
     of_model: dict[str, str] = {}
     groups: dict[str, LayoutGroup] = {}
     for m in models:
-        lid, text = model_layout(m, token_size, include_bn)
+        lid, text = architecture_layout(m.architecture, m.arch_kwargs, token_size, include_bn)
         of_model[m.model_id] = lid
         g = groups.get(lid)
         if g is None:
@@ -143,6 +145,16 @@ class CanonicalZoo:
 
     def layouts(self) -> dict[str, TokenLayout]:
         return {lid: g.layout for lid, g in self.groups.items()}
+
+    def group_for(self, architecture: str, arch_kwargs: dict[str, Any] | None = None) -> LayoutGroup:
+        """The group whose layout (and statistics) an architecture shares, e.g. to sample new models of it."""
+        lid, _ = architecture_layout(
+            architecture, arch_kwargs or {}, self.settings["token_size"], self.settings["include_bn"]
+        )
+        if lid not in self.groups:
+            known = ", ".join("/".join(g.architectures) for g in self.groups.values())
+            raise KeyError(f"architecture {architecture} {arch_kwargs or {}} has no layout in this zoo (it has: {known})")
+        return self.groups[lid]
 
     def max_positions(self) -> tuple[int, int, int]:
         """Largest real (n, l, k) over all layouts."""

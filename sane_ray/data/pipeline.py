@@ -101,6 +101,10 @@ class PreparedData:
     def stats_of(self, model_id: str) -> StandardizationStats:
         return self.stats[self.group_of(model_id).layout_id]
 
+    def stats_for(self, architecture: str, arch_kwargs: dict | None = None) -> StandardizationStats:
+        """Statistics for any model of an architecture present in the zoo (e.g. a sampled one)."""
+        return self.stats[self.canonical.group_for(architecture, arch_kwargs).layout_id]
+
 
 def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None) -> PreparedData:
     """Validate, build or reuse the canonical tokenized zoo, and return one window dataset per split."""
