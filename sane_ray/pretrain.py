@@ -134,7 +134,7 @@ def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_pos
 def run_pretrain(cfg: PretrainConfig) -> Any:
     """Run the whole job; returns Ray Train's ``Result`` (``result.return_value``: history)."""
     from sane_ray.data.pipeline import prepare_data
-    from sane_ray.train.trainer import run_pretraining
+    from sane_ray.train.trainer import run_pretraining, steps_per_epoch
 
     check_run_settings(cfg.run)
     ensure_ray(cfg)
@@ -148,7 +148,10 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
 
     prepared = prepare_data(data_cfg)
     model = model_for_data(cfg.train.model, prepared.token_size, prepared.window_size, prepared.max_positions)
-    train_cfg = dataclasses.replace(cfg.train, model=model)
+    # Steps from the known window count: counting the dataset would run a whole pass.
+    steps = cfg.train.steps_per_epoch or steps_per_epoch(
+        prepared.num_windows["train"], cfg.run.workers, cfg.train.batch_size)
+    train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps)
     resolved = dataclasses.replace(cfg, data=data_cfg, train=train_cfg)
 
     out = storage.parse_uri(cfg.run.out or default_runs_dir()).uri
