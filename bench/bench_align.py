@@ -153,7 +153,7 @@ def main() -> None:
         )
         if not args.no_naive:
             naive = lambda: naive_matching(spec, ref, sd, seed=seed)  # noqa: E731
-            t_naive, c_naive, (naive_perms, naive_sweeps) = timed(naive, 1)
+            t_naive, c_naive, (naive_perms, naive_sweeps) = timed(naive, args.repeats)
             row.update(naive_s=t_naive, naive_cpu_s=c_naive, naive_gflop=matmul_gflop(naive), naive_sweeps=naive_sweeps)
             row["l2_naive"] = l2(ref, apply_permutation(sd, spec, naive_perms))
             row["same_perms"] = all(torch.equal(naive_perms[g], perms[g]) for g in spec.group_sizes)

@@ -16,7 +16,7 @@ otherwise by a fresh product. Tensors with no other group (BatchNorm vectors, bi
 the last layer) are multiplied once. When nothing feeding ``A`` changed since the
 group's last assignment, the assignment (which would return the same permutation) is
 skipped, so late sweeps are nearly free. Corrections change ``A`` only by float32
-rounding, so results equal the textbook loop's except at exact near-ties.
+rounding, so results equal the textbook loop's except at near-ties.
 """
 
 from __future__ import annotations
