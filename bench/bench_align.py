@@ -38,7 +38,11 @@ from sane_ray.zoo.architectures import build_model, input_shape
 
 
 def naive_matching(
-    spec: PermutationSpec, ref: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], max_sweeps: int = 100, seed: int = 0
+    spec: PermutationSpec,
+    ref: Mapping[str, torch.Tensor],
+    sd: Mapping[str, torch.Tensor],
+    max_sweeps: int = 100,
+    seed: int = 0,
 ) -> tuple[Perms, int]:
     """The straightforward weight-matching loop, for comparison only."""
     perms = identity_permutation(spec)
@@ -128,7 +132,8 @@ def main() -> None:
     torch.set_num_threads(2)
     spec = permutation_spec(args.arch)
     n_params = sum(p.numel() for p in build_model(args.arch).parameters())
-    print(f"{args.arch}: {n_params / 1e6:.2f}M params, {len(spec.group_sizes)} groups, torch threads {torch.get_num_threads()}")
+    print(f"{args.arch}: {n_params / 1e6:.2f}M params, {len(spec.group_sizes)} groups, "
+          f"torch threads {torch.get_num_threads()}")
 
     # warm up BLAS and scipy so the first seed is not charged for it
     warm = random_model(args.arch, 999)
@@ -140,7 +145,9 @@ def main() -> None:
     rows = []
     for seed, (ref, sd) in enumerate(pairs):  # phase 1: timing only, so peak RSS is the optimized path's
         t_fast, c_fast, result = timed(lambda: match_weights(spec, ref, sd, seed=seed), args.repeats)
-        rows.append({"seed": seed, "fast_s": t_fast, "fast_cpu_s": c_fast, "fast_sweeps": result.sweeps, "perms": result.perms})
+        rows.append(
+            {"seed": seed, "fast_s": t_fast, "fast_cpu_s": c_fast, "fast_sweeps": result.sweeps, "perms": result.perms}
+        )
     rss_fast = peak_rss_mib()
     print(f"machine: load average {os.getloadavg()[0]:.1f}, 512x4608x512 matmul at {matmul_gflops():.0f} GFLOP/s")
 
@@ -166,7 +173,8 @@ def main() -> None:
           f"sweeps {[r['fast_sweeps'] for r in rows]}, L2 {med('l2_before'):.2f} -> {med('l2_fast'):.2f} (median), "
           f"max rel. logit error {max(r['logit_err'] for r in rows):.1e}")
     if not args.no_naive:
-        print(f"naive:     median {med('naive_s'):.3f} s (CPU {med('naive_cpu_s'):.3f} s, {med('naive_gflop'):.1f} GFLOP), "
+        print(f"naive:     median {med('naive_s'):.3f} s (CPU {med('naive_cpu_s'):.3f} s, "
+              f"{med('naive_gflop'):.1f} GFLOP), "
               f"sweeps {[r['naive_sweeps'] for r in rows]}, L2 -> {med('l2_naive'):.2f} (median); "
               f"speed-up {med('naive_s') / med('fast_s'):.1f}x; "
               f"identical permutations in {sum(r['same_perms'] for r in rows)}/{len(rows)} seeds; "

@@ -107,7 +107,7 @@ def test_permuted_copy_is_recovered_exactly(arch, kw, seed):
     assert distance(ref, recovered) < 1e-5
 
 
-@pytest.mark.parametrize("arch,kw", [("cnn_digits_bn", {}), ("resnet18", {"width": 8})], ids=["cnn_digits_bn", "resnet18"])
+@pytest.mark.parametrize("arch,kw", [("cnn_digits_bn", {}), ("resnet18", {"width": 8})], ids=["cnn_bn", "resnet18"])
 def test_same_iterates_as_the_textbook_loop(arch, kw, monkeypatch):
     """Cached and low-rank-corrected contributions must not change the descent (checked over seeds)."""
     spec = permutation_spec(arch, **kw)
@@ -153,7 +153,7 @@ def test_align_model_uses_the_last_epoch_for_all_epochs(stacked):
 
 def test_max_sweeps_caps_the_descent():
     spec = permutation_spec("resnet18", width=8)
-    ref, sd = trained_like("resnet18", {"width": 8}, 0).state_dict(), trained_like("resnet18", {"width": 8}, 1).state_dict()
+    ref, sd = (trained_like("resnet18", {"width": 8}, s).state_dict() for s in (0, 1))
     capped = match_weights(spec, ref, sd, max_sweeps=1)
     assert capped.sweeps == 1 and not capped.converged
     with pytest.raises(ValueError, match="max_sweeps"):

@@ -98,7 +98,8 @@ def test_token_gather_errors():
         permute_tokens(torch.zeros(3, 16), layout, spec, perms)
     other = layout_from_state_dict(build_model("cnn_digits", num_classes=5).state_dict(), 16)
     with pytest.raises(SpecMismatchError, match=r"'module_list.8.weight' has shape"):
-        token_permutation_index(layout_from_state_dict(dict(sd, **{"module_list.8.weight": torch.zeros(16, 33)}), 16), spec, perms)
+        wide = dict(sd, **{"module_list.8.weight": torch.zeros(16, 33)})
+        token_permutation_index(layout_from_state_dict(wide, 16), spec, perms)
     with pytest.raises(SpecMismatchError, match=r"'module_list.11.weight' has shape \(5, 16\)"):
         token_permutation_index(other, spec, perms)
 

@@ -109,8 +109,13 @@ def test_spec_covers_every_non_fixed_axis(arch, kw):
 
 
 @pytest.mark.parametrize(
-    "arch,key,block", [("cnn_mnist_public", "module_list.9.weight", 9), ("cnn_cifar_public", "module_list.10.weight", 4),
-                       ("cnn_digits", "module_list.8.weight", 4), ("cnn_digits_bn", "module_list.10.weight", 4)]
+    "arch,key,block",
+    [
+        ("cnn_mnist_public", "module_list.9.weight", 9),
+        ("cnn_cifar_public", "module_list.10.weight", 4),
+        ("cnn_digits", "module_list.8.weight", 4),
+        ("cnn_digits_bn", "module_list.10.weight", 4),
+    ],
 )
 def test_flatten_permutes_linear_input_in_blocks_of_hw(arch, key, block):
     spec = permutation_spec(arch)
@@ -134,7 +139,7 @@ def test_resnet_streams_share_one_group_per_stage():
     assert len(spec.group_sizes) == 4 + 8
 
 
-@pytest.mark.parametrize("arch,kw", [("cnn_digits_bn", {}), ("resnet18", {"width": 8})], ids=["cnn_digits_bn", "resnet18"])
+@pytest.mark.parametrize("arch,kw", [("cnn_digits_bn", {}), ("resnet18", {"width": 8})], ids=["cnn_bn", "resnet18"])
 def test_stack_compose_invert(arch, kw):
     spec = permutation_spec(arch, **kw)
     checkpoints = [trained_like(arch, kw, s).state_dict() for s in range(3)]

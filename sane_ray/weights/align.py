@@ -99,7 +99,9 @@ def _float_tensors(sd: Mapping[str, torch.Tensor], spec: PermutationSpec, what: 
     return out
 
 
-def _terms(spec: PermutationSpec, ref: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor]) -> dict[str, list[_Term]]:
+def _terms(
+    spec: PermutationSpec, ref: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor]
+) -> dict[str, list[_Term]]:
     terms: dict[str, list[_Term]] = {}
     for group, members in spec.members.items():
         n = spec.group_sizes[group]

@@ -59,7 +59,9 @@ def _layer_maps(
     if axes is None:
         raise SpecMismatchError(f"token layer {layer.key!r} is not in {spec.name}")
     if spec.shapes[layer.key] != layer.shape:
-        raise SpecMismatchError(f"token layer {layer.key!r} has shape {layer.shape}, {spec.name} expects {spec.shapes[layer.key]}")
+        raise SpecMismatchError(
+            f"token layer {layer.key!r} has shape {layer.shape}, {spec.name} expects {spec.shapes[layer.key]}"
+        )
     if any(a is not None for a in axes[2:]):
         raise SpecMismatchError(f"{spec.name}: {layer.key!r} permutes an axis beyond 1, which tokens cannot express")
     row_axis = axes[0] if axes else None

@@ -182,7 +182,9 @@ def _sequential_spec(model: SequentialNet, shape: tuple[int, ...], name: str) ->
         elif isinstance(m, nn.Flatten):
             if current is not None:
                 if (m.start_dim, m.end_dim) != (1, -1):
-                    raise ValueError(f"{name}: {prefix} flattens dims {m.start_dim}..{m.end_dim}; only 1..-1 is supported")
+                    raise ValueError(
+                        f"{name}: {prefix} flattens dims {m.start_dim}..{m.end_dim}; only 1..-1 is supported"
+                    )
                 current = PermutedAxis(current.group, current.block * math.prod(in_shape[1:]))
         elif not isinstance(m, _CHANNELWISE) or any(True for _ in m.parameters()):
             raise ValueError(f"{name}: {prefix} ({type(m).__name__}) is not known to preserve channel order")
@@ -281,16 +283,22 @@ def check_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) 
     missing = [g for g in spec.group_sizes if g not in perms]
     extra = [g for g in perms if g not in spec.group_sizes]
     if missing or extra:
-        raise SpecMismatchError(f"{spec.name}: permutation groups differ: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise SpecMismatchError(
+            f"{spec.name}: permutation groups differ: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     for g, n in spec.group_sizes.items():
         p = perms[g]
         if p.shape != (n,) or p.dtype != torch.int64:
-            raise SpecMismatchError(f"{spec.name}: permutation of {g!r} must be int64 of shape ({n},), got {p.dtype} {tuple(p.shape)}")
+            raise SpecMismatchError(
+                f"{spec.name}: permutation of {g!r} must be int64 of shape ({n},), got {p.dtype} {tuple(p.shape)}"
+            )
         if not torch.equal(torch.sort(p).values, torch.arange(n, device=p.device)):
             raise SpecMismatchError(f"{spec.name}: permutation of {g!r} is not a permutation of 0..{n - 1}")
 
 
-def leading_dims(state_dict: Mapping[str, torch.Tensor], spec: PermutationSpec, what: str = "state dict") -> tuple[int, ...]:
+def leading_dims(
+    state_dict: Mapping[str, torch.Tensor], spec: PermutationSpec, what: str = "state dict"
+) -> tuple[int, ...]:
     """Check keys and shapes against ``spec``; return the common leading (stack) dims, () or (E,)."""
     missing = [k for k in spec.shapes if k not in state_dict]
     if missing:
@@ -349,7 +357,9 @@ def stack_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> dict
     for i, sd in enumerate(state_dicts[1:], 1):
         if list(sd) != keys:
             diff = sorted(set(keys) ^ set(sd))
-            raise SpecMismatchError(f"checkpoint {i} has different keys than checkpoint 0: {diff[:5] or 'order differs'}")
+            raise SpecMismatchError(
+                f"checkpoint {i} has different keys than checkpoint 0: {diff[:5] or 'order differs'}"
+            )
     try:
         return {k: torch.stack([sd[k] for sd in state_dicts]) for k in keys}
     except RuntimeError:
