@@ -162,14 +162,15 @@ def test_sdpa_backend_matches_naive_attention():
     assert torch.allclose(attention.sdpa_attention(q, k, v, 0.0), expected, atol=1e-6)
 
 
-def test_onednn_linear_matches_float64_reference():
+@pytest.mark.parametrize("d_in,d_out", [(16, 12), (12, 16)])  # both weight-gradient orientations
+def test_onednn_linear_matches_float64_reference(d_in, d_out):
     from sane_ray.model.linear import linear, use_onednn
 
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 5, 16, generator=g, dtype=torch.float64)
-    w = torch.randn(12, 16, generator=g, dtype=torch.float64)
-    b = torch.randn(12, generator=g, dtype=torch.float64)
-    grad = torch.randn(4, 5, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 5, d_in, generator=g, dtype=torch.float64)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    b = torch.randn(d_out, generator=g, dtype=torch.float64)
+    grad = torch.randn(4, 5, d_out, generator=g, dtype=torch.float64)
     xf, wf, bf = (t.float().requires_grad_() for t in (x, w, b))
     linear(xf, wf, bf).backward(grad.float())
     xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, b))

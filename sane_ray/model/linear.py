@@ -48,7 +48,14 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = _onednn_mm(grad, weight.t()) if ctx.needs_input_grad[0] else None
-        grad_w = _onednn_mm(grad.t(), x.t()) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            # oneDNN copies its (transposed) first operand to a contiguous buffer: transpose
+            # the narrower of grad (tokens x out) and x (tokens x in), computing dW or dW^T.
+            if grad.shape[1] <= x.shape[1]:
+                grad_w = _onednn_mm(grad.t(), x.t())
+            else:
+                grad_w = _onednn_mm(x.t(), grad.t()).t()
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
