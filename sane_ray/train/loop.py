@@ -57,6 +57,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     steps_per_epoch = int(config["steps_per_epoch"])
     runtime = select_runtime(bool(config["use_gpu"]), cfg.mixed_precision)
     device = ray.train.torch.get_device() if runtime.device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the device mesh and NCCL use the current device
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     rank, world = rank_and_world()
