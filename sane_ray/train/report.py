@@ -12,6 +12,7 @@ from typing import Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from sane_ray import storage
 
@@ -36,6 +37,7 @@ def loss_curve_png(history: History) -> bytes:
             ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
