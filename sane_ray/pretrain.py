@@ -111,18 +111,31 @@ def ensure_ray(cfg: PretrainConfig) -> None:
     ray.init(num_cpus=run.local_cpus or max(4, math.ceil(need)), object_store_memory=512 * 1024**2)
 
 
-def check_capacity(run: RunSettings) -> None:
-    """Refuse a worker group the cluster can never hold (unless it autoscales)."""
+def check_capacity(run: RunSettings, data: DataConfig) -> None:
+    """Refuse work the cluster can never schedule (unless it autoscales).
+
+    The data stream's tasks run next to the Train workers: with every CPU held by a
+    worker, no window is ever drawn and training waits forever instead of failing.
+    """
     if run.autoscaling:
         return
     total = ray.cluster_resources()
-    need = {"CPU": run.workers * run.cpus_per_worker, "GPU": run.workers * run.gpus_per_worker}
-    for res, amount in need.items():
-        if amount > total.get(res, 0.0) + 1e-9:
-            raise ValueError(
-                f"{run.workers} workers x {amount / run.workers:g} {res} need {amount:g} {res}, but the cluster "
-                f"has {total.get(res, 0.0):g}; lower run.workers, or set run.autoscaling=true on an autoscaling cluster"
-            )
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    hint = "or set run.autoscaling=true on an autoscaling cluster"
+    if run.workers * run.gpus_per_worker > gpus + 1e-9:
+        raise ValueError(
+            f"{run.workers} workers x {run.gpus_per_worker:g} GPU need {run.workers * run.gpus_per_worker:g} GPU, "
+            f"but the cluster has {gpus:g}; lower run.workers or run.gpus_per_worker, {hint}"
+        )
+    need = run.workers * run.cpus_per_worker + data.stream_cpus
+    if need > cpus + 1e-9:
+        raise ValueError(
+            f"{run.workers} workers x {run.cpus_per_worker:g} CPU plus {data.stream_cpus:g} CPU for the data stream "
+            f"need {need:g} CPU, but the cluster has {cpus:g}; lower run.workers, run.cpus_per_worker or "
+            f"data.stream_cpus, {hint}"
+        )
+    if data.actor_cpus > cpus + 1e-9:
+        raise ValueError(f"data.actor_cpus={data.actor_cpus:g} exceeds the cluster's {cpus:g} CPU; lower it, {hint}")
 
 
 def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_positions: tuple[int, int, int]) -> SaneConfig:
@@ -138,7 +151,7 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
 
     check_run_settings(cfg.run)
     ensure_ray(cfg)
-    check_capacity(cfg.run)
+    check_capacity(cfg.run, cfg.data)
     data_cfg = cfg.data
     if not data_cfg.zoo_uri:
         from sane_ray.zoo.generate import ensure_default_zoo
