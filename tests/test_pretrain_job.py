@@ -6,6 +6,7 @@ Ray Train worker starts.
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -105,3 +106,75 @@ def test_bad_config_file(no_work, tmp_path, capsys, name, text, expect):
         path.write_text(text)
     err = _fails(["--config", str(path)], capsys)
     assert err.startswith("sane-ray: error:") and expect in err
+
+
+def _interrupt_after(epoch: int):
+    """An ``on_epoch_end`` hook that fails every worker once ``epoch`` is checkpointed."""
+
+    def hook(rank: int, done: int) -> None:
+        if done == epoch:
+            raise RuntimeError("interrupted")
+
+    return hook
+
+
+def _checkpoints(run: str) -> list[str]:
+    """Ray Train's checkpoint directories (``checkpoint_<timestamp>``) in a run directory."""
+    from sane_ray import storage
+
+    return [p for p in storage.listdir(run) if re.fullmatch(r"checkpoint_\d{4}-.*", p)]
+
+
+@pytest.fixture()
+def train_hooks(monkeypatch):
+    """Run the job's trainer with a test hook and no scheduling retries; collect its results."""
+    from sane_ray.train import trainer
+
+    results, real = [], trainer.run_pretraining
+    hooks = {"on_epoch_end": None}
+
+    def run(*args, **kwargs):
+        results.append(real(*args, **kwargs, on_epoch_end=hooks["on_epoch_end"], controller_failure_limit=0))
+        return results[-1]
+
+    monkeypatch.setattr(trainer, "run_pretraining", run)
+    return hooks, results
+
+
+def test_s3_run_is_interrupted_and_resumes(ray_cluster, s3, train_hooks, capsys):
+    """Zoo, canonical cache, checkpoints and exported model all in S3; a rerun with the same
+    --out/--name continues from the last checkpoint and finishes the planned schedule."""
+    from ray.train import TrainingFailedError
+
+    from sane_ray import storage
+    from sane_ray.train import load_sane
+
+    hooks, results = train_hooks
+    bucket = s3["bucket"]
+    zoo, out = f"s3://{bucket}/zoo", f"s3://{bucket}/runs"
+    zb.build_native_zoo(zoo, n_models=8, epochs=2)
+    argv = ["pretrain", "--zoo", zoo, "--out", out, "--name", "s3run", "--preset", "tiny", "--workers", "2",
+            "--epochs", "2", "--batch-size", "4", "--train.num_threads", "1", "--train.optim.lr", "1e-3"]
+
+    hooks["on_epoch_end"] = _interrupt_after(1)
+    with pytest.raises(TrainingFailedError):
+        main(argv)
+    run = f"{out}/s3run"
+    checkpoints = _checkpoints(run)
+    assert len(checkpoints) == 1
+    shards = storage.listdir(storage.join(run, checkpoints[0]))
+    assert ".metadata" in shards and {"__0_0.distcp", "__1_0.distcp"} <= set(shards)  # both ranks' DCP shards
+    assert "model.safetensors" not in storage.listdir(run)
+
+    hooks["on_epoch_end"] = None
+    assert main(argv) == 0
+    history = results[-1].return_value
+    assert [h["epoch"] for h in history] == [1.0, 2.0]
+    assert [h["resumed_from_epoch"] for h in history] == [0.0, 1.0]  # epoch 1 restored, only epoch 2 trained
+    assert history[1]["lr"] < history[0]["lr"]  # one schedule across both runs
+    assert len(_checkpoints(run)) == 2
+    assert "SANE pretraining finished" in capsys.readouterr().out
+
+    model = load_sane(run)
+    assert (model.cfg.d_t, model.cfg.window_size) == (32, 16)
+    assert {"summary.md", "loss_curve.png", "pretrain_config.yaml"} <= set(storage.listdir(run))
