@@ -7,6 +7,8 @@ afterwards inherit the endpoint and credentials exactly as on a real cluster.
 from __future__ import annotations
 
 import os
+import socket
+import time
 import uuid
 
 import pytest
@@ -52,18 +54,53 @@ def s3(s3_server):
     return {**s3_server, "bucket": bucket}
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """One local Ray cluster for the whole session (logical CPUs oversubscribed on purpose:
-    Train workers + Data actors must fit at once on a 2-core machine)."""
+    Train workers + Data actors must fit at once on a 2-core machine). Its dashboard runs
+    on a free port so `ray job submit` can reach the job server (:func:`ray_job_address`)."""
     import ray
 
     ctx = ray.init(
         num_cpus=6,
         object_store_memory=300 * 1024**2,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_port=_free_port(),
         log_to_driver=False,
         configure_logging=False,
     )
     yield ctx
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_job_address(ray_cluster) -> str:
+    """The session cluster's job server, as ``ray job submit --address`` takes it.
+
+    The server refuses jobs until the node's dashboard agent has registered (a few
+    seconds after start): wait for it with a no-op job.
+    """
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address = f"http://{ray_cluster.dashboard_url}"
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the no-op job on {address} did not finish in 60 s")
+        time.sleep(0.2)
+    return address
