@@ -180,3 +180,53 @@ def test_s3_run_is_interrupted_and_resumes(ray_cluster, s3, train_hooks, capsys)
     model = load_sane(run)
     assert (model.cfg.d_t, model.cfg.window_size) == (32, 16)
     assert {"summary.md", "loss_curve.png", "pretrain_config.yaml"} <= set(storage.listdir(run))
+    last = history[-1]
+    assert 0.1 < last["val_zero_baseline"] < 10  # standardized weights: mean square near 1
+    summary = storage.read_bytes(storage.join(run, "summary.md")).decode()
+    assert f"{last['val_reconstruction'] / last['val_zero_baseline']:.1%} of the trivial baseline" in summary
+    assert f"| val_zero_baseline | {last['val_zero_baseline']:.5g} " in summary
+
+
+def test_zero_baseline_is_the_loss_of_a_model_that_predicts_zeros():
+    import dataclasses
+
+    import torch
+
+    from sane_ray.model import SaneModel, tiny
+    from sane_ray.train.runtime import select_runtime
+    from sane_ray.train.step import compute_loss, zero_prediction_loss
+
+    cfg = dataclasses.replace(tiny(), window_size=6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, cfg.d_t, generator=g)
+    mask = torch.rand(3, 6, cfg.d_t, generator=g) > 0.3
+    batch = {"x_i": x * mask, "x_j": 2 * x * mask, "mask": mask, "pos": torch.randint(0, 20, (3, 6, 3), generator=g)}
+    model = SaneModel(cfg).eval()
+    torch.nn.init.zeros_(model.decoder.out.weight)
+    torch.nn.init.zeros_(model.decoder.out.bias)
+    parts = compute_loss(model, batch, cfg, select_runtime(use_gpu=False))
+    assert torch.allclose(zero_prediction_loss(batch), parts.reconstruction)
+    expected = (5 * (x * mask) ** 2).sum() / (2 * mask.sum())  # x_i^2 + (2 x_i)^2 over both views' weights
+    assert torch.allclose(zero_prediction_loss(batch), expected)
+
+
+def test_progress_line_and_summary_report_the_baseline():
+    from sane_ray.train.loop import progress_line
+    from sane_ray.train.report import loss_curve_png, summary_markdown
+
+    history = [
+        {"epoch": float(e), "train_loss": 1.0 / e, "train_reconstruction": 0.9 / e, "train_contrastive": 2.0,
+         "val_loss": 1.1 / e, "val_reconstruction": 0.5 / e, "val_contrastive": 2.1, "val_zero_baseline": 1.0,
+         "tokens_per_s": 12345.0, "windows_per_s": 10.0, "data_wait_fraction": 0.08, "lr": 1e-4}
+        for e in (1, 2, 3, 4)
+    ]
+    line = progress_line(history[1], 40, eta_s=151)
+    assert line == ("epoch 2/40 | train 0.5000 (rec 0.4500) | val 0.5500 (rec 0.2500, zeros 1.0000) | "
+                    "12,345 tokens/s | data wait 8% | ETA 2m31s")
+    assert "val" not in progress_line({k: v for k, v in history[0].items() if not k.startswith("val")}, 1, 3600)
+    md = summary_markdown(history)
+    assert "ends at 0.125, 12.5% of the trivial baseline of predicting zeros (1)" in md
+    assert "| val_zero_baseline | 1 (val reconstruction when predicting zeros) |" in md
+    no_val = [{k: v for k, v in h.items() if not k.startswith("val")} for h in history]
+    assert "trivial baseline" not in summary_markdown(no_val)
+    assert loss_curve_png(history) != loss_curve_png([{**h, "val_zero_baseline": float("nan")} for h in history])

@@ -42,7 +42,7 @@ from sane_ray.train.export import export_model
 from sane_ray.train.fsdp import apply_fsdp, data_parallel_mesh
 from sane_ray.train.optim import build_optimizer
 from sane_ray.train.runtime import Runtime, select_runtime
-from sane_ray.train.step import compute_loss, optimizer_step, to_device
+from sane_ray.train.step import compute_loss, optimizer_step, to_device, zero_prediction_loss
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     gather = gather_rows if distributed else None
     on_epoch_end: Callable[[int, int], None] | None = config.get("on_epoch_end")
 
+    loop_start = time.perf_counter()
     for epoch in range(state.epoch, cfg.epochs):
         # Noise is reseeded per epoch so a resumed run draws what an uninterrupted one would.
         noise = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
@@ -98,6 +99,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
         state.history.append(metrics)
         due = state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs
         _report(state, metrics, with_checkpoint=due)
+        if rank == 0:
+            per_epoch = (time.perf_counter() - loop_start) / (state.epoch - resumed_from)
+            print(progress_line(metrics, cfg.epochs, per_epoch * (cfg.epochs - state.epoch)), flush=True)
         if on_epoch_end is not None:
             on_epoch_end(rank, state.epoch)
 
@@ -174,19 +178,47 @@ def _evaluate(
     gather: GatherFn | None,
     distributed: bool,
 ) -> dict[str, float]:
-    """Validation loss on clean views (no noise), averaged over windows of all ranks."""
+    """Validation loss on clean views (no noise), averaged over windows of all ranks.
+
+    ``val_zero_baseline`` is the reconstruction loss of predicting zeros on the same
+    windows, averaged the same way: the trivial baseline for ``val_reconstruction``.
+    """
     model.eval()
-    sums = torch.zeros(4, device=device)  # total, reconstruction, contrastive (window-weighted), windows
+    sums = torch.zeros(5, device=device)  # total, reconstruction, contrastive, zero baseline (window-weighted), windows
     for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False, device=device):
         batch = to_device(batch, device)
         parts = compute_loss(model, batch, cfg.model, runtime, gather, autocast=not distributed)
+        per_batch = torch.stack([parts.total, parts.reconstruction, parts.contrastive, zero_prediction_loss(batch)])
         b = batch["x_i"].shape[0]
-        sums += torch.stack([parts.total * b, parts.reconstruction * b, parts.contrastive * b, torch.tensor(float(b), device=device)])
-    loss, rec, con, windows = all_reduce_sum(sums).tolist()
+        sums += torch.cat([per_batch * b, torch.tensor([float(b)], device=device)])
+    loss, rec, con, zero, windows = all_reduce_sum(sums).tolist()
+    keys = ("val_loss", "val_reconstruction", "val_contrastive", "val_zero_baseline")
     if windows == 0:
-        nan = float("nan")
-        return {"val_loss": nan, "val_reconstruction": nan, "val_contrastive": nan}
-    return {"val_loss": loss / windows, "val_reconstruction": rec / windows, "val_contrastive": con / windows}
+        return dict.fromkeys(keys, float("nan"))
+    return dict(zip(keys, (loss / windows, rec / windows, con / windows, zero / windows)))
+
+
+def progress_line(metrics: dict[str, float], epochs: int, eta_s: float) -> str:
+    """One line per epoch for the console: losses, the validation baseline, throughput, ETA."""
+    parts = [
+        f"epoch {int(metrics['epoch'])}/{epochs}",
+        f"train {metrics['train_loss']:.4f} (rec {metrics['train_reconstruction']:.4f})",
+    ]
+    if "val_loss" in metrics:
+        parts.append(f"val {metrics['val_loss']:.4f} (rec {metrics['val_reconstruction']:.4f}, "
+                     f"zeros {metrics['val_zero_baseline']:.4f})")
+    parts += [
+        f"{metrics['tokens_per_s']:,.0f} tokens/s",
+        f"data wait {metrics['data_wait_fraction']:.0%}",
+        f"ETA {_duration(eta_s)}",
+    ]
+    return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _peak_rss_mb(device: torch.device) -> float:

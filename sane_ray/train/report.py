@@ -21,7 +21,11 @@ LOSS_PARTS = (("loss", "total"), ("reconstruction", "reconstruction (masked MSE)
 
 
 def loss_curve_png(history: History) -> bytes:
-    """Train (and validation, when present) loss parts per epoch, log scale, as PNG bytes."""
+    """Train (and validation, when present) loss parts per epoch, log scale, as PNG bytes.
+
+    The reconstruction panel also shows, dashed, the validation loss of predicting
+    zeros (the trivial baseline for standardized weights).
+    """
     if not history:
         raise ValueError("no epochs in the history: nothing to plot")
     epochs = [h["epoch"] for h in history]
@@ -33,6 +37,9 @@ def loss_curve_png(history: History) -> bytes:
             values = [h.get(f"{split}_{key}", math.nan) for h in history]
             if any(math.isfinite(v) for v in values):
                 ax.plot(epochs, values, marker="o", markersize=3, label=split)
+        baseline = [h.get("val_zero_baseline", math.nan) for h in history]
+        if key == "reconstruction" and any(math.isfinite(v) for v in baseline):
+            ax.plot(epochs, baseline, linestyle="--", color="gray", label="val, predicting zeros")
         if key != "contrastive":  # NT-Xent is bounded below by a positive constant
             ax.set_yscale("log")
         ax.set_title(title)
@@ -45,7 +52,7 @@ def loss_curve_png(history: History) -> bytes:
 
 
 def summary_markdown(history: History, title: str = "SANE pretraining") -> str:
-    """Final and best losses plus throughput, as a small Markdown document."""
+    """Final and best losses, the validation baseline, and throughput, as a small Markdown document."""
     if not history:
         raise ValueError("no epochs in the history: nothing to summarize")
     last = history[-1]
@@ -54,11 +61,23 @@ def summary_markdown(history: History, title: str = "SANE pretraining") -> str:
         if key in last and math.isfinite(last[key]):
             best = min(h[key] for h in history if key in h and math.isfinite(h[key]))
             rows.append((key, f"{last[key]:.5g} (best {best:.5g})"))
+    if math.isfinite(last.get("val_zero_baseline", math.nan)):
+        rows.append(("val_zero_baseline", f"{last['val_zero_baseline']:.5g} (val reconstruction when predicting zeros)"))
     for key, fmt in (("tokens_per_s", "{:,.0f}"), ("windows_per_s", "{:,.1f}"), ("data_wait_fraction", "{:.1%}"), ("lr", "{:.3g}")):
         if key in last:
             rows.append((key, fmt.format(last[key])))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"# {title}\n\nLast epoch, and the best value over all epochs.\n\n| metric | value |\n|---|---|\n{table}\n"
+    return (f"# {title}\n\n{baseline_sentence(last)}Last epoch, and the best value over all epochs.\n\n"
+            f"| metric | value |\n|---|---|\n{table}\n")
+
+
+def baseline_sentence(last: dict[str, float]) -> str:
+    """The final validation reconstruction against predicting zeros, as a paragraph ("" without validation)."""
+    rec, zero = last.get("val_reconstruction", math.nan), last.get("val_zero_baseline", math.nan)
+    if not (math.isfinite(rec) and math.isfinite(zero) and zero > 0):
+        return ""
+    return (f"Validation reconstruction (masked MSE on standardized weights) ends at {rec:.4g}, "
+            f"{rec / zero:.1%} of the trivial baseline of predicting zeros ({zero:.4g}).\n\n")
 
 
 def write_run_report(history: History, uri: str, title: str = "SANE pretraining") -> None:

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 
 from sane_ray.model.config import SaneConfig
-from sane_ray.model.losses import GatherFn, LossParts, sane_loss
+from sane_ray.model.losses import GatherFn, LossParts, masked_mse, sane_loss
 from sane_ray.train.runtime import Runtime
 from sane_ray.weights.augment import multiplicative_noise
 
@@ -50,6 +50,16 @@ def compute_loss(
         out = model(x, pos, mask.any(dim=-1))
     p_i, p_j = out.projection.float().chunk(2)
     return sane_loss(out.x_hat, clean, mask, p_i, p_j, cfg.gamma, cfg.temperature, gather)
+
+
+def zero_prediction_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reconstruction loss of predicting 0 for every token of both views.
+
+    Tokens are standardized, so 0 is every weight's mean: this is the trivial baseline
+    that a model's reconstruction loss on the same batch must beat.
+    """
+    clean = torch.cat([batch["x_i"], batch["x_j"]])
+    return masked_mse(torch.zeros_like(clean), clean, torch.cat([batch["mask"], batch["mask"]]))
 
 
 def optimizer_step(
