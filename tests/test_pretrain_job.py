@@ -211,7 +211,7 @@ def test_zero_baseline_is_the_loss_of_a_model_that_predicts_zeros():
 
 
 def test_progress_line_and_summary_report_the_baseline():
-    from sane_ray.train.loop import progress_line
+    from sane_ray.train.loop import _eta, progress_line
     from sane_ray.train.report import loss_curve_png, summary_markdown
 
     history = [
@@ -224,6 +224,7 @@ def test_progress_line_and_summary_report_the_baseline():
     assert line == ("epoch 2/40 | train 0.5000 (rec 0.4500) | val 0.5500 (rec 0.2500, zeros 1.0000) | "
                     "12,345 tokens/s | data wait 8% | ETA 2m31s")
     assert "val" not in progress_line({k: v for k, v in history[0].items() if not k.startswith("val")}, 1, 3600)
+    assert _eta([0.0, 30.0], 10) == 300.0 and _eta([0.0, 30.0, 40.0, 50.0], 2) == 20.0  # warm-up left out
     md = summary_markdown(history)
     assert "ends at 0.125, 12.5% of the trivial baseline of predicting zeros (1)" in md
     assert "| val_zero_baseline | 1 (val reconstruction when predicting zeros) |" in md

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import resource
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -82,7 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     gather = gather_rows if distributed else None
     on_epoch_end: Callable[[int, int], None] | None = config.get("on_epoch_end")
 
-    loop_start = time.perf_counter()
+    epoch_ends = [time.perf_counter()]  # the loop's start, then the end of each epoch run here
     for epoch in range(state.epoch, cfg.epochs):
         # Noise is reseeded per epoch so a resumed run draws what an uninterrupted one would.
         noise = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
@@ -99,9 +100,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
         state.history.append(metrics)
         due = state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs
         _report(state, metrics, with_checkpoint=due)
+        epoch_ends.append(time.perf_counter())
         if rank == 0:
-            per_epoch = (time.perf_counter() - loop_start) / (state.epoch - resumed_from)
-            print(progress_line(metrics, cfg.epochs, per_epoch * (cfg.epochs - state.epoch)), flush=True)
+            # Ray Train's patched print() would log the line twice: write to the stream itself.
+            sys.stdout.write(progress_line(metrics, cfg.epochs, _eta(epoch_ends, cfg.epochs - state.epoch)) + "\n")
+            sys.stdout.flush()
         if on_epoch_end is not None:
             on_epoch_end(rank, state.epoch)
 
@@ -213,6 +216,12 @@ def progress_line(metrics: dict[str, float], epochs: int, eta_s: float) -> str:
         f"ETA {_duration(eta_s)}",
     ]
     return " | ".join(parts)
+
+
+def _eta(epoch_ends: list[float], remaining: int) -> float:
+    """Seconds left at the mean epoch time, leaving out this run's first (warm-up) epoch once there are others."""
+    times = [b - a for a, b in zip(epoch_ends, epoch_ends[1:])]
+    return remaining * sum(times[1:] or times) / len(times[1:] or times)
 
 
 def _duration(seconds: float) -> str:
