@@ -70,11 +70,12 @@ class Block(nn.Module):
         self.fc_out = Linear(4 * d_model, d_model, bias=False)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``key_mask`` (B, T): True on real tokens; None when there is no padding."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
-        attend = select_attention_backend(q.device, q.dtype)
-        a = attend(q, k, v, self.dropout if self.training else 0.0).reshape(b, t, d)
+        attend = select_attention_backend(q.device, q.dtype, masked=key_mask is not None)
+        a = attend(q, k, v, self.dropout if self.training else 0.0, key_mask).reshape(b, t, d)
         x = x + self.resid_drop(self.out_proj(a))
         return x + self.resid_drop(self.fc_out(F.gelu(self.fc_in(self.ln2(x)))))
 

@@ -4,6 +4,10 @@ Plain ``nn.Module`` with no data loading or distribution code; parallelism is ap
 from outside (``sane_ray.train.fsdp``). Training goes through :meth:`SaneModel.forward`
 (one call per step, both views stacked in the batch), which is also what FSDP's root
 hooks wrap; ``encode``/``decode`` are for inference.
+
+``token_mask`` (B, ws) marks real tokens: windows of models shorter than the window
+end in padding tokens, which no token attends to and the projection does not pool.
+Outputs at padding positions are meaningless (the loss masks them out).
 """
 
 from __future__ import annotations
@@ -41,10 +45,10 @@ class TokenTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=False)
         self.out = Linear(cfg.d_model, d_out)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.drop(self.inp(x) + self.pos(pos))
         for block in self.blocks:
-            h = block(h)
+            h = block(h, key_mask)
         return self.out(self.ln_f(h))
 
 
@@ -67,30 +71,50 @@ class SaneModel(nn.Module):
         """Encoder then decoder blocks: the units FSDP shards one by one."""
         return [*self.encoder.blocks, *self.decoder.blocks]
 
-    def encode(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, pos: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens (B, ws, d_t) at positions (B, ws, 3) -> latents (B, ws, d_z)."""
-        self._check_shapes(x, pos, self.cfg.d_t, "tokens", "SaneConfig.d_t")
-        return self.encoder(x, pos)
+        self._check_shapes(x, pos, self.cfg.d_t, "tokens", "SaneConfig.d_t", token_mask)
+        return self.encoder(x, pos, key_padding_mask(token_mask))
 
-    def decode(self, z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, pos: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (B, ws, d_z) at positions (B, ws, 3) -> tokens (B, ws, d_t)."""
-        self._check_shapes(z, pos, self.cfg.d_z, "latents", "SaneConfig.d_z")
-        return self.decoder(z, pos)
+        self._check_shapes(z, pos, self.cfg.d_z, "latents", "SaneConfig.d_z", token_mask)
+        return self.decoder(z, pos, key_padding_mask(token_mask))
 
     def project(self, z: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One projection per window from its latents; ``token_mask`` (B, ws) marks real tokens."""
         return self.head(z, token_mask)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, token_mask: torch.Tensor | None = None) -> SaneOutput:
-        z = self.encode(x, pos)
-        return SaneOutput(z, self.decode(z, pos), self.project(z, token_mask))
+        self._check_shapes(x, pos, self.cfg.d_t, "tokens", "SaneConfig.d_t", token_mask)
+        key_mask = key_padding_mask(token_mask)  # decided once for both stacks (one host sync)
+        z = self.encoder(x, pos, key_mask)
+        return SaneOutput(z, self.decoder(z, pos, key_mask), self.project(z, token_mask))
 
     @staticmethod
-    def _check_shapes(x: torch.Tensor, pos: torch.Tensor, width: int, what: str, setting: str) -> None:
+    def _check_shapes(
+        x: torch.Tensor, pos: torch.Tensor, width: int, what: str, setting: str, token_mask: torch.Tensor | None
+    ) -> None:
         if x.dim() != 3 or x.shape[-1] != width:
             raise ValueError(f"{what} must have shape (B, ws, {width}) for {setting}={width}, got {tuple(x.shape)}")
         if tuple(pos.shape) != (*x.shape[:2], 3):
             raise ValueError(f"positions must have shape {(*x.shape[:2], 3)} to match the {what}, got {tuple(pos.shape)}")
+        if token_mask is not None and (token_mask.dtype != torch.bool or token_mask.shape != x.shape[:2]):
+            raise ValueError(
+                f"token_mask must be a bool tensor of shape {tuple(x.shape[:2])}, got {token_mask.dtype} "
+                f"{tuple(token_mask.shape)}"
+            )
+
+
+def key_padding_mask(token_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention key mask for ``token_mask`` (B, ws): None when no window has padding.
+
+    A window without any real token keeps all its keys, so attention never normalizes
+    over an empty set (which would give NaN).
+    """
+    if token_mask is None or bool(token_mask.all()):
+        return None
+    return token_mask | ~token_mask.any(dim=-1, keepdim=True)
 
 
 def _init_weights(module: nn.Module) -> None:
