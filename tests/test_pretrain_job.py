@@ -231,3 +231,17 @@ def test_progress_line_and_summary_report_the_baseline():
     no_val = [{k: v for k, v in h.items() if not k.startswith("val")} for h in history]
     assert "trivial baseline" not in summary_markdown(no_val)
     assert loss_curve_png(history) != loss_curve_png([{**h, "val_zero_baseline": float("nan")} for h in history])
+
+
+@pytest.mark.xfail(strict=True, reason="sane_ray.config.load_config fills a partly overridden section from its "
+                   "class defaults instead of PretrainConfig's: --epochs swaps the digits model for the reference one")
+def test_flags_keep_the_main_jobs_defaults(monkeypatch):
+    from sane_ray import pretrain
+
+    seen = []
+    monkeypatch.setattr(pretrain, "run_pretrain", seen.append)
+    assert main(["pretrain", "--epochs", "3", "--window", "8"]) == 0
+    cfg = seen[0]
+    assert (cfg.train.epochs, cfg.data.window_size) == (3, 8)
+    assert cfg.train.model == pretrain.PretrainConfig().train.model  # the digits model, not the reference preset
+    assert cfg.data.token_size == pretrain.PretrainConfig().data.token_size
