@@ -33,7 +33,9 @@ def load_config(
     Overrides are ``dotted.key=value`` strings; values are parsed as YAML scalars or
     lists (``lr=3e-4``, ``model.n_layers=2``, ``tags=[a,b]``).
     """
-    data: dict[str, Any] = to_dict(base) if base is not None else {}
+    # Start from the full defaults so a key set inside a section keeps that section's other
+    # values (a nested default may differ from its class's own defaults).
+    data: dict[str, Any] = to_dict(base if base is not None else cls())
     if path:
         _deep_merge(data, read_config_file(path))
     for item in overrides:

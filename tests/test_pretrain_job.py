@@ -233,8 +233,6 @@ def test_progress_line_and_summary_report_the_baseline():
     assert loss_curve_png(history) != loss_curve_png([{**h, "val_zero_baseline": float("nan")} for h in history])
 
 
-@pytest.mark.xfail(strict=True, reason="sane_ray.config.load_config fills a partly overridden section from its "
-                   "class defaults instead of PretrainConfig's: --epochs swaps the digits model for the reference one")
 def test_flags_keep_the_main_jobs_defaults(monkeypatch):
     from sane_ray import pretrain
 
