@@ -1,7 +1,7 @@
 """Benchmark: align one randomly initialized CIFAR ResNet-18 to another (git re-basin).
 
-Compares ``sane_ray.weights.align.match_weights`` with the textbook loop kept here
-(``naive_matching``: every group re-permutes the original model tensors and rebuilds
+Compares ``sane_ray.weights.align.match_weights`` with the plain loop
+(``align.reference_matching`` in float32: every group re-permutes the original model tensors and rebuilds
 ``A`` from scratch, float32, same random group order per seed), and reports the median
 time, sweeps, L2 distance before/after, whether both found the same permutations, the
 function-preservation error, matmul GFLOP (counted by torch.profiler, a measure of work
@@ -23,50 +23,13 @@ from collections.abc import Mapping
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from scipy.optimize import linear_sum_assignment
 
-from sane_ray.weights.align import IMPROVEMENT_TOL, match_weights
+from sane_ray.weights.align import match_weights, reference_matching
 from sane_ray.weights.permutation import (
-    PermutationSpec,
-    Perms,
-    block_index,
     apply_permutation,
-    identity_permutation,
     permutation_spec,
 )
 from sane_ray.zoo.architectures import build_model, input_shape
-
-
-def naive_matching(
-    spec: PermutationSpec,
-    ref: Mapping[str, torch.Tensor],
-    sd: Mapping[str, torch.Tensor],
-    max_sweeps: int = 100,
-    seed: int = 0,
-) -> tuple[Perms, int]:
-    """The straightforward weight-matching loop, for comparison only."""
-    perms = identity_permutation(spec)
-    groups = list(spec.group_sizes)
-    gen = torch.Generator().manual_seed(seed)
-    for sweep in range(1, max_sweeps + 1):
-        progress = False
-        for gi in torch.randperm(len(groups), generator=gen).tolist():
-            group, n = groups[gi], spec.group_sizes[groups[gi]]
-            a = torch.zeros(n, n)
-            for key, axis, _ in spec.members[group]:
-                w = sd[key].float()
-                for d, pa in enumerate(spec.axes[key]):
-                    if pa is not None and d != axis:
-                        w = w.index_select(d, block_index(perms[pa.group], pa.block))
-                a += ref[key].float().movedim(axis, 0).reshape(n, -1) @ w.movedim(axis, 0).reshape(n, -1).T
-            _, cols = linear_sum_assignment(a.numpy(), maximize=True)
-            new = torch.from_numpy(cols).long()
-            rows = torch.arange(n)
-            progress |= bool(a[rows, new].double().sum() > a[rows, perms[group]].double().sum() + IMPROVEMENT_TOL)
-            perms[group] = new
-        if not progress:
-            return perms, sweep
-    return perms, max_sweeps
 
 
 def l2(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -159,7 +122,7 @@ def main() -> None:
             l2_before=l2(ref, sd), l2_fast=l2(ref, aligned), logit_err=logits_error(args.arch, sd, aligned),
         )
         if not args.no_naive:
-            naive = lambda: naive_matching(spec, ref, sd, seed=seed)  # noqa: E731
+            naive = lambda: reference_matching(spec, ref, sd, seed=seed, dtype=torch.float32)  # noqa: E731
             t_naive, c_naive, (naive_perms, naive_sweeps) = timed(naive, args.repeats)
             row.update(naive_s=t_naive, naive_cpu_s=c_naive, naive_gflop=matmul_gflop(naive), naive_sweeps=naive_sweeps)
             row["l2_naive"] = l2(ref, apply_permutation(sd, spec, naive_perms))

@@ -238,3 +238,40 @@ def align_model(
     perms = weight_matching(spec, ref_sd, last, max_sweeps, seed)
     aligned = apply_permutation(stacked, spec, perms)
     return (aligned if isinstance(checkpoints, Mapping) else unstack_state_dict(aligned)), perms
+
+
+def reference_matching(
+    spec: PermutationSpec,
+    ref_sd: Mapping[str, torch.Tensor],
+    sd: Mapping[str, torch.Tensor],
+    max_sweeps: int = 100,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[Perms, int]:
+    """The plain weight-matching loop: every A rebuilt from the original tensors.
+
+    Same group order and stopping rule as :func:`match_weights`, none of its caching; the
+    oracle the tests hold the fast path to and the baseline ``bench/bench_align.py`` times.
+    Returns the permutations and the number of sweeps.
+    """
+    perms = identity_permutation(spec)
+    groups = list(spec.group_sizes)
+    gen = torch.Generator().manual_seed(seed)
+    for sweep in range(1, max_sweeps + 1):
+        progress = False
+        for gi in torch.randperm(len(groups), generator=gen).tolist():
+            group, n = groups[gi], spec.group_sizes[groups[gi]]
+            a = torch.zeros(n, n, dtype=dtype)
+            for key, axis, _ in spec.members[group]:
+                w = sd[key].to(dtype)
+                for d, pa in enumerate(spec.axes[key]):
+                    if pa is not None and d != axis:
+                        w = w.index_select(d, block_index(perms[pa.group], pa.block))
+                a += ref_sd[key].to(dtype).movedim(axis, 0).reshape(n, -1) @ w.movedim(axis, 0).reshape(n, -1).T
+            new = torch.from_numpy(linear_sum_assignment(a.numpy(), maximize=True)[1]).long()
+            rows = torch.arange(n)
+            progress |= bool(a[rows, new].double().sum() > a[rows, perms[group]].double().sum() + IMPROVEMENT_TOL)
+            perms[group] = new
+        if not progress:
+            return perms, sweep
+    return perms, max_sweeps
