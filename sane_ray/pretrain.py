@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-
 from sane_ray import storage
+from sane_ray.cluster import check_capacity, ensure_ray_for
 from sane_ray.config import dump_config
 from sane_ray.data.canonical import MANIFEST as CANONICAL_MANIFEST
 from sane_ray.data.canonical import STATS as CANONICAL_STATS
@@ -30,7 +28,7 @@ log = logging.getLogger("sane_ray.pretrain")
 
 
 def default_runs_dir() -> str:
-    return os.path.join(os.environ.get("SANE_RAY_CACHE", os.path.expanduser("~/.cache/sane-ray")), "runs")
+    return os.path.join(storage.cache_dir(), "runs")
 
 
 @dataclass
@@ -95,49 +93,6 @@ def check_run_settings(run: RunSettings) -> None:
         raise ValueError("run.gpus_per_worker must be >= 0 and run.cpus_per_worker > 0")
 
 
-def ensure_ray(cfg: PretrainConfig) -> None:
-    """Connect to the cluster (``RAY_ADDRESS`` / a job's cluster) or start a local one.
-
-    A local cluster gets more logical CPUs than cores: Train workers and Data actors must
-    all be placeable at once, or Ray Data waits forever for an actor slot.
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    run, data = cfg.run, cfg.data
-    need = run.workers * run.cpus_per_worker + data.num_actors * data.actor_cpus + data.stream_cpus + 1
-    ray.init(num_cpus=run.local_cpus or max(4, math.ceil(need)), object_store_memory=512 * 1024**2)
-
-
-def check_capacity(run: RunSettings, data: DataConfig) -> None:
-    """Refuse work the cluster can never schedule (unless it autoscales).
-
-    The data stream's tasks run next to the Train workers: with every CPU held by a
-    worker, no window is ever drawn and training waits forever instead of failing.
-    """
-    if run.autoscaling:
-        return
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    hint = "or set run.autoscaling=true on an autoscaling cluster"
-    if run.workers * run.gpus_per_worker > gpus + 1e-9:
-        raise ValueError(
-            f"{run.workers} workers x {run.gpus_per_worker:g} GPU need {run.workers * run.gpus_per_worker:g} GPU, "
-            f"but the cluster has {gpus:g}; lower run.workers or run.gpus_per_worker, {hint}"
-        )
-    need = run.workers * run.cpus_per_worker + data.stream_cpus
-    if need > cpus + 1e-9:
-        raise ValueError(
-            f"{run.workers} workers x {run.cpus_per_worker:g} CPU plus {data.stream_cpus:g} CPU for the data stream "
-            f"need {need:g} CPU, but the cluster has {cpus:g}; lower run.workers, run.cpus_per_worker or "
-            f"data.stream_cpus, {hint}"
-        )
-    if data.actor_cpus > cpus + 1e-9:
-        raise ValueError(f"data.actor_cpus={data.actor_cpus:g} exceeds the cluster's {cpus:g} CPU; lower it, {hint}")
-
-
 def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_positions: tuple[int, int, int]) -> SaneConfig:
     """The model config with token size, window and position tables taken from the data."""
     tables = tuple(max(have, need + 1) for have, need in zip(model.max_positions, max_positions))
@@ -150,7 +105,7 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
     from sane_ray.train.trainer import run_pretraining, steps_per_epoch
 
     check_run_settings(cfg.run)
-    ensure_ray(cfg)
+    ensure_ray_for(cfg.run, cfg.data)
     check_capacity(cfg.run, cfg.data)
     data_cfg = cfg.data
     if not data_cfg.zoo_uri:
