@@ -24,13 +24,16 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
     """Connect to the cluster (``RAY_ADDRESS`` / a job's cluster) or start a local one.
 
     ``num_cpus`` and ``object_store_memory`` apply only to a local cluster started here.
+    Without ``RAY_ADDRESS`` a new local cluster is started even if another one runs on
+    this machine: a bare ``ray.init()`` would attach to the latest one started (someone
+    else's, maybe), and then refuse ``num_cpus``.
     """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory)
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory)
 
 
 def local_cpus(run: RunSettings, data: DataConfig) -> int:

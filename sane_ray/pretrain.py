@@ -9,10 +9,11 @@ in the config is reported here, in one line, rather than from inside a worker.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from sane_ray import storage
 from sane_ray.cluster import check_capacity, ensure_ray_for
@@ -56,11 +57,14 @@ class PretrainConfig:
 
 
 def _digits_model() -> SaneConfig:
-    """A model sized for the built-in digits zoo on a 2-core machine."""
-    return dataclasses.replace(preset("tiny"), d_t=64, window_size=16, d_model=128, d_z=32, n_heads=4)
+    """A model sized for the built-in digits zoo on a 2-core machine (token size and window from the data)."""
+    return _from_data(dataclasses.replace(preset("tiny"), d_model=128, d_z=32, n_heads=4))
 
 
-PRESETS = sorted(MODEL_PRESETS)
+def _from_data(model: SaneConfig) -> SaneConfig:
+    """``model`` with its copies of the data's facts cleared: the job fills them from ``data``."""
+    return dataclasses.replace(model, d_t=0, window_size=0)
+
 
 # Short flags for the keys people change most (every key also has its --dotted.key flag).
 PRETRAIN_ALIASES = {
@@ -77,13 +81,41 @@ PRETRAIN_ALIASES = {
 }
 
 
-def preset_config(name: str) -> PretrainConfig:
-    """A run whose model, token size and window follow a named SANE preset."""
+def _model_preset_config(name: str) -> PretrainConfig:
+    """A run whose model, token size and window follow a named SANE model preset."""
     model = preset(name)
     return PretrainConfig(
         data=DataConfig(token_size=model.d_t, window_size=model.window_size),
-        train=TrainConfig(model=model),
+        train=TrainConfig(model=_from_data(model)),
     )
+
+
+def paper_config() -> PretrainConfig:
+    """The main job with the reference implementation's objective and optimizer.
+
+    Reconstruction averaged over all entries (padding included) towards the noisy views;
+    AdamW with weight decay 3e-9, betas (0.9, 0.999) and no gradient clipping.
+    """
+    cfg = PretrainConfig()
+    model = dataclasses.replace(cfg.train.model, reconstruction_norm="all", reconstruction_target="noisy")
+    optim = dataclasses.replace(cfg.train.optim, weight_decay=3e-9, betas=(0.9, 0.999), grad_clip=0.0)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model=model, optim=optim))
+
+
+# Named starting points for ``--preset``: each model preset, and ``paper`` (the main job's
+# model with the reference's objective and optimizer).
+PRESETS: dict[str, Callable[[], PretrainConfig]] = {
+    **{name: functools.partial(_model_preset_config, name) for name in MODEL_PRESETS},
+    "paper": paper_config,
+}
+
+
+def preset_config(name: str) -> PretrainConfig:
+    """The named run preset (:data:`PRESETS`); unknown names list the known ones."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown pretraining preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
 
 
 def check_run_settings(run: RunSettings) -> None:
@@ -93,10 +125,36 @@ def check_run_settings(run: RunSettings) -> None:
         raise ValueError("run.gpus_per_worker must be >= 0 and run.cpus_per_worker > 0")
 
 
+def check_data_facts(cfg: PretrainConfig) -> None:
+    """Refuse a model copy of the data's token size or window that disagrees with the data config.
+
+    ``data`` owns both; the model's fields are 0 (filled in from the data) or must agree.
+    """
+    model, data = cfg.train.model, cfg.data
+    for key, have, owner, want in (
+        ("d_t", model.d_t, "data.token_size", data.token_size),
+        ("window_size", model.window_size, "data.window_size", data.window_size),
+    ):
+        if have and have != want:
+            raise ValueError(
+                f"train.model.{key}={have} conflicts with {owner}={want}: the data owns it; set {owner} "
+                f"and leave train.model.{key} at 0"
+            )
+
+
 def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_positions: tuple[int, int, int]) -> SaneConfig:
-    """The model config with token size, window and position tables taken from the data."""
-    tables = tuple(max(have, need + 1) for have, need in zip(model.max_positions, max_positions))
-    return dataclasses.replace(model, d_t=token_size, window_size=window_size, max_positions=tables)
+    """The model config with token size and window from the data, its position tables checked.
+
+    ``max_positions`` is the largest ``(n, l, k)`` in the data (padding position
+    included); tables need one more row each. Larger tables are headroom; smaller are refused.
+    """
+    need = tuple(m + 1 for m in max_positions)
+    if any(have < want for have, want in zip(model.max_positions, need)):
+        raise ValueError(
+            f"train.model.max_positions={list(model.max_positions)} is too small for this zoo: its tokens need "
+            f"position tables of at least {list(need)} (n, l, k)"
+        )
+    return dataclasses.replace(model, d_t=token_size, window_size=window_size)
 
 
 def run_pretrain(cfg: PretrainConfig) -> Any:
@@ -105,6 +163,7 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
     from sane_ray.train.trainer import run_pretraining, steps_per_epoch
 
     check_run_settings(cfg.run)
+    check_data_facts(cfg)
     ensure_ray_for(cfg.run, cfg.data)
     check_capacity(cfg.run, cfg.data)
     data_cfg = cfg.data

@@ -1,6 +1,10 @@
 """SANE's training loss: masked reconstruction plus NT-Xent contrastive guidance.
 
-``L = gamma * NTXent(p_i, p_j) + (1 - gamma) * masked MSE``. The contrastive term can
+``L = gamma * NTXent(p_i, p_j) + (1 - gamma) * masked MSE``. The MSE is averaged over
+the real entries (``"real"``, the default) or over all entries, padding included
+(``"all"``, the reference implementation's ``MSELoss(mask * x_hat, target)``): the two
+differ by the fraction of real entries, which shifts the weight of ``gamma``
+(docs/design.md). The contrastive term can
 use negatives from other workers: :func:`nt_xent` takes the local projections as
 anchors and, optionally, the projections gathered from all workers as keys. Gathering
 itself lives in ``sane_ray.train`` (this package knows nothing about processes); it is
@@ -14,6 +18,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sane_ray.model.config import RECONSTRUCTION_NORMS
+
 # gather(local (B, D)) -> (all workers' rows (N, D), row offset of the local block in them)
 GatherFn = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
@@ -24,15 +30,33 @@ class LossParts(NamedTuple):
     contrastive: torch.Tensor
 
 
-def masked_mse(x_hat: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the real (mask=True) entries only; padding never counts."""
+def masked_mse(x_hat: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, over: str = "real") -> torch.Tensor:
+    """Squared error on the real (mask=True) entries; padding never contributes.
+
+    ``over="real"`` divides by the number of real entries, ``over="all"`` by the number
+    of all entries (padding included).
+    """
     if x_hat.shape != target.shape or mask.shape != target.shape:
         raise ValueError(
             f"masked_mse needs equal shapes, got x_hat {tuple(x_hat.shape)}, target {tuple(target.shape)}, "
             f"mask {tuple(mask.shape)}"
         )
     m = mask.to(x_hat.dtype)
-    return ((x_hat - target) ** 2 * m).sum() / m.sum().clamp_min(1.0)
+    return ((x_hat - target) ** 2 * m).sum() / _denominator(m, over)
+
+
+def renormalize(rec: torch.Tensor, mask: torch.Tensor, over: str, to: str) -> torch.Tensor:
+    """A :func:`masked_mse` value computed ``over`` one normalization, expressed under ``to``."""
+    m = mask.to(rec.dtype)
+    return rec * _denominator(m, over) / _denominator(m, to)
+
+
+def _denominator(m: torch.Tensor, over: str) -> torch.Tensor:
+    if over == "real":
+        return m.sum().clamp_min(1.0)
+    if over == "all":
+        return torch.tensor(float(m.numel()), dtype=m.dtype, device=m.device)
+    raise ValueError(f"unknown reconstruction normalization {over!r}; known: {', '.join(RECONSTRUCTION_NORMS)}")
 
 
 def nt_xent(
@@ -79,13 +103,15 @@ def sane_loss(
     gamma: float,
     temperature: float,
     gather: GatherFn | None = None,
+    over: str = "real",
 ) -> LossParts:
     """``gamma * NTXent + (1 - gamma) * masked MSE``, with both parts for logging.
 
-    ``x_hat``/``target``/``mask`` cover both views stacked; ``target`` is the clean
-    (noise-free) tokens. With ``gather`` the contrastive negatives come from all workers.
+    ``x_hat``/``target``/``mask`` cover both views stacked; ``over`` is the MSE's
+    normalization (:func:`masked_mse`). With ``gather`` the contrastive negatives come
+    from all workers.
     """
-    rec = masked_mse(x_hat.float(), target.float(), mask)
+    rec = masked_mse(x_hat.float(), target.float(), mask, over)
     if gather is None:
         con = nt_xent(p_i, p_j, temperature)
     else:

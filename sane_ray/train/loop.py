@@ -35,7 +35,7 @@ from ray.data import DataIterator
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from sane_ray.config import from_dict
-from sane_ray.model.losses import GatherFn
+from sane_ray.model.losses import GatherFn, renormalize
 from sane_ray.model.sane import SaneModel
 from sane_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sane_ray.train.config import TrainConfig
@@ -218,22 +218,27 @@ def _evaluate(
 ) -> dict[str, float]:
     """Validation loss on clean views (no noise), averaged over windows of all ranks.
 
-    ``val_zero_baseline`` is the reconstruction loss of predicting zeros on the same
-    windows, averaged the same way: the trivial baseline for ``val_reconstruction``.
+    ``val_loss`` is the configured objective. The reconstruction is reported under both
+    normalizations, whichever trains: ``val_reconstruction`` over the real entries,
+    ``val_reconstruction_all`` over all entries (the reference's), so runs with either
+    setting compare. ``val_zero_baseline`` is the (real-entry) reconstruction loss of
+    predicting zeros on the same windows: the trivial baseline for ``val_reconstruction``.
     """
     model.eval()
-    sums = torch.zeros(5, device=device)  # total, reconstruction, contrastive, zero baseline (window-weighted), windows
+    sums = torch.zeros(6, device=device)  # total, rec (real), rec (all), contrastive, zero baseline, windows
     for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False, device=device):
         batch = to_device(batch, device)
         parts = compute_loss(model, batch, cfg.model, runtime, gather, autocast=not distributed)
-        per_batch = torch.stack([parts.total, parts.reconstruction, parts.contrastive, zero_prediction_loss(batch)])
+        rec = {to: renormalize(parts.reconstruction, batch["mask"], cfg.model.reconstruction_norm, to)
+               for to in ("real", "all")}
+        per_batch = torch.stack([parts.total, rec["real"], rec["all"], parts.contrastive, zero_prediction_loss(batch)])
         b = batch["x_i"].shape[0]
         sums += torch.cat([per_batch * b, torch.tensor([float(b)], device=device)])
-    loss, rec, con, zero, windows = all_reduce_sum(sums).tolist()
-    keys = ("val_loss", "val_reconstruction", "val_contrastive", "val_zero_baseline")
+    *totals, windows = all_reduce_sum(sums).tolist()
+    keys = ("val_loss", "val_reconstruction", "val_reconstruction_all", "val_contrastive", "val_zero_baseline")
     if windows == 0:
         return dict.fromkeys(keys, float("nan"))
-    return dict(zip(keys, (loss / windows, rec / windows, con / windows, zero / windows)))
+    return {k: v / windows for k, v in zip(keys, totals)}
 
 
 def progress_line(metrics: dict[str, float], epochs: int, eta_s: float) -> str:

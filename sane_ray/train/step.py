@@ -2,7 +2,8 @@
 
 A batch holds two clean views ``x_i``/``x_j`` (B, ws, d_t), their shared ``mask`` and
 ``pos``. Both views go through the model in one call (2B windows), noise is applied
-on the device, and each view is reconstructed towards its clean tokens.
+on the device, and each view is reconstructed towards its clean tokens or, with
+``reconstruction_target="noisy"``, its noisy input (the reference's target).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def compute_loss(
     with ctx:
         out = model(x, pos, mask.any(dim=-1))
     p_i, p_j = out.projection.float().chunk(2)
-    return sane_loss(out.x_hat, clean, mask, p_i, p_j, cfg.gamma, cfg.temperature, gather)
+    target = x if cfg.reconstruction_target == "noisy" else clean
+    return sane_loss(out.x_hat, target, mask, p_i, p_j, cfg.gamma, cfg.temperature, gather, cfg.reconstruction_norm)
 
 
 def zero_prediction_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
