@@ -68,7 +68,7 @@ def ray_cluster(s3_server):
     import ray
 
     ctx = ray.init(
-        address="local",  # a cluster of its own, even when others run on this machine
+        address="local",  # never join another cluster running on this machine
         num_cpus=6,
         object_store_memory=300 * 1024**2,
         include_dashboard=True,

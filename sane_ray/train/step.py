@@ -51,7 +51,8 @@ def compute_loss(
         out = model(x, pos, mask.any(dim=-1))
     p_i, p_j = out.projection.float().chunk(2)
     target = x if cfg.reconstruction_target == "noisy" else clean
-    return sane_loss(out.x_hat, target, mask, p_i, p_j, cfg.gamma, cfg.temperature, gather, cfg.reconstruction_norm)
+    return sane_loss(out.x_hat, target, mask, p_i, p_j, cfg.gamma, cfg.temperature, gather,
+                     over=cfg.reconstruction_norm)
 
 
 def zero_prediction_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
