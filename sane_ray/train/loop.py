@@ -76,7 +76,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     distributed = is_distributed()
     if distributed:
         apply_fsdp(model, data_parallel_mesh(runtime.device_type, world), runtime.param_dtype, runtime.reduce_dtype)
-    torch.manual_seed(cfg.seed + 1 + rank)  # from here on (dropout) ranks draw differently
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.epochs * steps_per_epoch)
     state = TrainState(model, optimizer, scheduler)
     checkpoint = ray.train.get_checkpoint()
@@ -93,8 +92,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     epoch_ends = [time.perf_counter()]  # the loop's start, then the end of each epoch run here
     upcoming = _EpochBatches(train_data(state.epoch), cfg, device, state.epoch, rank) if state.epoch < cfg.epochs else None
     for epoch in range(state.epoch, cfg.epochs):
-        # Noise is reseeded per epoch so a resumed run draws what an uninterrupted one would.
+        # Noise and dropout are reseeded per epoch (and differ between ranks), so a resumed
+        # run draws what an uninterrupted one would.
         noise = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, rank))
+        torch.manual_seed(epoch_seed(cfg.seed + 1, epoch, rank))
         metrics: dict[str, float] = {"epoch": float(epoch + 1)}
         metrics.update(_train_epoch(model, upcoming, state, cfg, runtime, device, gather, noise, distributed))
         # The next epoch's pipeline starts while this one evaluates and checkpoints.
