@@ -126,10 +126,11 @@ def measure(zoo: str, passes: int, num_cpus: int, batch_size: int) -> dict:
         build_mem = mem.peaks()
         mem.reset()
 
-        shards = data.datasets["train"].streaming_split(2, equal=True)
+        stream = data.streams["train"]
         per_pass = []
-        for _ in range(passes):
+        for epoch in range(passes):
             counts = [0, 0]
+            shards = [stream.dataset(0, epoch, rank=r, world=2) for r in range(2)]
 
             def consume(i: int) -> None:
                 for b in shards[i].iter_torch_batches(batch_size=batch_size):

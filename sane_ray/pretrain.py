@@ -159,12 +159,16 @@ def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_pos
 
 def run_pretrain(cfg: PretrainConfig) -> Any:
     """Run the whole job; returns Ray Train's ``Result`` (``result.return_value``: history)."""
+    from ray.data import DataContext
+
     from sane_ray.data.pipeline import prepare_data
+    from sane_ray.data.stream import quiet_data_context
     from sane_ray.train.trainer import run_pretraining, steps_per_epoch
 
     check_run_settings(cfg.run)
     check_data_facts(cfg)
     ensure_ray_for(cfg.run, cfg.data)
+    quiet_data_context(DataContext.get_current(), cfg.data.progress_bars)
     check_capacity(cfg.run, cfg.data)
     data_cfg = cfg.data
     if not data_cfg.zoo_uri:
@@ -176,8 +180,9 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
     prepared = prepare_data(data_cfg)
     model = model_for_data(cfg.train.model, prepared.token_size, prepared.window_size, prepared.max_positions)
     # Steps from the known window count: counting the dataset would run a whole pass.
+    train = prepared.streams["train"]
     steps = cfg.train.steps_per_epoch or steps_per_epoch(
-        prepared.num_windows["train"], cfg.run.workers, cfg.train.batch_size)
+        train.rows_per_rank(cfg.train.seed, cfg.run.workers) * cfg.run.workers, cfg.run.workers, cfg.train.batch_size)
     train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps)
     resolved = dataclasses.replace(cfg, data=data_cfg, train=train_cfg)
 
@@ -195,7 +200,7 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
         resources["GPU"] = cfg.run.gpus_per_worker
     result = run_pretraining(
         train_cfg,
-        {k: v for k, v in prepared.datasets.items() if k in ("train", "val")},
+        {k: v for k, v in prepared.streams.items() if k in ("train", "val")},
         storage_path=out,
         name=cfg.run.name,
         num_workers=cfg.run.workers,
