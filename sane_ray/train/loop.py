@@ -132,15 +132,11 @@ def _epoch_data(
     worker's Ray Train shard of a fixed dataset; None when the split was not given."""
     stream = config.get("streams", {}).get(name)
     if stream is not None:
-        return functools.partial(_stream_dataset, stream, seed, rank=rank, world=world)
+        return functools.partial(stream.dataset, seed, rank=rank, world=world)
     if name in config.get("datasets", ()):
         shard = ray.train.get_dataset_shard(name)
         return lambda epoch: shard
     return None
-
-
-def _stream_dataset(stream: Any, seed: int, epoch: int, rank: int, world: int) -> Dataset:
-    return stream.dataset(seed, epoch, rank=rank, world=world)
 
 
 def _quiet_report_logs() -> None:
@@ -154,7 +150,7 @@ def _quiet_report_logs() -> None:
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of a rank's draws in one epoch (noise, local shuffle buffer)."""
+    """Seed of a rank's draws in one epoch (noise, dropout, local shuffle buffer)."""
     return (seed * 1_000_003 + epoch * 7919 + rank) % 2**32
 
 
