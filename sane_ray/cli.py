@@ -2,6 +2,10 @@
 
 ``jobs/*.py`` are thin entry points for ``ray job submit`` that call :func:`main` with
 their subcommand, so a flag means the same thing everywhere.
+
+Expected faults reach the user as one line naming the file, URI or setting: exit code
+2 for bad input (including a location another writer holds), 1 for a run that failed
+(a zoo task, or training that spent its restarts). ``-v`` re-raises with the traceback.
 """
 
 from __future__ import annotations
@@ -73,6 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Bad input: the user can fix the command, config or data (exit 2).
+BAD_INPUT: tuple[type[BaseException], ...] = (
+    ConfigError, StorageError, ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError,
+)
+
+
+def _failure_classes() -> tuple[type[BaseException], ...]:
+    """A run that started and failed (exit 1); imported lazily, like the commands."""
+    from ray.train import TrainingFailedError
+
+    from sane_ray.lease import LeaseHeldError
+    from sane_ray.zoo.generate import ZooGenerationError
+
+    return (ZooGenerationError, TrainingFailedError), (LeaseHeldError,)
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an error's message (Ray's carry tracebacks after it)."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first if not isinstance(e, KeyError) else f"{type(e).__name__}: {first}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -80,14 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     func: Callable[[argparse.Namespace], int] = args.func
+    failed, refused = _failure_classes()
     try:
         return func(args)
-    except (ConfigError, StorageError, ValueError, KeyError, FileNotFoundError) as e:
-        # Bad input: one clear line, not a traceback from deep inside a library.
+    except (*BAD_INPUT, *failed, *refused) as e:
+        # One clear line, not a traceback from deep inside a library.
         if args.verbose:
             raise
-        print(f"sane-ray: error: {e}", file=sys.stderr)
-        return 2
+        code = 1 if isinstance(e, failed) else 2
+        print(f"sane-ray: error: {one_line(e)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -156,7 +156,8 @@ def test_s3_run_is_interrupted_and_resumes(ray_cluster, s3, train_hooks, capsys)
     zoo, out = f"s3://{bucket}/zoo", f"s3://{bucket}/runs"
     zb.build_native_zoo(zoo, n_models=8, epochs=2)
     argv = ["pretrain", "--zoo", zoo, "--out", out, "--name", "s3run", "--preset", "tiny", "--workers", "2",
-            "--epochs", "2", "--batch-size", "4", "--train.num_threads", "1", "--train.optim.lr", "1e-3"]
+            "--epochs", "2", "--batch-size", "4", "--train.num_threads", "1", "--train.optim.lr", "1e-3",
+            "--train.max_failures", "0"]
 
     hooks["on_epoch_end"] = _interrupt_after(1)
     with pytest.raises(TrainingFailedError):

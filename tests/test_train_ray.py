@@ -24,7 +24,7 @@ WORKERS = dict(num_workers=2, resources_per_worker={"CPU": 1})
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(model=MODEL, optim=OptimConfig(lr=1e-3), epochs=2, batch_size=8, num_threads=1)
+    base = dict(model=MODEL, optim=OptimConfig(lr=1e-3), epochs=2, batch_size=8, num_threads=1, max_failures=0)
     return TrainConfig(**{**base, **kw})
 
 
