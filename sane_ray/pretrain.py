@@ -107,8 +107,25 @@ def ensure_ray(cfg: PretrainConfig) -> None:
         ray.init()
         return
     run, data = cfg.run, cfg.data
+    check_local_capacity(run)
     need = run.workers * run.cpus_per_worker + data.num_actors * data.actor_cpus + data.stream_cpus + 1
     ray.init(num_cpus=run.local_cpus or max(4, math.ceil(need)), object_store_memory=512 * 1024**2)
+
+
+def check_local_capacity(run: RunSettings) -> None:
+    """Refuse, before a local cluster is started, more workers than this machine's cores.
+
+    A local cluster is sized to fit the request, so :func:`check_capacity` would pass,
+    and the machine would run out of memory instead.
+    """
+    cores = run.local_cpus or os.cpu_count() or 1
+    need = run.workers * run.cpus_per_worker
+    if need > cores + 1e-9:
+        what = f"run.local_cpus={run.local_cpus}" if run.local_cpus else f"this machine has {cores} CPU cores"
+        raise ValueError(
+            f"{run.workers} workers x {run.cpus_per_worker:g} CPU need {need:g} CPU, but {what} and no cluster "
+            "is given (RAY_ADDRESS); lower run.workers or run.cpus_per_worker, or run on a cluster"
+        )
 
 
 def check_capacity(run: RunSettings, data: DataConfig) -> None:

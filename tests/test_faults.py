@@ -333,3 +333,130 @@ def test_lease_refuses_a_second_writer_and_takes_over_a_stale_one(where, tmp_pat
     assert storage.exists(second.uri)
     second.release()
     assert not storage.exists(second.uri)
+
+
+# ---------------------------------------------------------------- zoos: one writer, safe overwrite
+
+
+ZOO = ["--models", "2", "--epochs", "1", "--seed", "3"]
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """Run the CLI in-process; returns the exit code and its error lines (no traceback allowed)."""
+    from sane_ray.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, [line for line in err.splitlines() if line.startswith("sane-ray: error:")]
+
+
+def test_two_concurrent_make_zoo_one_is_refused(ray_cluster, tmp_path, capsys):
+    from sane_ray.zoo.generate import ZooGenConfig, generate_zoo
+    from sane_ray.zoo.reader import open_zoo
+
+    out = str(tmp_path / "zoo")
+    done: list[object] = []
+    first = threading.Thread(
+        target=lambda: done.append(generate_zoo(ZooGenConfig(out=out, models=2, epochs=1, seed=3), progress=False)))
+    first.start()
+    _wait_for(os.path.join(out, lease.LEASE_FILE))
+    code, lines = _cli(["make-zoo", "--out", out, *ZOO], capsys)
+    first.join(timeout=240)
+    assert code == 2 and len(lines) == 1
+    assert f"{out} is being written by make-zoo on host {socket.gethostname()} pid {os.getpid()} since" in lines[0]
+    assert done == [out]
+    zoo = open_zoo(out, verify=True)  # the winner's zoo is whole
+    assert len(zoo.models) == 2 and not zoo.skipped
+    assert not os.path.exists(os.path.join(out, lease.LEASE_FILE))
+
+    code, lines = _cli(["make-zoo", "--out", out, *ZOO], capsys)  # ZooExistsError
+    assert code == 2 and len(lines) == 1 and out in lines[0] and "overwrite=true" in lines[0]
+
+
+def test_interrupted_overwrite_keeps_the_old_zoo(ray_cluster, tmp_path, monkeypatch):
+    from sane_ray.zoo import generate
+    from sane_ray.zoo.generate import ZooGenConfig, generate_zoo
+    from sane_ray.zoo.reader import open_zoo
+
+    out = str(tmp_path / "zoo")
+    old_cfg = ZooGenConfig(out=out, models=2, epochs=1, seed=3)
+    generate_zoo(old_cfg, progress=False)
+    new_cfg = ZooGenConfig(out=out, models=1, epochs=1, seed=4, overwrite=True)
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after every new checkpoint is written, before publishing
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(generate, "publish_manifest", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            generate_zoo(new_cfg, progress=False)
+    assert os.path.isdir(os.path.join(out, "next", "models", "model_0000"))  # the new one was written beside
+    zoo = open_zoo(out, verify=True)
+    assert zoo.metadata["generation"] == old_cfg.identity() and len(zoo.models) == 2
+    assert not os.path.exists(os.path.join(out, lease.LEASE_FILE))
+
+    generate_zoo(new_cfg, progress=False)
+    zoo = open_zoo(out, verify=True)
+    assert zoo.metadata["generation"] == new_cfg.identity() and len(zoo.models) == 1
+    assert sorted(os.listdir(out)) == ["manifest.parquet", "next"]  # the old checkpoints went with the old zoo
+
+
+def test_failed_zoo_generation_is_one_line_exit_1(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "zoo"
+    blocker = out / "models" / "model_0001" / "epoch_0001.safetensors"  # a directory: the write fails
+    blocker.mkdir(parents=True)
+    code, lines = _cli(["make-zoo", "--out", str(out), *ZOO], capsys)
+    assert code == 1 and len(lines) == 1
+    assert "training model_0001 failed" in lines[0] and f"no manifest published at {out}" in lines[0]
+
+
+def test_wrong_s3_credentials_on_write_name_the_uri(s3, monkeypatch, capsys):
+    from moto import settings
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks credentials from now on
+    out = f"s3://{s3['bucket']}/zoo"
+    code, lines = _cli(["make-zoo", "--out", out, *ZOO], capsys)
+    assert code == 2 and len(lines) == 1
+    assert f"{out}/{lease.LEASE_FILE}" in lines[0]
+
+
+def test_more_workers_than_cores_refused_before_a_local_cluster(monkeypatch, capsys):
+    import ray
+
+    from sane_ray import pretrain
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a local cluster was started")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    code, lines = _cli(["pretrain", "--workers", "4096"], capsys)
+    assert code == 2 and len(lines) == 1
+    assert f"4096 workers x 1 CPU need 4096 CPU, but this machine has {os.cpu_count()} CPU cores" in lines[0]
+    with pytest.raises(ValueError, match="run.local_cpus=8"):
+        pretrain.check_local_capacity(pretrain.RunSettings(workers=9, local_cpus=8))
+
+
+@pytest.mark.parametrize("error,code", [
+    (ResumeError("no usable checkpoint in /runs/x: /runs/x/checkpoint_1/__0_0.distcp: missing"), 2),
+    (IntegrityError("/runs/x/model.safetensors: 10 bytes, 99 recorded (truncated or overwritten)"), 2),
+    (lease.LeaseHeldError("/runs/x is being written by pretraining on host h pid 1 since ..."), 2),
+    (storage.StorageError("cannot write s3://b/runs/x/model.safetensors: Access Denied"), 2),
+    (PretrainingFailedError("pretraining into /runs/x failed after 3 restart(s) (train.max_failures): rank 0: "
+                            "RuntimeError: boom; its checkpoints are kept, rerun to resume\nTraceback (most recent"), 1),
+])
+def test_each_fault_reaches_the_user_as_one_line(monkeypatch, capsys, error, code):
+    from sane_ray import pretrain
+    from sane_ray.cli import main
+
+    def fail(cfg):
+        raise error
+
+    monkeypatch.setattr(pretrain, "run_pretrain", fail)
+    got, lines = _cli(["pretrain"], capsys)
+    assert got == code and lines == [f"sane-ray: error: {str(error).splitlines()[0]}"]
+    with pytest.raises(type(error)):  # -v: the traceback
+        main(["-v", "pretrain"])
