@@ -77,27 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Bad input: the user can fix the command, config or data (exit 2).
-BAD_INPUT: tuple[type[BaseException], ...] = (
-    ConfigError, StorageError, ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError,
-)
-
-
-def _failure_classes() -> tuple[type[BaseException], ...]:
-    """A run that started and failed (exit 1); imported lazily, like the commands."""
+def _expected_faults() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(bad input: exit 2, failed runs: exit 1); imported lazily, like the commands."""
     from ray.train import TrainingFailedError
 
     from sane_ray.lease import LeaseHeldError
     from sane_ray.zoo.generate import ZooGenerationError
 
-    return (ZooGenerationError, TrainingFailedError), (LeaseHeldError,)
+    # ZooExistsError is a FileExistsError; IntegrityError and ResumeError are ValueErrors.
+    bad_input = (ConfigError, StorageError, ValueError, KeyError, FileNotFoundError, FileExistsError,
+                 PermissionError, LeaseHeldError)
+    return bad_input, (ZooGenerationError, TrainingFailedError)
 
 
 def one_line(e: BaseException) -> str:
     """The first line of an error's message (Ray's carry tracebacks after it)."""
     text = str(e).strip()
-    first = text.splitlines()[0] if text else type(e).__name__
-    return first if not isinstance(e, KeyError) else f"{type(e).__name__}: {first}"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,10 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     func: Callable[[argparse.Namespace], int] = args.func
-    failed, refused = _failure_classes()
+    bad_input, failed = _expected_faults()
     try:
         return func(args)
-    except (*BAD_INPUT, *failed, *refused) as e:
+    except (*bad_input, *failed) as e:
         # One clear line, not a traceback from deep inside a library.
         if args.verbose:
             raise

@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch.distributed as dist
 
@@ -126,7 +126,7 @@ def restore(state: TrainState, run_uri: str | None, keep: int, s3: storage.S3Opt
         prune(run_uri, keep, s3, remove=found.failed)
 
 
-def prune(run_uri: str, keep: int, s3: storage.S3Options | None = None, remove: Iterator[str] | dict = ()) -> list[str]:
+def prune(run_uri: str, keep: int, s3: storage.S3Options | None = None, remove: Iterable[str] = ()) -> list[str]:
     """Remove the checkpoint directories in ``remove`` and all but the newest ``keep`` others; returns the removed."""
     remove = set(remove)
     names = [n for n in checkpoint_dirs(run_uri, s3) if n not in remove]
