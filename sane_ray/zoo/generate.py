@@ -308,7 +308,7 @@ def generate_zoo(cfg: ZooGenConfig, progress: bool = True, s3: storage.S3Options
     """Train ``cfg.models`` models as Ray tasks, publish the zoo, return its URI.
 
     Refuses (``ZooExistsError``) if a zoo is already published there, unless
-    ``cfg.overwrite``. S3 settings are resolved here (``s3`` or the AWS variables) and
+    ``cfg.overwrite``, and (``LeaseHeldError``) while another writer holds it. S3 settings are resolved here (``s3`` or the AWS variables) and
     handed to the tasks, so they reach workers on any cluster.
     """
     cfg.validate()
