@@ -197,7 +197,7 @@ def _write(uri: str, holder: dict[str, Any], s3: storage.S3Options | None, if_ma
 def _take_over(uri: str, holder: dict[str, Any], current: tuple[dict[str, Any], str | None],
                s3: storage.S3Options | None) -> str | bool:
     """Replace a stale lease with ours; False if another writer got there first."""
-    stale, etag = current
+    _, etag = current
     if storage.parse_uri(uri, s3).scheme == "s3":
         try:
             return _write(uri, holder, s3, if_match=etag or "*")

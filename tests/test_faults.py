@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-import torch
 from ray.train import TrainingFailedError
 
 from sane_ray import lease, storage
@@ -97,11 +96,13 @@ def _damage(checkpoint: str, fault: str) -> None:
         os.remove(os.path.join(checkpoint, "__0_0.distcp"))
     elif fault == "bit-flipped":
         shard = os.path.join(checkpoint, "__1_0.distcp")
-        data = bytearray(open(shard, "rb").read())
+        with open(shard, "rb") as f:
+            data = bytearray(f.read())
         start = max(0, len(data) // 2 - 2048)
         for i in range(start, min(len(data), start + 4096)):
             data[i] ^= 0xFF
-        open(shard, "wb").write(bytes(data))
+        with open(shard, "wb") as f:
+            f.write(bytes(data))
     elif fault == "unregistered":  # Ray's registry lags: it knows neither checkpoint
         os.remove(os.path.join(os.path.dirname(checkpoint), RAY_SNAPSHOT))
     else:
