@@ -115,6 +115,12 @@ def _interrupt_after(epoch: int):
 
     def hook(rank: int, done: int) -> None:
         if done == epoch:
+            # every rank's checkpoint upload is done first: a rank still uploading when
+            # another fails leaves an incomplete checkpoint, which resume rightly skips
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
             raise RuntimeError("interrupted")
 
     return hook

@@ -34,17 +34,29 @@ def datasets(ray_cluster):
     return {"train": synthetic_dataset(64, MODEL, seed=0), "val": synthetic_dataset(13, MODEL, seed=1)}
 
 
+def _all_ranks_reported() -> None:
+    """Wait until every rank's report (and checkpoint upload) is done: a fault injected
+    while another rank still uploads would leave an incomplete checkpoint."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _fail_once_at(epoch: int, marker: str):
     def hook(rank: int, done: int) -> None:
-        if rank == 1 and done == epoch and not os.path.exists(marker):
-            open(marker, "w").close()
-            raise RuntimeError("injected worker failure")
+        if done == epoch and not os.path.exists(marker):
+            _all_ranks_reported()
+            if rank == 1:
+                open(marker, "w").close()
+                raise RuntimeError("injected worker failure")
     return hook
 
 
 def _stop_at(epoch: int):
     def hook(rank: int, done: int) -> None:
         if done == epoch:
+            _all_ranks_reported()
             raise RuntimeError("interrupted")
     return hook
 
