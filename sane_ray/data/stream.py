@@ -50,6 +50,7 @@ from sane_ray.data.windows import (
     window_index,
     windows_per_checkpoint,
 )
+from sane_ray.placement import remote_args
 from sane_ray.weights.augment import permute_tokens
 from sane_ray.weights.permutation import permutation_spec, random_permutation
 from sane_ray.weights.tokenize import TokenLayout, layout_mask, layout_positions
@@ -200,9 +201,12 @@ def read_and_draw(
 
 
 def window_dataset(
-    canonical: CanonicalZoo, split: str, cfg: DataConfig, s3: storage.S3Options | None = None
+    canonical: CanonicalZoo, split: str, cfg: DataConfig, s3: storage.S3Options | None = None,
+    node_types: bool = False,
 ) -> ray.data.Dataset:
-    """The lazy dataset of window pairs for one split (re-executed, with fresh windows, on every pass)."""
+    """The lazy dataset of window pairs for one split (re-executed, with fresh windows, on every pass).
+
+    ``node_types``: draw windows on CPU-type nodes (:mod:`sane_ray.placement`)."""
     spec = StreamSpec.build(canonical, cfg)
     files = canonical.files[split]
     ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
@@ -213,5 +217,5 @@ def window_dataset(
         read_and_draw,
         batch_size=files_per_task(spec, cfg, per_file),
         fn_kwargs={"root": canonical.uri, "s3": s3, "spec": spec},
-        num_cpus=cfg.stream_cpus,
+        **remote_args("cpu", cfg.stream_cpus, node_types=node_types),
     )
