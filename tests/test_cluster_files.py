@@ -1,6 +1,6 @@
 """The cluster files in cluster/: Ray's autoscaler schema accepts the AWS file, the KubeRay
 manifests carry what KubeRay needs, every node type declares the placement resource that
-sane_ray.placement asks for, and the commands they run parse with the real CLI."""
+sane_ray.cluster asks for, and the commands they run parse with the real CLI."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import yaml
 
 from sane_ray.cli import build_parser
 from sane_ray.config import load_config, overrides_from_args
-from sane_ray.placement import CPU_NODE, GPU_NODE, MARKER, check_node_types, remote_args, worker_resources
+from sane_ray.cluster import CPU_NODE, GPU_NODE, MARKER, check_node_types, remote_args, worker_resources
 from sane_ray.pretrain import PretrainConfig, preset_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ import torch
 
 from sane_ray import storage
 from sane_ray.data.config import DataConfig
-from sane_ray.placement import remote_args
+from sane_ray.cluster import remote_args
 from sane_ray.data.splits import SPLITS, split_models
 from sane_ray.weights.align import align_model
 from sane_ray.weights.permutation import permutation_spec
@@ -452,7 +452,7 @@ def build_canonical(
 ) -> CanonicalZoo:
     """Run both passes and publish the canonical zoo at ``out_uri`` (manifest last).
 
-    ``node_types``: run the passes on CPU-type nodes (:mod:`sane_ray.placement`)."""
+    ``node_types``: run the passes on CPU-type nodes (:mod:`sane_ray.cluster`)."""
     groups = choose_references(p, cfg, s3)
     stats = compute_stats(p, cfg, s3, node_types)
     by_id = {m.model_id: m for m in p.models}
