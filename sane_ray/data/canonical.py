@@ -38,8 +38,8 @@ import ray
 import torch
 
 from sane_ray import storage
-from sane_ray.data.config import DataConfig
 from sane_ray.cluster import remote_args
+from sane_ray.data.config import DataConfig
 from sane_ray.data.splits import SPLITS, split_models
 from sane_ray.weights.align import align_model
 from sane_ray.weights.permutation import permutation_spec
