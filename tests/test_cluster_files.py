@@ -146,6 +146,7 @@ def parse_pretrain(args: list[str], image_root: str | None = None) -> PretrainCo
 def test_cluster_run_settings_place_stages_by_node_type():
     cfg = parse_pretrain(["--config", str(CLUSTER / "pretrain.yaml"), "--zoo", "s3://b/zoo"])
     assert cfg.run.node_types and cfg.run.autoscaling and cfg.run.gpus_per_worker == 1
+    assert cfg.train.max_failures >= 1  # a lost node restarts the workers from the last checkpoint
 
 
 def test_runtime_env_file_is_a_valid_runtime_env():
