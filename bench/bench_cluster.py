@@ -7,8 +7,9 @@ on shapes, not on training) and times, in this process:
 * stats: the statistics pass of one model (load its checkpoints, per-layer moments);
 * canonical: one preprocessing actor call per model (load, align to the reference,
   tokenize, standardize, write its Parquet shard), i.e. ``Canonicalizer.process``;
-* windows: one window task over all shards (read, draw every checkpoint's windows per
-  pass, permute view j), as windows/s and tokens/s of one CPU.
+* windows: one training epoch's window tasks as the job forms them (``WindowStream.tasks``:
+  read the shards, draw every checkpoint's windows, permute view j), as windows and
+  tokens per CPU-second.
 
 Run with one thread, as a 1-CPU Ray task would: ``OMP_NUM_THREADS=1 python bench/bench_cluster.py``.
 """
@@ -36,7 +37,7 @@ from sane_ray.data.canonical import (  # noqa: E402
     CanonicalJob, CanonicalZoo, Canonicalizer, _items, _model_stats, choose_references, model_to_json, plan,
 )
 from sane_ray.data.config import DataConfig  # noqa: E402
-from sane_ray.data.stream import StreamSpec, read_and_draw  # noqa: E402
+from sane_ray.data.stream import StreamSpec, WindowStream, read_and_draw  # noqa: E402
 from sane_ray.weights.standardize import StandardizationStats  # noqa: E402
 from sane_ray.zoo.reader import open_zoo  # noqa: E402
 
@@ -50,6 +51,13 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def _cell(value) -> np.ndarray:
+    """A one-row batch column holding ``value`` (a list stays one cell)."""
+    out = np.empty(1, dtype=object)
+    out[0] = value
+    return out
 
 
 def measure(arch: str, models: int, checkpoints: int, token_size: int, window: int, root: str) -> dict:
@@ -88,16 +96,17 @@ def measure(arch: str, models: int, checkpoints: int, token_size: int, window: i
         files.append(summary["file"])
     aligned = canon_s[1:] or canon_s  # the reference model itself is not aligned
 
-    canonical = CanonicalZoo(uri=out_uri, key="bench", zoo_uri=zoo_uri, settings={}, splits={}, files={},
-                             checkpoints={}, groups=groups)
+    lid = next(iter(groups))
+    canonical = CanonicalZoo(uri=out_uri, key="bench", zoo_uri=zoo_uri, settings={}, splits={},
+                             files={"train": files}, checkpoints={"train": {lid: models * checkpoints}}, groups=groups)
     spec = StreamSpec.build(canonical, cfg)
+    # The job's own window tasks for one epoch, each run as its one-row batch.
+    tasks = [{k: _cell(v) for k, v in t.items()} for t in WindowStream.build(canonical, "train", cfg, spec).tasks(0, 0)]
     passes = []
-    task = {"files": np.array([files], dtype=object), "seed": np.array([0])}  # one task holding every shard
     for _ in range(3):
         with Timer() as t:
-            batch = read_and_draw(task, out_uri, None, spec)
+            n_windows = sum(len(read_and_draw(task, out_uri, None, spec)["x_i"]) for task in tasks)
         passes.append(t)
-    n_windows = len(batch["x_i"])
     cpu = min(t.cpu for t in passes[1:])
     wall = min(t.wall for t in passes[1:])
     seq = groups[next(iter(groups))].sequence_length
