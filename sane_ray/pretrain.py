@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sane_ray import storage
-from sane_ray.cluster import check_capacity, ensure_ray_for
+from sane_ray.cluster import check_capacity, check_node_types, ensure_ray_for, worker_resources
 from sane_ray.config import dump_config
 from sane_ray.data.canonical import MANIFEST as CANONICAL_MANIFEST
 from sane_ray.data.canonical import STATS as CANONICAL_STATS
@@ -43,6 +43,9 @@ class RunSettings:
     cpus_per_worker: float = 1.0
     # The cluster may grow (autoscaler): skip the check that it can hold every worker now.
     autoscaling: bool = False
+    # Data stages on nodes declaring sane_cpu_node, Train workers on sane_gpu_node nodes
+    # (sane_ray.cluster, cluster/); false: anywhere, as on one machine.
+    node_types: bool = False
     # Logical CPUs for a local cluster started by this job (0: enough for workers + data actors).
     local_cpus: int = 0
 
@@ -73,6 +76,7 @@ PRETRAIN_ALIASES = {
     "name": "run.name",
     "workers": "run.workers",
     "gpus-per-worker": "run.gpus_per_worker",
+    "node-types": "run.node_types",
     "epochs": "train.epochs",
     "batch-size": "train.batch_size",
     "lr": "train.optim.lr",
@@ -157,8 +161,11 @@ def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_pos
     return dataclasses.replace(model, d_t=token_size, window_size=window_size)
 
 
-def run_pretrain(cfg: PretrainConfig) -> Any:
-    """Run the whole job; returns Ray Train's ``Result`` (``result.return_value``: history)."""
+def run_pretrain(cfg: PretrainConfig, on_epoch_end: Callable[[int, int], None] | None = None) -> Any:
+    """Run the whole job; returns Ray Train's ``Result`` (``result.return_value``: history).
+
+    ``on_epoch_end(rank, epoch)`` runs on every worker after each epoch (logging, fault injection).
+    """
     from ray.data import DataContext
 
     from sane_ray.data.pipeline import prepare_data
@@ -170,6 +177,7 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
     ensure_ray_for(cfg.run, cfg.data)
     quiet_data_context(DataContext.get_current(), cfg.data.progress_bars)
     check_capacity(cfg.run, cfg.data)
+    check_node_types(cfg.run.node_types, cfg.run.autoscaling)
     data_cfg = cfg.data
     if not data_cfg.zoo_uri:
         from sane_ray.zoo.generate import ensure_default_zoo
@@ -177,7 +185,7 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
         log.info("no zoo given: using the built-in digits zoo (generated on first use)")
         data_cfg = dataclasses.replace(data_cfg, zoo_uri=ensure_default_zoo(progress=True))
 
-    prepared = prepare_data(data_cfg)
+    prepared = prepare_data(data_cfg, node_types=cfg.run.node_types)
     model = model_for_data(cfg.train.model, prepared.token_size, prepared.window_size, prepared.max_positions)
     # Steps from the known window count: counting the dataset would run a whole pass.
     train = prepared.streams["train"]
@@ -195,9 +203,7 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
         CANONICAL_STATS: storage.read_bytes(storage.join(prepared.cache_uri, CANONICAL_STATS)),
         CANONICAL_MANIFEST: storage.read_bytes(storage.join(prepared.cache_uri, CANONICAL_MANIFEST)),
     }
-    resources = {"CPU": cfg.run.cpus_per_worker}
-    if cfg.run.gpus_per_worker:
-        resources["GPU"] = cfg.run.gpus_per_worker
+    resources = worker_resources(cfg.run.cpus_per_worker, cfg.run.gpus_per_worker, node_types=cfg.run.node_types)
     result = run_pretraining(
         train_cfg,
         {k: v for k, v in prepared.streams.items() if k in ("train", "val")},
@@ -207,6 +213,7 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
         use_gpu=cfg.run.gpus_per_worker > 0,
         resources_per_worker=resources,
         export_files=export_files,
+        on_epoch_end=on_epoch_end,
     )
     log.info("done: model, loss curve and summary in %s", run_uri)
     print(f"\nSANE pretraining finished. Results: {run_uri}/summary.md, {run_uri}/loss_curve.png")

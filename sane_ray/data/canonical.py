@@ -38,6 +38,7 @@ import ray
 import torch
 
 from sane_ray import storage
+from sane_ray.cluster import remote_args
 from sane_ray.data.config import DataConfig
 from sane_ray.data.splits import SPLITS, split_models
 from sane_ray.weights.align import align_model
@@ -406,12 +407,15 @@ def _items(p: Plan, ids: list[str], model_index: dict[str, int]) -> list[dict[st
     ]
 
 
-def compute_stats(p: Plan, cfg: DataConfig, s3: storage.S3Options) -> dict[str, StandardizationStats]:
+def compute_stats(
+    p: Plan, cfg: DataConfig, s3: storage.S3Options, node_types: bool = False
+) -> dict[str, StandardizationStats]:
     """Pass 1: training-split statistics per layout, merged on the driver as results stream in."""
     index = {mid: i for i, mid in enumerate(m.model_id for m in p.models)}
     ds = ray.data.from_items(_items(p, p.splits["train"], index), override_num_blocks=max(1, len(p.splits["train"])))
     ds = ds.map_batches(
-        _model_stats, batch_size=1, num_cpus=cfg.actor_cpus, compute=ray.data.TaskPoolStrategy(size=cfg.num_actors),
+        _model_stats, batch_size=1, compute=ray.data.TaskPoolStrategy(size=cfg.num_actors),
+        **remote_args("cpu", cfg.actor_cpus, node_types=node_types),
         fn_kwargs={"include_bn": cfg.include_bn, "max_abs": cfg.max_abs_weight, "s3": s3},
     )
     # Per-model moments are a few numbers per layer; merging them in model-id order makes
@@ -427,24 +431,30 @@ def compute_stats(p: Plan, cfg: DataConfig, s3: storage.S3Options) -> dict[str, 
     return merged
 
 
-def _summaries(p: Plan, cfg: DataConfig, job: CanonicalJob, model_index: dict[str, int]) -> Iterator[dict[str, Any]]:
+def _summaries(
+    p: Plan, cfg: DataConfig, job: CanonicalJob, model_index: dict[str, int], node_types: bool
+) -> Iterator[dict[str, Any]]:
     ids = [m.model_id for m in p.models]
     ds = ray.data.from_items(_items(p, ids, model_index), override_num_blocks=max(1, len(ids)))
     ds = ds.map_batches(
         Canonicalizer,
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
-        num_cpus=cfg.actor_cpus,
+        **remote_args("cpu", cfg.actor_cpus, node_types=node_types),
         fn_constructor_kwargs={"job": job},
     )
     for row in ds.iter_rows():
         yield json.loads(row["summary"])
 
 
-def build_canonical(p: Plan, cfg: DataConfig, out_uri: str, key: str, s3: storage.S3Options) -> CanonicalZoo:
-    """Run both passes and publish the canonical zoo at ``out_uri`` (manifest last)."""
+def build_canonical(
+    p: Plan, cfg: DataConfig, out_uri: str, key: str, s3: storage.S3Options, node_types: bool = False
+) -> CanonicalZoo:
+    """Run both passes and publish the canonical zoo at ``out_uri`` (manifest last).
+
+    ``node_types``: run the passes on CPU-type nodes (:mod:`sane_ray.cluster`)."""
     groups = choose_references(p, cfg, s3)
-    stats = compute_stats(p, cfg, s3)
+    stats = compute_stats(p, cfg, s3, node_types)
     by_id = {m.model_id: m for m in p.models}
     refs = {}
     for lid, g in groups.items():
@@ -461,7 +471,7 @@ def build_canonical(p: Plan, cfg: DataConfig, out_uri: str, key: str, s3: storag
     members: dict[str, list[str]] = {s: [] for s in SPLITS}
     rows: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
     skipped = list(p.skipped)
-    for s in _summaries(p, cfg, job, model_index):
+    for s in _summaries(p, cfg, job, model_index, node_types):
         skipped += [Skipped(**k) for k in s["skipped"]]
         if s["file"]:
             files[s["split"]].append(s["file"])

@@ -105,8 +105,10 @@ class PreparedData:
         return self.stats[self.canonical.group_for(architecture, arch_kwargs).layout_id]
 
 
-def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None) -> PreparedData:
-    """Validate, build or reuse the canonical tokenized zoo, and return one window dataset per split."""
+def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None, node_types: bool = False) -> PreparedData:
+    """Validate, build or reuse the canonical tokenized zoo, and return one window dataset per split.
+
+    ``node_types``: preprocess and draw windows on CPU-type nodes (:mod:`sane_ray.cluster`)."""
     if not cfg.zoo_uri:
         raise DataPreparationError("DataConfig.zoo_uri is not set")
     s3 = (s3 or storage.S3Options()).resolved()
@@ -120,7 +122,7 @@ def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None) -> Prepar
     hit = canonical is not None
     if canonical is None:
         log.info("building the canonical tokenized zoo of %s at %s", zoo.uri, uri)
-        canonical = build_canonical(p, cfg, uri, key, s3)
+        canonical = build_canonical(p, cfg, uri, key, s3, node_types)
     else:
         log.info("reusing the canonical tokenized zoo at %s", uri)
     if canonical.skipped:
@@ -129,7 +131,7 @@ def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None) -> Prepar
                     len(canonical.skipped), canonical.zoo_uri, reasons)
 
     spec = StreamSpec.build(canonical, cfg)
-    streams = {s: WindowStream.build(canonical, s, cfg, spec, s3) for s in SPLITS if canonical.files[s]}
+    streams = {s: WindowStream.build(canonical, s, cfg, spec, s3, node_types) for s in SPLITS if canonical.files[s]}
     return PreparedData(
         streams=streams,
         canonical=canonical,

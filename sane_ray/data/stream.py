@@ -54,6 +54,7 @@ import torch
 from ray.data import DataContext
 
 from sane_ray import storage
+from sane_ray.cluster import remote_args
 from sane_ray.data.canonical import CanonicalZoo
 from sane_ray.data.config import DataConfig
 from sane_ray.data.splits import SPLITS
@@ -268,10 +269,12 @@ class WindowStream:
     windows_per_pass: int
     s3: storage.S3Options | None = None
     progress_bars: bool = False
+    node_types: bool = False  # window tasks on CPU-type nodes (sane_ray.cluster)
 
     @classmethod
     def build(
-        cls, canonical: CanonicalZoo, split: str, cfg: DataConfig, spec: StreamSpec, s3: storage.S3Options | None = None
+        cls, canonical: CanonicalZoo, split: str, cfg: DataConfig, spec: StreamSpec,
+        s3: storage.S3Options | None = None, node_types: bool = False,
     ) -> WindowStream:
         files = tuple(canonical.files[split])
         per_file = sum(canonical.checkpoints[split].values()) / max(1, len(files))
@@ -279,7 +282,7 @@ class WindowStream:
             uri=canonical.uri, split=split, files=files, spec=spec,
             files_per_task=files_per_task(spec, cfg, per_file), stream_cpus=cfg.stream_cpus,
             windows_per_pass=spec.windows_per_pass(canonical.checkpoints[split]), s3=s3,
-            progress_bars=cfg.progress_bars,
+            progress_bars=cfg.progress_bars, node_types=node_types,
         )
 
     @property
@@ -318,7 +321,7 @@ class WindowStream:
             read_and_draw,
             batch_size=1,
             fn_kwargs={"root": self.uri, "s3": self.s3, "spec": self.spec},
-            num_cpus=self.stream_cpus,
+            **remote_args("cpu", self.stream_cpus, node_types=self.node_types),
         )
         if world > 1:
             ds = ds.limit(self.rows_per_rank(seed, world))
