@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from sane_ray.data.shards import iter_checkpoints
 from sane_ray.embed import embed_checkpoints, embed_tokens, halo_plan, load_run, preprocess
 from sane_ray.embed.encode import concat_tokens, summarize
 from sane_ray.embed.preprocess import run_export_files
+from sane_ray.embed.zoo import EmbedConfig, embed_models, embed_zoo, embedding_matrix, read_embeddings
 from sane_ray.model import SaneModel, tiny
 from sane_ray.model.export import ExportError, export_model
 from sane_ray.pretrain import model_for_data
@@ -165,3 +167,29 @@ def test_run_without_preprocessing_is_refused(tmp_path):
     export_model(SaneModel(cfg).state_dict(), cfg, str(tmp_path))
     with pytest.raises(ExportError, match="preprocessing.json"):
         load_run(str(tmp_path), device="cpu")
+
+
+def test_embed_zoo_actor_pool_equals_in_process(run_setup, tmp_path):
+    prepared, run_uri = run_setup
+    run = load_run(run_uri, device="cpu")
+    zoo = open_zoo(prepared.canonical.zoo_uri)
+    cfg = EmbedConfig(models_per_batch=3, num_actors=1, actor_cpus=0.5, keep_tokens=True)
+    local = embed_models(run, zoo.models, cfg=cfg)
+    out = str(tmp_path / "emb")
+    assert embed_zoo(run_uri, zoo.uri, out, cfg) == local.num_rows == zoo.num_checkpoints
+    pooled = read_embeddings(out)
+    assert pooled.column("model_id").to_pylist() == local.column("model_id").to_pylist()
+    assert pooled.column("epoch").to_pylist() == local.column("epoch").to_pylist()
+    splits = {m: s for s, ids in prepared.splits.items() for m in ids}
+    assert pooled.column("split").to_pylist() == [splits[m] for m in pooled.column("model_id").to_pylist()]
+    np.testing.assert_allclose(pooled.column("test_acc").to_numpy(), local.column("test_acc").to_numpy())
+    np.testing.assert_allclose(embedding_matrix(pooled), embedding_matrix(local), rtol=1e-5, atol=1e-6)
+    spread = embedding_matrix(pooled, "layer_spread")
+    (layout,) = [p.layout for p in run.preprocessing.layouts.values()]
+    assert spread.shape == (pooled.num_rows, len(layout.layers)) and (spread > 0).all()
+    # the stored token latents are the model's stitched sequence; their mean is the embedding
+    first = pooled.slice(0, 1).to_pylist()[0]
+    z = np.frombuffer(first["tokens"], np.float32).reshape(50, run.model.cfg.d_z)
+    np.testing.assert_allclose(z.mean(0), first["embedding"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="no finished embeddings"):
+        read_embeddings(str(tmp_path / "nothing"))

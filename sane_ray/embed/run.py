@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sane_ray import storage
 from sane_ray.data.canonical import MANIFEST as CANONICAL_MANIFEST
 from sane_ray.data.canonical import CanonicalZoo
 from sane_ray.embed.preprocess import Preprocessing
@@ -36,9 +37,27 @@ class Run:
 
     def splits(self) -> dict[str, str]:
         """Model id -> split ("train"/"val"/"test") of the run's own zoo (empty without a manifest)."""
-        if self.canonical is None:
-            return {}
-        return {mid: split for split, ids in self.canonical.splits.items() for mid in ids}
+        return splits_of(self.canonical)
+
+
+def splits_of(canonical: CanonicalZoo | None) -> dict[str, str]:
+    """Model id -> split of a canonical manifest (empty for None)."""
+    if canonical is None:
+        return {}
+    return {mid: split for split, ids in canonical.splits.items() for mid in ids}
+
+
+def _canonical(data: bytes, where: str) -> CanonicalZoo:
+    try:
+        return CanonicalZoo.from_json(data.decode())
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{where}: unreadable canonical manifest ({e})") from e
+
+
+def run_canonical(run_uri: str, s3: storage.S3Options | None = None) -> CanonicalZoo | None:
+    """Just the run's canonical manifest (its zoo URI and split), without loading the model."""
+    where = storage.join(run_uri, CANONICAL_MANIFEST)
+    return _canonical(storage.read_bytes(where, s3), where) if storage.exists(where, s3) else None
 
 
 def load_run(run_uri: str, device: str | torch.device | None = None) -> Run:
@@ -52,8 +71,5 @@ def load_run(run_uri: str, device: str | torch.device | None = None) -> Run:
         raise ExportError(str(e)) from e
     canonical = None
     if CANONICAL_MANIFEST in files:
-        try:
-            canonical = CanonicalZoo.from_json(files[CANONICAL_MANIFEST].decode())
-        except (ValueError, KeyError, TypeError) as e:
-            raise ExportError(f"{run_uri}/{CANONICAL_MANIFEST}: unreadable canonical manifest ({e})") from e
+        canonical = _canonical(files[CANONICAL_MANIFEST], storage.join(run_uri, CANONICAL_MANIFEST))
     return Run(run_uri, model, prep, canonical)
