@@ -13,7 +13,7 @@ from sane_ray.data import DataConfig, prepare_data
 from sane_ray.data.shards import iter_checkpoints
 from sane_ray.embed import embed_checkpoints, embed_tokens, halo_plan, load_run, preprocess
 from sane_ray.embed.encode import concat_tokens, summarize
-from sane_ray.embed.preprocess import run_export_files
+from sane_ray.embed.preprocess import own_stats, run_export_files
 from sane_ray.embed.zoo import EmbedConfig, embed_models, embed_zoo, embedding_matrix, read_embeddings
 from sane_ray.model import SaneModel, tiny
 from sane_ray.model.export import ExportError, export_model
@@ -87,12 +87,14 @@ def test_unknown_architecture_uses_own_statistics(run_setup, caplog):
     torch.manual_seed(5)
     models = [build_model("mlp_digits").state_dict() for _ in range(3)]
     with caplog.at_level(logging.WARNING, logger="sane_ray.embed.preprocess"):
-        toks = preprocess(run, models, "mlp_digits", fallback_models=models)
-        preprocess(run, models, "mlp_digits", fallback_models=models)
+        own = own_stats(run.preprocessing, "mlp_digits", {}, [models])
+        toks = preprocess(run, models, "mlp_digits", fallback_stats=own)
+        assert torch.equal(preprocess(run, models, "mlp_digits").tokens, toks.tokens)  # default: their own stats
     assert sum("do not cover" in r.message for r in caplog.records) == 1  # said once
     assert toks.tokens.shape == (3, 90, TOKEN_SIZE)
     real = toks.tokens[:, toks.mask]
     assert abs(float(real.mean())) < 0.05 and abs(float(real.std()) - 1) < 0.1  # standardized on their own
+    assert own_stats(run.preprocessing, "cnn_digits", {}, [models]) is None  # the run's layout
     emb = embed_checkpoints(run, models, "mlp_digits")
     assert emb.mean.shape == (3, run.model.cfg.d_z) and torch.isfinite(emb.mean).all()
 

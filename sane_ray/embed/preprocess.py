@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -171,34 +171,50 @@ def _is_reference(sd: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor
     return sd.keys() == ref.keys() and all(torch.equal(sd[k].to(ref[k].dtype), ref[k]) for k in ref)
 
 
+def _std_floor(prep: Preprocessing) -> float:
+    return next(iter(prep.layouts.values())).stats.std_floor if prep.layouts else 1e-6
+
+
+def own_stats(
+    prep: Preprocessing, architecture: str, arch_kwargs: Mapping[str, Any] | None,
+    models: Iterable[Sequence[Mapping[str, torch.Tensor]]],
+) -> StandardizationStats | None:
+    """Statistics of ``models`` (an iterable of checkpoint lists, streamed) for an architecture whose
+    layout the run lacks; None when the run has its layout (its own statistics apply)."""
+    if prep.layout_id(architecture, arch_kwargs) in prep.layouts:
+        return None
+    stats = StandardizationStats(prep.include_bn, _std_floor(prep))
+    for checkpoints in models:
+        for sd in checkpoints:
+            stats.update(sd)
+    return stats
+
+
 _logged: set[tuple[str, str]] = set()
 
 
 def stats_for_layout(
-    prep: Preprocessing, layout: TokenLayout, models: Sequence[Mapping[str, torch.Tensor]], what: str
+    prep: Preprocessing, layout: TokenLayout, own: StandardizationStats, what: str
 ) -> StandardizationStats:
     """Statistics for a layout the run does not hold: the run's for layers of matching key and shape,
-    the given models' own for the rest (logged once per architecture and set of layers)."""
-    std_floor = next(iter(prep.layouts.values())).stats.std_floor if prep.layouts else 1e-6
+    ``own`` (statistics of the models being embedded) for the rest, logged once per architecture and set of layers."""
     known = {}
     for p in prep.layouts.values():
         for s in p.layout.layers:
             known.setdefault((s.key, s.shape, s.bias_key), p.stats.layers[s.key])
-    moments, own = {}, []
+    moments, uncovered = {}, []
     for s in layout.layers:
         hit = known.get((s.key, s.shape, s.bias_key))
         if hit is None:
-            own.append(s.key)
+            uncovered.append(s.key)
+            moments[s.key] = own.layers[s.key]
         else:
             moments[s.key] = hit
-    if own:
-        local = StandardizationStats.from_models(models, prep.include_bn, std_floor)
-        moments.update({k: local.layers[k] for k in own})
-        if (what, ",".join(own)) not in _logged:
-            _logged.add((what, ",".join(own)))
-            log.warning("%s: the run's statistics do not cover layer(s) %s; standardizing them with statistics "
-                        "of the %d model(s) being embedded", what, ", ".join(own), len(models))
-    return StandardizationStats(prep.include_bn, std_floor, moments)
+    if uncovered and (what, ",".join(uncovered)) not in _logged:
+        _logged.add((what, ",".join(uncovered)))
+        log.warning("%s: the run's statistics do not cover layer(s) %s; standardizing them with statistics "
+                    "of the models being embedded", what, ", ".join(uncovered))
+    return StandardizationStats(prep.include_bn, own.std_floor, moments)
 
 
 def preprocess(
@@ -206,7 +222,7 @@ def preprocess(
     checkpoints: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
     architecture: str,
     arch_kwargs: Mapping[str, Any] | None = None,
-    fallback_models: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    fallback_stats: StandardizationStats | None = None,
 ) -> Tokens:
     """Tokens, mask and positions of raw checkpoints exactly as ``run`` trained on them.
 
@@ -214,7 +230,8 @@ def preprocess(
     ``checkpoints`` is one state dict (tokens (N, d_t)) or the checkpoints of *one* model
     in epoch order (tokens (B, N, d_t)): like the run, they are all aligned with the
     permutation found on the last one. For an architecture the run does not know,
-    ``fallback_models`` (default: ``checkpoints``) give the statistics of uncovered layers.
+    ``fallback_stats`` (statistics of all the models being embedded, e.g. from
+    :func:`own_stats`; default: of ``checkpoints`` alone) standardize uncovered layers.
     """
     prep: Preprocessing = getattr(run, "preprocessing", run)
     single = isinstance(checkpoints, Mapping)
@@ -231,7 +248,8 @@ def preprocess(
     if known is not None:
         stats = known.stats
     else:
-        stats = stats_for_layout(prep, toks.layout, fallback_models or states, f"{architecture} {kwargs}")
+        own = fallback_stats or StandardizationStats.from_models(states, prep.include_bn, _std_floor(prep))
+        stats = stats_for_layout(prep, toks.layout, own, f"{architecture} {kwargs}")
     tokens = stats.apply_tokens(toks.tokens, toks.layout)
     if single:
         return Tokens(tokens[0], toks.mask, toks.pos, toks.layout, {k: v[0] for k, v in toks.bn_state.items()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,18 @@ def run_canonical(run_uri: str, s3: storage.S3Options | None = None) -> Canonica
     """Just the run's canonical manifest (its zoo URI and split), without loading the model."""
     where = storage.join(run_uri, CANONICAL_MANIFEST)
     return _canonical(storage.read_bytes(where, s3), where) if storage.exists(where, s3) else None
+
+
+def load_preprocessing(run_uri: str, s3: storage.S3Options | None = None) -> Preprocessing:
+    """Just the run's preprocessing (settings, statistics, reference weights), without the model:
+    for a driver that plans work its actors do with :func:`load_run` (which verifies every file)."""
+    from sane_ray.embed.preprocess import PREPROCESSING_FILE, reference_file
+
+    doc = storage.read_bytes(storage.join(run_uri, PREPROCESSING_FILE), s3)
+    lids = json.loads(doc)["layouts"]
+    files = {PREPROCESSING_FILE: doc}
+    files.update({reference_file(lid): storage.read_bytes(storage.join(run_uri, reference_file(lid)), s3) for lid in lids})
+    return Preprocessing.from_files(files, run_uri)
 
 
 def load_run(run_uri: str, device: str | torch.device | None = None) -> Run:

@@ -20,6 +20,7 @@ tokenized layer) and ``tokens`` (float32 (N, d_z) bytes with ``keep_tokens``, el
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -37,10 +38,11 @@ import torch
 from sane_ray import storage
 from sane_ray.data.canonical import model_from_json, model_to_json
 from sane_ray.embed.encode import embed_tokens
-from sane_ray.embed.preprocess import preprocess
-from sane_ray.embed.run import Run, load_run, run_canonical, splits_of
+from sane_ray.embed.preprocess import Preprocessing, own_stats, preprocess
+from sane_ray.embed.run import Run, load_preprocessing, load_run, run_canonical, splits_of
 from sane_ray.zoo.reader import load_model_checkpoints, open_zoo
-from sane_ray.zoo.spec import METRICS, ModelRecord
+from sane_ray.weights.standardize import StandardizationStats
+from sane_ray.zoo.spec import METRICS, CheckpointRecord, ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -107,24 +109,56 @@ def _rows(model: ModelRecord, split: str, epochs: list[int], emb: Any, metrics: 
     )
 
 
+def _selected(model: ModelRecord, cfg: EmbedConfig) -> ModelRecord:
+    if cfg.epochs is None:
+        return model
+    return dataclasses.replace(model, checkpoints=[c for c in model.checkpoints if c.epoch in cfg.epochs])
+
+
+def _good_checkpoints(
+    model: ModelRecord, cfg: EmbedConfig, s3: storage.S3Options | None, log_bad: bool = True
+) -> list[tuple[CheckpointRecord, dict[str, torch.Tensor]]]:
+    kwargs = {} if cfg.max_abs_weight is None else {"max_abs": cfg.max_abs_weight}
+    good, bad = load_model_checkpoints(_selected(model, cfg), s3=s3, **kwargs)
+    for skipped in bad if log_bad else ():
+        log.warning("skipping %s: %s", skipped.path, skipped.reason)
+    return good
+
+
+def unknown_layout_stats(
+    prep: Preprocessing, models: list[ModelRecord], cfg: EmbedConfig, s3: storage.S3Options | None = None
+) -> dict[str, StandardizationStats]:
+    """Per layout the run lacks (architectures it never saw): statistics over all of the zoo's
+    models of it, streamed one model at a time on the caller (empty for a zoo of the run's layouts)."""
+    by_layout: dict[str, list[ModelRecord]] = {}
+    for m in models:
+        by_layout.setdefault(prep.layout_id(m.architecture, m.arch_kwargs), []).append(m)
+    out = {}
+    for lid, group in by_layout.items():
+        first = group[0]
+        loaded = ([sd for _, sd in _good_checkpoints(m, cfg, s3, log_bad=False)] for m in group)
+        stats = own_stats(prep, first.architecture, first.arch_kwargs, loaded)
+        if stats is not None:
+            out[lid] = stats
+    return out
+
+
 def embed_model(
-    run: Run, model: ModelRecord, split: str, cfg: EmbedConfig, s3: storage.S3Options | None = None
+    run: Run, model: ModelRecord, split: str, cfg: EmbedConfig, s3: storage.S3Options | None = None,
+    unknown_stats: dict[str, StandardizationStats] | None = None,
 ) -> pa.Table:
     """Rows for one model's usable checkpoints (bad ones are skipped and logged; none: no rows).
 
     All its checkpoints are preprocessed together (aligned with the permutation found on the
-    last one, as the run did) and embedded in one batch.
+    last one, as the run did) and embedded in one batch. ``unknown_stats`` (from
+    :func:`unknown_layout_stats`) standardize architectures the run never saw.
     """
-    if cfg.epochs is not None:
-        model = ModelRecord(model.model_id, model.architecture, model.arch_kwargs, model.hparams,
-                            [c for c in model.checkpoints if c.epoch in cfg.epochs])
-    kwargs = {} if cfg.max_abs_weight is None else {"max_abs": cfg.max_abs_weight}
-    good, bad = load_model_checkpoints(model, s3=s3, **kwargs)
-    for skipped in bad:
-        log.warning("skipping %s: %s", skipped.path, skipped.reason)
+    good = _good_checkpoints(model, cfg, s3)
     if not good:
         return SCHEMA.empty_table()
-    toks = preprocess(run, [sd for _, sd in good], model.architecture, model.arch_kwargs)
+    lid = run.preprocessing.layout_id(model.architecture, model.arch_kwargs)
+    toks = preprocess(run, [sd for _, sd in good], model.architecture, model.arch_kwargs,
+                      (unknown_stats or {}).get(lid))
     emb = embed_tokens(run, toks, window_size=cfg.window_size, halo=cfg.halo, keep_tokens=cfg.keep_tokens,
                        batch_windows=cfg.batch_windows)
     return _rows(model, split, [c.epoch for c, _ in good], emb, [c.metrics for c, _ in good])
@@ -136,24 +170,27 @@ def embed_models(
 ) -> pa.Table:
     """In-process path: rows of all ``models`` (``splits``: model id -> split; default the run's)."""
     cfg = cfg or EmbedConfig()
+    models = list(models)
     splits = run.splits() if splits is None else splits
-    tables = [embed_model(run, m, splits.get(m.model_id, ""), cfg, s3) for m in models]
+    unknown = unknown_layout_stats(run.preprocessing, models, cfg, s3)
+    tables = [embed_model(run, m, splits.get(m.model_id, ""), cfg, s3, unknown) for m in models]
     return _sorted(pa.concat_tables([SCHEMA.empty_table(), *tables]))
 
 
 class ZooEmbedder:
     """Ray Data actor: loads the run once, then embeds a batch of models per call."""
 
-    def __init__(self, run_uri: str, cfg: dict[str, Any], s3: storage.S3Options | None):
+    def __init__(self, run_uri: str, cfg: dict[str, Any], s3: storage.S3Options | None, unknown_stats: dict[str, Any]):
         self.cfg = EmbedConfig(**cfg)
         self.s3 = s3
+        self.unknown = {lid: StandardizationStats.from_dict(d) for lid, d in unknown_stats.items()}
         self.run = load_run(run_uri)  # on the actor's GPU when Ray gave it one
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         tables = [SCHEMA.empty_table()]
         for text in batch["item"]:
             model, extra = model_from_json(text)
-            tables.append(embed_model(self.run, model, extra["split"], self.cfg, self.s3))
+            tables.append(embed_model(self.run, model, extra["split"], self.cfg, self.s3, self.unknown))
         return pa.concat_tables(tables)
 
 
@@ -189,6 +226,7 @@ def embed_zoo(
         splits = splits_of(canonical) if same_zoo else {}
         if not same_zoo:
             log.info("zoo %s is not the run's zoo: rows get no split", zoo.uri)
+    unknown = unknown_layout_stats(load_preprocessing(run_uri, s3), zoo.models, cfg, s3)
     gpus = cfg.actor_gpus if cfg.actor_gpus is not None else float(_cluster_gpus() >= 1)
     items = [{"item": model_to_json(m, split=splits.get(m.model_id, ""))} for m in zoo.models]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // cfg.models_per_batch)))
@@ -198,7 +236,8 @@ def embed_zoo(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
         num_cpus=cfg.actor_cpus,
         num_gpus=gpus,
-        fn_constructor_kwargs={"run_uri": run_uri, "cfg": asdict(cfg), "s3": s3},
+        fn_constructor_kwargs={"run_uri": run_uri, "cfg": asdict(cfg), "s3": s3,
+                               "unknown_stats": {lid: st.to_dict() for lid, st in unknown.items()}},
     )
     token = uuid.uuid4().hex[:8]
     parts, rows = [], 0

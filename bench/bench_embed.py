@@ -1,0 +1,107 @@
+"""Benchmark: embedding throughput (preprocess + haloed encoding), in process on this machine.
+
+Two figures, each the median over ``--repeats`` runs, with ``/proc/loadavg`` printed:
+
+- ``digits``: checkpoints/s over the default digits zoo (every model and epoch: load,
+  align to the run's reference, tokenize, standardize, encode, mean and spread) with the
+  main job's model config. The run is exported from the zoo's canonical preprocessing
+  with an untrained SANE: throughput does not depend on the weights' values.
+- ``resnet``: tokens/s for one randomly initialized CIFAR ResNet-18 (token size 288,
+  39,304 tokens without BN), haloed windows of 256 tokens (halo 64), with a SANE of
+  ``--resnet-width`` (``reference``: d_model 256, 4 layers; ``resnet``: the paper's
+  d_model 2048, 8 layers, a GPU job). Preprocessing is timed apart from encoding; the
+  architecture is not in the run, so it is standardized with its own statistics.
+
+    python bench/bench_embed.py [--only digits|resnet] [--repeats 3] [--resnet-width reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import statistics
+import tempfile
+import time
+
+import ray
+import torch
+
+from sane_ray.data import prepare_data
+from sane_ray.embed import EmbedConfig, Preprocessing, Run, embed_models, embed_tokens, load_run, preprocess
+from sane_ray.embed.preprocess import run_export_files
+from sane_ray.model import SaneModel, preset
+from sane_ray.model.export import export_model
+from sane_ray.pretrain import PretrainConfig, model_for_data
+from sane_ray.zoo.architectures import build_model
+from sane_ray.zoo.generate import ensure_default_zoo
+from sane_ray.zoo.reader import open_zoo
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def bench_digits(repeats: int) -> None:
+    cfg = PretrainConfig()
+    data = dataclasses.replace(cfg.data, zoo_uri=ensure_default_zoo(progress=False), num_actors=1)
+    ray.init(num_cpus=4, object_store_memory=256 * 1024**2, log_to_driver=False, configure_logging=False)
+    prepared = prepare_data(data)
+    ray.shutdown()
+    model_cfg = model_for_data(cfg.train.model, prepared.token_size, prepared.window_size, prepared.max_positions)
+    with tempfile.TemporaryDirectory() as run_uri:
+        export_model(SaneModel(model_cfg).state_dict(), model_cfg, run_uri, run_export_files(prepared))
+        run = load_run(run_uri, device="cpu")
+        zoo = open_zoo(data.zoo_uri)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            table = embed_models(run, zoo.models, cfg=EmbedConfig())
+            times.append(time.perf_counter() - start)
+    t = statistics.median(times)
+    print(f"digits: {table.num_rows} checkpoints of {len(zoo.models)} models, "
+          f"{prepared.sequence_lengths} tokens, window {prepared.window_size}, d_model {model_cfg.d_model}: "
+          f"{t:.2f} s median -> {table.num_rows / t:,.1f} checkpoints/s (runs {', '.join(f'{x:.2f}' for x in times)}; "
+          f"load {loadavg()})")
+
+
+def bench_resnet(repeats: int, width: str) -> None:
+    torch.manual_seed(0)
+    sd = build_model("resnet18").state_dict()
+    sane = dataclasses.replace(preset(width), d_t=288, window_size=256, max_positions=(65536, 128, 1024))
+    prep = Preprocessing(token_size=288, include_bn=False, window_size=256, pad_position=(65535, 127, 1023),
+                         align=False, align_max_sweeps=1, align_seed=0, layouts={}, references={})
+    run = Run("", SaneModel(sane).eval(), prep, None)
+    logging.getLogger("sane_ray.embed.preprocess").setLevel(logging.ERROR)
+    prep_times, enc_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        toks = preprocess(run, sd, "resnet18")
+        prep_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        emb = embed_tokens(run, toks, halo=64, batch_windows=32)
+        enc_times.append(time.perf_counter() - start)
+    n = toks.tokens.shape[0]
+    t = statistics.median(enc_times)
+    print(f"resnet18: {n:,} tokens, SANE {width} (d_model {sane.d_model}, {sane.n_layers} layers), window 256, "
+          f"halo 64: encode {t:.2f} s median -> {n / t:,.0f} tokens/s (content tokens; passes cover 2x), "
+          f"preprocess {statistics.median(prep_times):.3f} s; spread over {emb.layer_spread.shape[1]} layers "
+          f"(load {loadavg()})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=["digits", "resnet"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--resnet-width", default="reference", choices=["tiny", "reference", "resnet"])
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    if args.only in (None, "digits"):
+        bench_digits(args.repeats)
+    if args.only in (None, "resnet"):
+        bench_resnet(args.repeats, args.resnet_width)
+
+
+if __name__ == "__main__":
+    main()
