@@ -14,6 +14,7 @@ from sane_ray.data.shards import iter_checkpoints
 from sane_ray.embed import embed_checkpoints, embed_tokens, halo_plan, load_run, preprocess
 from sane_ray.embed.encode import concat_tokens, summarize
 from sane_ray.embed.preprocess import own_stats, run_export_files
+from sane_ray.embed.run import untrained_control
 from sane_ray.embed.zoo import EmbedConfig, embed_models, embed_zoo, embedding_matrix, read_embeddings
 from sane_ray.model import SaneModel, tiny
 from sane_ray.model.export import ExportError, export_model
@@ -195,3 +196,14 @@ def test_embed_zoo_actor_pool_equals_in_process(run_setup, tmp_path):
     np.testing.assert_allclose(z.mean(0), first["embedding"], rtol=1e-5, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="no finished embeddings"):
         read_embeddings(str(tmp_path / "nothing"))
+
+
+def test_untrained_control_is_a_seeded_fresh_model(run_setup):
+    _, run_uri = run_setup
+    run = load_run(run_uri, device="cpu")  # the fixture exported SaneModel(cfg) right after manual_seed(0)
+    same = untrained_control(run, 0)
+    other = untrained_control(run, 1)
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(same.model.state_dict()[k], v)
+    assert not all(torch.equal(other.model.state_dict()[k], v) for k, v in run.model.state_dict().items())
+    assert other.preprocessing is run.preprocessing and not other.model.training

@@ -180,6 +180,9 @@ def test_s3_run_is_interrupted_and_resumes(ray_cluster, s3, train_hooks, capsys)
     model = load_sane(run)
     assert (model.cfg.d_t, model.cfg.window_size) == (32, 16)
     assert {"summary.md", "loss_curve.png", "pretrain_config.yaml"} <= set(storage.listdir(run))
+    from sane_ray.embed import load_run  # the export also carries the preprocessing, verified by checksums
+
+    assert load_run(run, device="cpu").preprocessing.token_size == 32
     last = history[-1]
     assert 0.1 < last["val_zero_baseline"] < 10  # standardized weights: mean square near 1
     summary = storage.read_bytes(storage.join(run, "summary.md")).decode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -39,6 +40,16 @@ class Run:
     def splits(self) -> dict[str, str]:
         """Model id -> split ("train"/"val"/"test") of the run's own zoo (empty without a manifest)."""
         return splits_of(self.canonical)
+
+
+def untrained_control(run: Run, seed: int) -> Run:
+    """The same run with a freshly initialized SANE of its config (seeded): the control that shows
+    what pretraining adds over random features of the same preprocessing and architecture."""
+    devices = run.device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SaneModel(run.model.cfg)
+    return dataclasses.replace(run, model=model.to(devices).eval())
 
 
 def splits_of(canonical: CanonicalZoo | None) -> dict[str, str]:

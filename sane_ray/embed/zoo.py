@@ -39,7 +39,7 @@ from sane_ray import storage
 from sane_ray.data.canonical import model_from_json, model_to_json
 from sane_ray.embed.encode import embed_tokens
 from sane_ray.embed.preprocess import Preprocessing, own_stats, preprocess
-from sane_ray.embed.run import Run, load_preprocessing, load_run, run_canonical, splits_of
+from sane_ray.embed.run import Run, load_preprocessing, load_run, run_canonical, splits_of, untrained_control
 from sane_ray.zoo.reader import load_model_checkpoints, open_zoo
 from sane_ray.weights.standardize import StandardizationStats
 from sane_ray.zoo.spec import METRICS, CheckpointRecord, ModelRecord
@@ -80,6 +80,9 @@ class EmbedConfig:
     actor_cpus: float = 1.0
     actor_gpus: float | None = None  # per actor; None: 1 when the cluster has a GPU, else 0
     max_abs_weight: float | None = None  # None: the zoo checks' default
+    # Set: embed with a freshly initialized SANE of the run's config from this seed instead of
+    # the trained one (the untrained control).
+    untrained_seed: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_windows", "models_per_batch", "num_actors"):
@@ -172,9 +175,14 @@ def embed_models(
     cfg = cfg or EmbedConfig()
     models = list(models)
     splits = run.splits() if splits is None else splits
+    run = _model_for(run, cfg)
     unknown = unknown_layout_stats(run.preprocessing, models, cfg, s3)
     tables = [embed_model(run, m, splits.get(m.model_id, ""), cfg, s3, unknown) for m in models]
     return _sorted(pa.concat_tables([SCHEMA.empty_table(), *tables]))
+
+
+def _model_for(run: Run, cfg: EmbedConfig) -> Run:
+    return run if cfg.untrained_seed is None else untrained_control(run, cfg.untrained_seed)
 
 
 class ZooEmbedder:
@@ -184,7 +192,7 @@ class ZooEmbedder:
         self.cfg = EmbedConfig(**cfg)
         self.s3 = s3
         self.unknown = {lid: StandardizationStats.from_dict(d) for lid, d in unknown_stats.items()}
-        self.run = load_run(run_uri)  # on the actor's GPU when Ray gave it one
+        self.run = _model_for(load_run(run_uri), self.cfg)  # on the actor's GPU when Ray gave it one
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         tables = [SCHEMA.empty_table()]
