@@ -126,10 +126,11 @@ def measure(zoo: str, passes: int, num_cpus: int, batch_size: int) -> dict:
         build_mem = mem.peaks()
         mem.reset()
 
-        shards = data.datasets["train"].streaming_split(2, equal=True)
+        stream = data.streams["train"]
         per_pass = []
-        for _ in range(passes):
+        for epoch in range(passes):
             counts = [0, 0]
+            shards = [stream.dataset(0, epoch, rank=r, world=2) for r in range(2)]
 
             def consume(i: int) -> None:
                 for b in shards[i].iter_torch_batches(batch_size=batch_size):
@@ -172,7 +173,8 @@ def _run(args: list[str]) -> str:
 def ensure_zoo(models: int, epochs: int, seed: int) -> str:
     import ray
 
-    from sane_ray.zoo.generate import ZooGenConfig, cache_dir, ensure_zoo
+    from sane_ray.storage import cache_dir
+    from sane_ray.zoo.generate import ZooGenConfig, ensure_zoo
 
     out = os.path.join(cache_dir(), "bench", f"cnn_digits-{models}x{epochs}-s{seed}")
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)

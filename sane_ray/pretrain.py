@@ -9,15 +9,14 @@ in the config is reported here, in one line, rather than from inside a worker.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
-
-import ray
+from typing import Any, Callable
 
 from sane_ray import storage
+from sane_ray.cluster import check_capacity, ensure_ray_for
 from sane_ray.config import dump_config
 from sane_ray.data.config import DataConfig
 from sane_ray.model.config import PRESETS as MODEL_PRESETS
@@ -28,7 +27,7 @@ log = logging.getLogger("sane_ray.pretrain")
 
 
 def default_runs_dir() -> str:
-    return os.path.join(os.environ.get("SANE_RAY_CACHE", os.path.expanduser("~/.cache/sane-ray")), "runs")
+    return os.path.join(storage.cache_dir(), "runs")
 
 
 @dataclass
@@ -56,11 +55,14 @@ class PretrainConfig:
 
 
 def _digits_model() -> SaneConfig:
-    """A model sized for the built-in digits zoo on a 2-core machine."""
-    return dataclasses.replace(preset("tiny"), d_t=64, window_size=16, d_model=128, d_z=32, n_heads=4)
+    """A model sized for the built-in digits zoo on a 2-core machine (token size and window from the data)."""
+    return _from_data(dataclasses.replace(preset("tiny"), d_model=128, d_z=32, n_heads=4))
 
 
-PRESETS = sorted(MODEL_PRESETS)
+def _from_data(model: SaneConfig) -> SaneConfig:
+    """``model`` with its copies of the data's facts cleared: the job fills them from ``data``."""
+    return dataclasses.replace(model, d_t=0, window_size=0)
+
 
 # Short flags for the keys people change most (every key also has its --dotted.key flag).
 PRETRAIN_ALIASES = {
@@ -77,13 +79,41 @@ PRETRAIN_ALIASES = {
 }
 
 
-def preset_config(name: str) -> PretrainConfig:
-    """A run whose model, token size and window follow a named SANE preset."""
+def _model_preset_config(name: str) -> PretrainConfig:
+    """A run whose model, token size and window follow a named SANE model preset."""
     model = preset(name)
     return PretrainConfig(
         data=DataConfig(token_size=model.d_t, window_size=model.window_size),
-        train=TrainConfig(model=model),
+        train=TrainConfig(model=_from_data(model)),
     )
+
+
+def paper_config() -> PretrainConfig:
+    """The main job with the reference implementation's objective and optimizer.
+
+    Reconstruction averaged over all entries (padding included) towards the noisy views;
+    AdamW with weight decay 3e-9, betas (0.9, 0.999) and no gradient clipping.
+    """
+    cfg = PretrainConfig()
+    model = dataclasses.replace(cfg.train.model, reconstruction_norm="all", reconstruction_target="noisy")
+    optim = dataclasses.replace(cfg.train.optim, weight_decay=3e-9, betas=(0.9, 0.999), grad_clip=0.0)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model=model, optim=optim))
+
+
+# Named starting points for ``--preset``: each model preset, and ``paper`` (the main job's
+# model with the reference's objective and optimizer).
+PRESETS: dict[str, Callable[[], PretrainConfig]] = {
+    **{name: functools.partial(_model_preset_config, name) for name in MODEL_PRESETS},
+    "paper": paper_config,
+}
+
+
+def preset_config(name: str) -> PretrainConfig:
+    """The named run preset (:data:`PRESETS`); unknown names list the known ones."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown pretraining preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
 
 
 def check_run_settings(run: RunSettings) -> None:
@@ -93,63 +123,51 @@ def check_run_settings(run: RunSettings) -> None:
         raise ValueError("run.gpus_per_worker must be >= 0 and run.cpus_per_worker > 0")
 
 
-def ensure_ray(cfg: PretrainConfig) -> None:
-    """Connect to the cluster (``RAY_ADDRESS`` / a job's cluster) or start a local one.
+def check_data_facts(cfg: PretrainConfig) -> None:
+    """Refuse a model copy of the data's token size or window that disagrees with the data config.
 
-    A local cluster gets more logical CPUs than cores: Train workers and Data actors must
-    all be placeable at once, or Ray Data waits forever for an actor slot.
+    ``data`` owns both; the model's fields are 0 (filled in from the data) or must agree.
     """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    run, data = cfg.run, cfg.data
-    need = run.workers * run.cpus_per_worker + data.num_actors * data.actor_cpus + data.stream_cpus + 1
-    ray.init(num_cpus=run.local_cpus or max(4, math.ceil(need)), object_store_memory=512 * 1024**2)
-
-
-def check_capacity(run: RunSettings, data: DataConfig) -> None:
-    """Refuse work the cluster can never schedule (unless it autoscales).
-
-    The data stream's tasks run next to the Train workers: with every CPU held by a
-    worker, no window is ever drawn and training waits forever instead of failing.
-    """
-    if run.autoscaling:
-        return
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    hint = "or set run.autoscaling=true on an autoscaling cluster"
-    if run.workers * run.gpus_per_worker > gpus + 1e-9:
-        raise ValueError(
-            f"{run.workers} workers x {run.gpus_per_worker:g} GPU need {run.workers * run.gpus_per_worker:g} GPU, "
-            f"but the cluster has {gpus:g}; lower run.workers or run.gpus_per_worker, {hint}"
-        )
-    need = run.workers * run.cpus_per_worker + data.stream_cpus
-    if need > cpus + 1e-9:
-        raise ValueError(
-            f"{run.workers} workers x {run.cpus_per_worker:g} CPU plus {data.stream_cpus:g} CPU for the data stream "
-            f"need {need:g} CPU, but the cluster has {cpus:g}; lower run.workers, run.cpus_per_worker or "
-            f"data.stream_cpus, {hint}"
-        )
-    if data.actor_cpus > cpus + 1e-9:
-        raise ValueError(f"data.actor_cpus={data.actor_cpus:g} exceeds the cluster's {cpus:g} CPU; lower it, {hint}")
+    model, data = cfg.train.model, cfg.data
+    for key, have, owner, want in (
+        ("d_t", model.d_t, "data.token_size", data.token_size),
+        ("window_size", model.window_size, "data.window_size", data.window_size),
+    ):
+        if have and have != want:
+            raise ValueError(
+                f"train.model.{key}={have} conflicts with {owner}={want}: the data owns it; set {owner} "
+                f"and leave train.model.{key} at 0"
+            )
 
 
 def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_positions: tuple[int, int, int]) -> SaneConfig:
-    """The model config with token size, window and position tables taken from the data."""
-    tables = tuple(max(have, need + 1) for have, need in zip(model.max_positions, max_positions))
-    return dataclasses.replace(model, d_t=token_size, window_size=window_size, max_positions=tables)
+    """The model config with token size and window from the data, its position tables checked.
+
+    ``max_positions`` is the largest ``(n, l, k)`` in the data (padding position
+    included); tables need one more row each. Larger tables are headroom; smaller are refused.
+    """
+    need = tuple(m + 1 for m in max_positions)
+    if any(have < want for have, want in zip(model.max_positions, need)):
+        raise ValueError(
+            f"train.model.max_positions={list(model.max_positions)} is too small for this zoo: its tokens need "
+            f"position tables of at least {list(need)} (n, l, k)"
+        )
+    return dataclasses.replace(model, d_t=token_size, window_size=window_size)
 
 
 def run_pretrain(cfg: PretrainConfig) -> Any:
     """Run the whole job; returns Ray Train's ``Result`` (``result.return_value``: history)."""
+    from ray.data import DataContext
+
     from sane_ray.data.pipeline import prepare_data
+    from sane_ray.data.stream import quiet_data_context
     from sane_ray.embed.preprocess import run_export_files
     from sane_ray.train.trainer import run_pretraining, steps_per_epoch
 
     check_run_settings(cfg.run)
-    ensure_ray(cfg)
+    check_data_facts(cfg)
+    ensure_ray_for(cfg.run, cfg.data)
+    quiet_data_context(DataContext.get_current(), cfg.data.progress_bars)
     check_capacity(cfg.run, cfg.data)
     data_cfg = cfg.data
     if not data_cfg.zoo_uri:
@@ -161,8 +179,9 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
     prepared = prepare_data(data_cfg)
     model = model_for_data(cfg.train.model, prepared.token_size, prepared.window_size, prepared.max_positions)
     # Steps from the known window count: counting the dataset would run a whole pass.
+    train = prepared.streams["train"]
     steps = cfg.train.steps_per_epoch or steps_per_epoch(
-        prepared.num_windows["train"], cfg.run.workers, cfg.train.batch_size)
+        train.rows_per_rank(cfg.train.seed, cfg.run.workers) * cfg.run.workers, cfg.run.workers, cfg.train.batch_size)
     train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps)
     resolved = dataclasses.replace(cfg, data=data_cfg, train=train_cfg)
 
@@ -176,7 +195,7 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
         resources["GPU"] = cfg.run.gpus_per_worker
     result = run_pretraining(
         train_cfg,
-        {k: v for k, v in prepared.datasets.items() if k in ("train", "val")},
+        {k: v for k, v in prepared.streams.items() if k in ("train", "val")},
         storage_path=out,
         name=cfg.run.name,
         num_workers=cfg.run.workers,

@@ -25,6 +25,11 @@ import fsspec
 import pyarrow.fs as pafs
 
 
+def cache_dir() -> str:
+    """sane-ray's local cache root: ``$SANE_RAY_CACHE`` or ``~/.cache/sane-ray``."""
+    return os.path.expanduser(os.environ.get("SANE_RAY_CACHE") or "~/.cache/sane-ray")
+
+
 class StorageError(OSError):
     """A storage location is missing, unreadable or unwritable (the message names it)."""
 

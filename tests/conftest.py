@@ -68,6 +68,7 @@ def ray_cluster(s3_server):
     import ray
 
     ctx = ray.init(
+        address="local",  # never join another cluster running on this machine
         num_cpus=6,
         object_store_memory=300 * 1024**2,
         include_dashboard=True,

@@ -67,16 +67,23 @@ def prepared(zoo_cfg):
     return prepare_data(zoo_cfg)
 
 
+def _pass(prepared, seed=0, epoch=0, split="train", rank=0, world=1, batch_size=64) -> dict[str, torch.Tensor]:
+    """One rank's windows of one epoch, concatenated in stream order."""
+    ds = prepared.streams[split].dataset(seed, epoch, rank=rank, world=world)
+    batches = list(ds.iter_torch_batches(batch_size=batch_size))
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
 @pytest.fixture(scope="module")
 def train_pass(prepared):
-    """One pass over the training windows, split between two consumers running concurrently."""
-    shards = prepared.datasets["train"].streaming_split(2, equal=True)
+    """One pass over the training windows, split between two ranks consuming concurrently."""
+    shards = [prepared.streams["train"].dataset(0, 0, rank=r, world=2) for r in range(2)]
     outs: list[list] = [[], []]
 
-    def consume(it, out):
-        out.extend(it.iter_torch_batches(batch_size=4))
+    def consume(ds, out):
+        out.extend(ds.iter_torch_batches(batch_size=4))
 
-    threads = [threading.Thread(target=consume, args=(it, out)) for it, out in zip(shards, outs)]
+    threads = [threading.Thread(target=consume, args=(ds, out)) for ds, out in zip(shards, outs)]
     for t in threads:
         t.start()
     for t in threads:
@@ -104,13 +111,18 @@ def test_preparation_reports_zoo_facts_and_skips(prepared):
         data.stats_for("resnet18")
 
 
-def test_two_consumers_share_one_pass_of_training_models_only(prepared, train_pass):
+def test_two_ranks_share_one_pass_of_training_models_only(prepared, train_pass):
     data = prepared
     index = data.canonical.model_index
     train_idx = {index[m] for m in data.splits["train"]}
     seen = [part["model_idx"] for part in train_pass]
-    total = data.num_windows["train"]  # one window per checkpoint and pass
-    assert len(seen[0]) == len(seen[1]) == total // 2  # equal=True drops the odd window out
+    stream = data.streams["train"]
+    files = [set(stream.rank_files(0, r, 2)) for r in range(2)]
+    assert not files[0] & files[1] and files[0] | files[1] == set(stream.files)  # every model read by one rank
+    per_rank = stream.rows_per_rank(0, 2)
+    assert len(seen[0]) == len(seen[1]) == per_rank  # equal counts: the same steps on every rank
+    assert data.num_windows["train"] - per_rank * 2 <= 2  # one window per checkpoint: 2 checkpoints per model
+    assert not set(seen[0].tolist()) & set(seen[1].tolist())
     assert set(torch.cat(seen).tolist()) <= train_idx  # only training models...
     assert len(set(torch.cat(seen).tolist())) >= len(train_idx) - 1  # ...and (all but at most one) all of them
     part = train_pass[0]
@@ -118,7 +130,7 @@ def test_two_consumers_share_one_pass_of_training_models_only(prepared, train_pa
     assert part["mask"].dtype == torch.bool and part["mask"].shape == part["x_i"].shape
     assert part["pos"].dtype == torch.int64 and part["pos"].shape[1:] == (90, 3)
     val_idx = {index[m] for m in data.splits["val"]}
-    val = torch.cat([b["model_idx"] for b in data.datasets["val"].iter_torch_batches(batch_size=64)])
+    val = _pass(data, split="val")["model_idx"]
     assert set(val.tolist()) == val_idx and not (val_idx & train_idx)
 
 
@@ -153,17 +165,23 @@ def test_views_are_function_preserving_permutations(prepared, train_pass, zoo_cf
     assert all(checked.values()), checked
 
 
-def test_every_pass_draws_fresh_views(prepared, train_pass):
-    """Each checkpoint's window is its whole model here: a new pass brings the same values under a new permutation."""
+def test_every_epoch_draws_fresh_views_and_the_same_epoch_the_same(prepared, train_pass):
+    """Each checkpoint's window is its whole model here: a new epoch brings the same values under
+    a new permutation; the same seed and epoch bring the same windows in the same order."""
 
     def by_checkpoint(part):
         keys = zip(part["model_idx"].tolist(), part["epoch"].tolist())
         return {k: (x_i, x_j) for k, x_i, x_j in zip(keys, part["x_i"], part["x_j"])}
 
+    epoch0 = _pass(prepared, epoch=0)
+    again0 = _pass(prepared, epoch=0, batch_size=5)
+    assert all(torch.equal(epoch0[k], again0[k]) for k in epoch0)  # reproducible, order included
+    other_seed = _pass(prepared, seed=1, epoch=0)
+    assert not torch.equal(epoch0["x_j"], other_seed["x_j"])
     first = {k: v for part in train_pass for k, v in by_checkpoint(part).items()}
-    again = {}
-    for b in prepared.datasets["train"].iter_torch_batches(batch_size=64):
-        again.update(by_checkpoint(b))
+    epoch1 = _pass(prepared, epoch=1)
+    assert not torch.equal(epoch0["model_idx"], epoch1["model_idx"])  # another order of models
+    again = by_checkpoint(epoch1)
     assert len(again) == prepared.num_windows["train"] and len(set(first) & set(again)) >= len(first)
     changed = 0
     for k in first:
@@ -172,6 +190,11 @@ def test_every_pass_draws_fresh_views(prepared, train_pass):
         torch.testing.assert_close(j0.flatten().sort().values, j1.flatten().sort().values)  # same weights...
         changed += not torch.equal(j0, j1)  # ...in another order
     assert changed >= len(first) - 1
+
+
+def test_validation_draws_the_same_windows_every_epoch(prepared):
+    first, later = _pass(prepared, epoch=0, split="val"), _pass(prepared, epoch=7, split="val")
+    assert all(torch.equal(first[k], later[k]) for k in first)
 
 
 def test_cache_is_reused_and_invalidated(prepared, zoo_cfg):

@@ -246,3 +246,40 @@ def test_flags_keep_the_main_jobs_defaults(monkeypatch):
     assert (cfg.train.epochs, cfg.data.window_size) == (3, 8)
     assert cfg.train.model == pretrain.PretrainConfig().train.model  # the digits model, not the reference preset
     assert cfg.data.token_size == pretrain.PretrainConfig().data.token_size
+
+
+LOSSES = ("train_loss", "train_reconstruction", "train_contrastive", "grad_norm",
+          "val_loss", "val_reconstruction", "val_contrastive", "val_zero_baseline")
+
+
+def _losses(run: str) -> list[dict[str, float]]:
+    """Every epoch's losses as written to the run's ``metrics.csv``."""
+    from sane_ray import storage
+    from sane_ray.train.report import read_metrics_csv
+
+    rows = read_metrics_csv(storage.read_bytes(storage.join(run, "metrics.csv")).decode())
+    return [{k: row[k] for k in LOSSES} for row in rows]
+
+
+def test_same_seed_same_losses_also_when_resumed(ray_cluster, tiny_zoo, train_hooks, tmp_path):
+    """One worker, CPU: a second run with the same seed writes the same losses for every
+    epoch, also when it is interrupted after epoch 1 and resumed; another seed does not."""
+    from ray.train import TrainingFailedError
+
+    hooks, results = train_hooks
+    out = str(tmp_path / "runs")
+    argv = ["pretrain", "--zoo", tiny_zoo, "--out", out, "--preset", "tiny", "--workers", "1", "--epochs", "2",
+            "--batch-size", "4", "--train.num_threads", "1", "--train.optim.lr", "1e-3"]
+    assert main([*argv, "--name", "first"]) == 0
+    hooks["on_epoch_end"] = _interrupt_after(1)
+    with pytest.raises(TrainingFailedError):
+        main([*argv, "--name", "again"])
+    assert len(_losses(f"{out}/again")) == 1  # the interrupted run has its metrics too
+    hooks["on_epoch_end"] = None
+    assert main([*argv, "--name", "again"]) == 0
+    assert [h["resumed_from_epoch"] for h in results[-1].return_value] == [0.0, 1.0]
+    assert main([*argv, "--name", "other", "--train.seed", "1"]) == 0
+
+    first, again, other = (_losses(f"{out}/{name}") for name in ("first", "again", "other"))
+    assert len(first) == 2 and again == first
+    assert all(a[k] != b[k] for a, b in zip(first, other) for k in LOSSES if k != "val_zero_baseline")

@@ -55,6 +55,7 @@ class DataConfig:
     models_per_block: int = 64
     max_block_bytes: int = 512 * 1024**2  # caps models_per_block for large models
     stream_cpus: float = 1.0  # logical CPUs per window-drawing task
+    progress_bars: bool = False  # Ray Data's per-operator progress bars on the console
 
     # ---- preprocessing compute
     num_actors: int = 2  # preprocessing parallelism: max actors (and concurrent statistics tasks)

@@ -6,14 +6,14 @@ preprocessing settings are unchanged, built otherwise), then one lazy window dat
 per split. Nothing here collects weights on the driver: the zoo is described by URIs,
 the canonical zoo by a manifest, and the windows stream.
 
-Train side::
+Train side (every draw is a function of the seed, the epoch and the rank)::
 
     data = prepare_data(cfg)
-    trainer = TorchTrainer(..., datasets=data.datasets)         # "train", "val" (and "test")
-    # in the loop:
-    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=32, local_shuffle_buffer_size=...):
-        batch["x_i"], batch["x_j"], batch["mask"], batch["pos"]
+    run_pretraining(train_cfg, data.streams, ...)                # "train", "val" (and "test")
+    # in the loop, per epoch:
+    ds = streams["train"].dataset(seed, epoch, rank, world)
+    for batch in ds.iter_torch_batches(batch_size=32, local_shuffle_buffer_size=..., local_shuffle_seed=...):
+        batch["x_i"], batch["x_j"], batch["mask"], batch["pos"], batch["model_idx"]
 
 Order and local shuffling: windows arrive in random order, and within a window task's
 block (``models_per_block`` models) in rounds of one window per checkpoint with a model's
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-
-import ray
 
 from sane_ray import storage
 from sane_ray.data.canonical import (
@@ -44,7 +42,7 @@ from sane_ray.data.canonical import (
 )
 from sane_ray.data.config import DataConfig
 from sane_ray.data.splits import SPLITS
-from sane_ray.data.stream import StreamSpec, window_dataset
+from sane_ray.data.stream import StreamSpec, WindowStream
 from sane_ray.data.windows import check_window_size
 from sane_ray.weights.standardize import StandardizationStats
 from sane_ray.weights.tokenize import TokenLayout
@@ -59,12 +57,13 @@ class PreparedData:
     """Datasets and everything the model and downstream tasks need to know about them.
 
     ``stats`` is keyed by layout id (one per distinct architecture shape; most zoos have
-    one): :meth:`group_of` and :meth:`stats_of` find a model's. ``max_positions`` is the
+    one): :meth:`group_of` and :meth:`stats_of` find a model's. ``streams`` draw each
+    split's window datasets (:class:`~sane_ray.data.stream.WindowStream`). ``max_positions`` is the
     largest ``(n, l, k)`` any batch contains, the padding position included: position
     tables need ``max + 1`` rows. ``num_windows`` counts windows per pass, per split.
     """
 
-    datasets: dict[str, ray.data.Dataset]
+    streams: dict[str, WindowStream]
     canonical: CanonicalZoo
     stats: dict[str, StandardizationStats]
     token_size: int
@@ -130,9 +129,9 @@ def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None) -> Prepar
                     len(canonical.skipped), canonical.zoo_uri, reasons)
 
     spec = StreamSpec.build(canonical, cfg)
-    splits = [s for s in SPLITS if canonical.files[s]]
+    streams = {s: WindowStream.build(canonical, s, cfg, spec, s3) for s in SPLITS if canonical.files[s]}
     return PreparedData(
-        datasets={s: window_dataset(canonical, s, cfg, s3) for s in splits},
+        streams=streams,
         canonical=canonical,
         stats=load_stats(uri, s3),
         token_size=cfg.token_size,
@@ -140,6 +139,6 @@ def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None) -> Prepar
         max_positions=spec.pad_position,
         pad_position=spec.pad_position,
         sequence_lengths={a: g.sequence_length for g in canonical.groups.values() for a in g.architectures},
-        num_windows={s: spec.windows_per_pass(canonical.checkpoints[s]) for s in splits},
+        num_windows={s: stream.windows_per_pass for s, stream in streams.items()},
         cache_hit=hit,
     )

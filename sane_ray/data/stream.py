@@ -1,13 +1,21 @@
 """The training stream: canonical shards in, batches of window pairs out (``docs/CONTRACTS.md``).
 
-A split's shard files become a dataset of file names (one block per file, block order
-reshuffled on every pass for training); ``map_batches(read_and_draw)`` then reads a
-group of files per task and draws their windows (see :mod:`sane_ray.data.windows` for
-the order), emitting one row per window: ``x_i`` (aligned tokens), ``x_j`` (a fresh random
-function-preserving permutation of the same model, or ``x_i`` again without permutation
-augmentation), ``mask``, ``pos``, and the window's source ``model_idx`` and ``epoch``. Every
-pass re-runs the tasks, so every epoch draws fresh windows and permutations and groups
-different checkpoints together; the noise is the trainer's.
+:class:`WindowStream` turns a split's shard files into one lazy dataset per
+``(seed, epoch, rank)``: the files are dealt to the ranks once per run (from the seed),
+each epoch reorders a rank's files and groups them into window tasks (``files_per_task``
+models each), and every task draws its windows from a generator seeded with the run's
+seed, the epoch and the task's files. ``map_batches(read_and_draw)`` reads a task's files
+and draws their windows (see :mod:`sane_ray.data.windows` for the order), emitting one
+row per window: ``x_i`` (aligned tokens), ``x_j`` (a random function-preserving
+permutation of the same model, or ``x_i`` again without permutation augmentation),
+``mask``, ``pos``, and the window's source ``model_idx`` and ``epoch``. Nothing draws fresh
+entropy: the same seed gives the same batches in the same order (``preserve_order``), an
+epoch of a resumed run is the epoch an uninterrupted run would have drawn, and the
+validation and test splits ignore the epoch (the same windows every epoch).
+
+Ray Data re-executes a dataset on every pass without telling its tasks which pass it is,
+so the epoch enters as data: the train loop builds each epoch's dataset itself
+(:meth:`WindowStream.dataset`) rather than re-reading one handed to Ray Train.
 
 Reading inside the window task (instead of ``read_parquet``) keeps raw tokens out of the
 object store, and avoids Ray 2.60's Parquet listing, which starts 32 footer-reader actors
@@ -28,9 +36,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import posixpath
 import warnings
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,10 +51,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
+from ray.data import DataContext
 
 from sane_ray import storage
 from sane_ray.data.canonical import CanonicalZoo
 from sane_ray.data.config import DataConfig
+from sane_ray.data.splits import SPLITS
 from sane_ray.data.windows import (
     WindowPlan,
     gather_windows,
@@ -128,10 +143,12 @@ def token_rows(
     return flat, rel[:-1], rel[1:] - rel[:-1]
 
 
-def draw_windows(block: pa.Table, spec: StreamSpec) -> dict[str, np.ndarray]:
-    """One block of checkpoints -> its windows in round-robin order (batch format of the contract)."""
-    gen = torch.Generator()
-    gen.seed()  # fresh entropy: every pass (epoch) draws new windows and permutations
+def draw_windows(block: pa.Table, spec: StreamSpec, seed: int) -> dict[str, np.ndarray]:
+    """One block of checkpoints -> its windows in round-robin order (batch format of the contract).
+
+    Every draw (model order, window starts, permutations) comes from ``seed``.
+    """
+    gen = torch.Generator().manual_seed(seed)
     flat, offsets, lengths = token_rows(block.column("tokens"), spec.token_size)
     which = {lid: i for i, lid in enumerate(spec.layout_ids)}
     layout_idx = torch.tensor([which[lid] for lid in block.column("layout_id").to_pylist()], dtype=torch.int64)
@@ -190,28 +207,129 @@ def _filesystem(root: str, s3: storage.S3Options | None) -> tuple[pafs.FileSyste
     return storage.pyarrow_fs(root, s3)
 
 
+def _rng_key(seed: int, *parts: int) -> list[int]:
+    """Entropy for numpy's ``SeedSequence`` (non-negative words) from the run's seed and the draw's identity."""
+    return [seed % 2**63, *parts]
+
+
+def task_seed(seed: int, split: str, epoch: int, files: Sequence[str]) -> int:
+    """Generator seed of one window task: the run's seed, the split, the epoch and the task's files."""
+    ident = zlib.crc32("\n".join(files).encode())
+    return int(np.random.SeedSequence(_rng_key(seed, SPLITS.index(split), epoch, ident)).generate_state(1)[0])
+
+
 def read_and_draw(
     batch: dict[str, np.ndarray], root: str, s3: storage.S3Options | None, spec: StreamSpec
 ) -> dict[str, np.ndarray]:
-    """Read a group of shard files and draw their windows."""
+    """Read each task's shard files (a row: ``files``, ``seed``) and draw their windows."""
     fs, base = _filesystem(root, s3)
-    tables = [pq.read_table(posixpath.join(base, name), filesystem=fs, columns=READ_COLUMNS) for name in batch["file"]]
-    return draw_windows(pa.concat_tables(tables), spec)
+    parts = []
+    for files, seed in zip(batch["files"], batch["seed"]):
+        tables = [pq.read_table(posixpath.join(base, name), filesystem=fs, columns=READ_COLUMNS) for name in files]
+        parts.append(draw_windows(pa.concat_tables(tables), spec, int(seed)))
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def window_dataset(
-    canonical: CanonicalZoo, split: str, cfg: DataConfig, s3: storage.S3Options | None = None
-) -> ray.data.Dataset:
-    """The lazy dataset of window pairs for one split (re-executed, with fresh windows, on every pass)."""
-    spec = StreamSpec.build(canonical, cfg)
-    files = canonical.files[split]
-    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    if split == "train":
-        ds = ds.randomize_block_order()  # a new grouping of checkpoints on every pass
-    per_file = sum(canonical.checkpoints[split].values()) / len(files)
-    return ds.map_batches(
-        read_and_draw,
-        batch_size=files_per_task(spec, cfg, per_file),
-        fn_kwargs={"root": canonical.uri, "s3": s3, "spec": spec},
-        num_cpus=cfg.stream_cpus,
-    )
+def quiet_data_context(ctx: DataContext, progress_bars: bool = False) -> DataContext:
+    """Ray Data's console output in this process: progress bars (one redraw per task and
+    operator) and the per-execution banner only when asked for, INFO lines to the log file only."""
+    ctx.enable_progress_bars = progress_bars
+    ctx.enable_operator_progress_bars = progress_bars
+    ctx.print_on_execution_start = progress_bars
+    if not progress_bars:  # ray-data.log (the file handler) keeps every record
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
+    return ctx
+
+
+@dataclass(frozen=True)
+class WindowStream:
+    """One split's windows: a lazy dataset per ``(seed, epoch, rank)``, the same for the same ones.
+
+    Files are dealt to ranks once per run (an order fixed by the seed); each training epoch
+    reorders a rank's files and regroups them into tasks; validation and test draw the same
+    tasks with the same seeds every epoch. With several ranks every rank's dataset is cut
+    to the fewest windows any rank holds, so all ranks run the same number of steps.
+    """
+
+    uri: str
+    split: str
+    files: tuple[str, ...]
+    spec: StreamSpec
+    files_per_task: int
+    stream_cpus: float
+    windows_per_pass: int
+    s3: storage.S3Options | None = None
+    progress_bars: bool = False
+
+    @classmethod
+    def build(
+        cls, canonical: CanonicalZoo, split: str, cfg: DataConfig, spec: StreamSpec, s3: storage.S3Options | None = None
+    ) -> WindowStream:
+        files = tuple(canonical.files[split])
+        per_file = sum(canonical.checkpoints[split].values()) / max(1, len(files))
+        return cls(
+            uri=canonical.uri, split=split, files=files, spec=spec,
+            files_per_task=files_per_task(spec, cfg, per_file), stream_cpus=cfg.stream_cpus,
+            windows_per_pass=spec.windows_per_pass(canonical.checkpoints[split]), s3=s3,
+            progress_bars=cfg.progress_bars,
+        )
+
+    @property
+    def reshuffles(self) -> bool:
+        """Training draws new windows every epoch; validation and test always the same ones."""
+        return self.split == "train"
+
+    def rank_files(self, seed: int, rank: int = 0, world: int = 1) -> list[str]:
+        """The files rank ``rank`` of ``world`` reads, the same in every epoch."""
+        if world == 1:
+            return list(self.files)
+        order = np.random.default_rng(_rng_key(seed, SPLITS.index(self.split))).permutation(len(self.files))
+        return [self.files[i] for i in order[rank::world]]
+
+    def tasks(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
+        """One epoch's window tasks of a rank, in order: ``{"files": [...], "seed": int}`` each."""
+        files = self.rank_files(seed, rank, world)
+        epoch = epoch if self.reshuffles else 0
+        if self.reshuffles:  # a new order, hence new groups of models, every epoch
+            order = np.random.default_rng(_rng_key(seed, SPLITS.index(self.split), epoch, rank)).permutation(len(files))
+            files = [files[i] for i in order]
+        k = self.files_per_task
+        groups = [files[i : i + k] for i in range(0, len(files), k)]
+        return [{"files": g, "seed": task_seed(seed, self.split, epoch, g)} for g in groups]
+
+    def dataset(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> ray.data.Dataset:
+        """The lazy dataset of one epoch's windows for one rank, in a fixed order."""
+        tasks = self.tasks(seed, epoch, rank, world)
+        ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks))).map_batches(
+            read_and_draw,
+            batch_size=1,
+            fn_kwargs={"root": self.uri, "s3": self.s3, "spec": self.spec},
+            num_cpus=self.stream_cpus,
+        )
+        if world > 1:
+            ds = ds.limit(self.rows_per_rank(seed, world))
+        quiet_data_context(ds.context, self.progress_bars)
+        ds.context.execution_options.preserve_order = True  # concurrent tasks, output in task order
+        return ds
+
+    def rows_per_rank(self, seed: int, world: int = 1) -> int:
+        """Windows per pass of every rank: the fewest any rank's files hold."""
+        if world == 1:
+            return self.windows_per_pass
+        per_file = self._file_windows
+        return min(sum(per_file[f] for f in self.rank_files(seed, r, world)) for r in range(world))
+
+    @functools.cached_property
+    def _file_windows(self) -> dict[str, int]:
+        """Windows per pass of each file, from its checkpoints' layouts (one small column read per file)."""
+        fs, base = _filesystem(self.uri, self.s3)
+        count = dict(zip(self.spec.layout_ids, self.spec.counts))
+
+        def windows(name: str) -> int:
+            lids = pq.read_table(posixpath.join(base, name), filesystem=fs, columns=["layout_id"]).column(0)
+            return sum(count[lid] for lid in lids.to_pylist())
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return dict(zip(self.files, pool.map(windows, self.files)))

@@ -11,14 +11,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+# How the reconstruction MSE is averaged: over the real entries, or over all entries
+# (padding included, the reference implementation's choice).
+RECONSTRUCTION_NORMS = ("real", "all")
+# What each view is reconstructed towards: its clean tokens, or its noisy input (the reference).
+RECONSTRUCTION_TARGETS = ("clean", "noisy")
+
 
 @dataclass
 class SaneConfig:
     """Architecture and loss settings of one SANE model.
 
+    ``d_t`` (token size) and ``window_size`` are facts of the data: 0 means "not yet
+    known", and the pretraining job fills them in from its data config (a different
+    non-zero value is refused there). A model can only be built with ``d_t`` set.
+    ``window_size`` is the window a preset was designed for; the model itself takes any.
+
     ``max_positions`` are the sizes of the learned position tables for the token
     coordinates ``(n, l, k)``: global token index, layer index, row index. They must
-    exceed the largest coordinate of every zoo the model sees, also at sampling time.
+    exceed the largest coordinate of every zoo the model sees, also at sampling time;
+    larger is headroom, smaller is refused before training starts.
     """
 
     d_t: int = 289
@@ -33,11 +45,15 @@ class SaneConfig:
     gamma: float = 0.05
     temperature: float = 0.1
     noise_sigma: float = 0.1
+    reconstruction_norm: str = "real"  # one of RECONSTRUCTION_NORMS
+    reconstruction_target: str = "clean"  # one of RECONSTRUCTION_TARGETS
 
     def __post_init__(self) -> None:
         self.max_positions = tuple(int(v) for v in self.max_positions)  # type: ignore[assignment]
-        positive = ("d_t", "window_size", "d_model", "d_z", "n_layers", "n_heads", "projection_dim")
-        for name in positive:
+        for name in ("d_t", "window_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SaneConfig.{name} must be positive (or 0: from the data), got {getattr(self, name)}")
+        for name in ("d_model", "d_z", "n_layers", "n_heads", "projection_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SaneConfig.{name} must be positive, got {getattr(self, name)}")
         if len(self.max_positions) != 3 or min(self.max_positions) <= 0:
@@ -54,6 +70,12 @@ class SaneConfig:
             raise ValueError(f"SaneConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.noise_sigma < 0:
             raise ValueError(f"SaneConfig.noise_sigma must be >= 0, got {self.noise_sigma}")
+        if self.reconstruction_norm not in RECONSTRUCTION_NORMS:
+            raise ValueError(f"SaneConfig.reconstruction_norm must be one of {', '.join(RECONSTRUCTION_NORMS)}, "
+                             f"got {self.reconstruction_norm!r}")
+        if self.reconstruction_target not in RECONSTRUCTION_TARGETS:
+            raise ValueError(f"SaneConfig.reconstruction_target must be one of {', '.join(RECONSTRUCTION_TARGETS)}, "
+                             f"got {self.reconstruction_target!r}")
 
 
 def tiny() -> SaneConfig:

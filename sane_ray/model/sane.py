@@ -57,6 +57,8 @@ class SaneModel(nn.Module):
 
     def __init__(self, cfg: SaneConfig):
         super().__init__()
+        if cfg.d_t <= 0:
+            raise ValueError("SaneConfig.d_t is 0 (taken from the data): set the token size before building a model")
         self.cfg = cfg
         self.encoder = TokenTransformer(cfg.d_t, cfg.d_z, cfg)
         self.decoder = TokenTransformer(cfg.d_z, cfg.d_t, cfg)

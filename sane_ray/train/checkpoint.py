@@ -15,11 +15,12 @@ import warnings
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim.lr_scheduler import LRScheduler
+
+from sane_ray.train.distributed import is_distributed
 
 _KEY = "train_state"
 
@@ -67,7 +68,7 @@ def save_checkpoint(state: TrainState, directory: str) -> None:
     """Collective when distributed: every rank calls it with its own local directory."""
     os.makedirs(directory, exist_ok=True)
     with _single_process_quiet():
-        dcp.save({_KEY: state}, checkpoint_id=directory, no_dist=not _distributed())
+        dcp.save({_KEY: state}, checkpoint_id=directory, no_dist=not is_distributed())
 
 
 def load_checkpoint(state: TrainState, directory: str) -> None:
@@ -75,11 +76,7 @@ def load_checkpoint(state: TrainState, directory: str) -> None:
     if not os.path.exists(os.path.join(directory, ".metadata")):
         raise FileNotFoundError(f"no DCP checkpoint (missing .metadata) in {directory}")
     with _single_process_quiet():
-        dcp.load({_KEY: state}, checkpoint_id=directory, no_dist=not _distributed())
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+        dcp.load({_KEY: state}, checkpoint_id=directory, no_dist=not is_distributed())
 
 
 @contextlib.contextmanager

@@ -9,8 +9,11 @@ FSDP, optimizer and checkpoint format come from their own modules.
 - ``train``: a :class:`TrainConfig` as a dict
 - ``steps_per_epoch``: optimizer steps per epoch and worker (sizes the OneCycle schedule)
 - ``use_gpu``: bool
-- ``has_val``: whether a ``"val"`` dataset was given
-- ``run_uri``: where rank 0 exports the model and the report at the end (None: no export)
+- ``datasets``: names of the fixed Ray Datasets given to Ray Train (read as they are every epoch)
+- ``streams``: ``{name: stream}`` drawn per epoch by the workers (``stream.dataset(seed, epoch,
+  rank, world)``, e.g. :class:`sane_ray.data.stream.WindowStream`): the reproducible path
+- ``run_uri``: where rank 0 writes ``metrics.csv`` and ``summary.md`` after every epoch and
+  exports the model and the loss curve at the end (None: nothing written)
 - ``export_files``: extra ``{name: bytes}`` written next to the exported model
 - ``on_epoch_end``: optional ``callable(rank, epoch)`` run on every worker after each
   epoch's report (a hook for logging or fault injection)
@@ -18,6 +21,7 @@ FSDP, optimizer and checkpoint format come from their own modules.
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import shutil
@@ -31,11 +35,11 @@ from typing import Any, Callable, Iterator
 import ray.train
 import ray.train.torch
 import torch
-from ray.data import DataIterator
+from ray.data import Dataset, DataIterator
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from sane_ray.config import from_dict
-from sane_ray.model.losses import GatherFn
+from sane_ray.model.losses import GatherFn, renormalize
 from sane_ray.model.sane import SaneModel
 from sane_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sane_ray.train.config import TrainConfig
@@ -43,6 +47,7 @@ from sane_ray.train.distributed import all_reduce_max, all_reduce_sum, gather_ro
 from sane_ray.model.export import export_model
 from sane_ray.train.fsdp import apply_fsdp, data_parallel_mesh
 from sane_ray.train.optim import build_optimizer
+from sane_ray.train.report import write_epoch_report
 from sane_ray.train.runtime import Runtime, select_runtime
 from sane_ray.train.step import compute_loss, optimizer_step, to_device, zero_prediction_loss
 
@@ -64,13 +69,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     rank, world = rank_and_world()
+    _quiet_report_logs()
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank: FSDP keeps each rank's shard
     model = SaneModel(cfg.model).to(device)
     distributed = is_distributed()
     if distributed:
         apply_fsdp(model, data_parallel_mesh(runtime.device_type, world), runtime.param_dtype, runtime.reduce_dtype)
-    torch.manual_seed(cfg.seed + 1 + rank)  # from here on (dropout) ranks draw differently
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.epochs * steps_per_epoch)
     state = TrainState(model, optimizer, scheduler)
     checkpoint = ray.train.get_checkpoint()
@@ -79,22 +84,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
             load_checkpoint(state, directory)
     resumed_from = state.epoch
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
+    train_data = _epoch_data(config, "train", cfg.seed, rank, world)
+    val_data = _epoch_data(config, "val", cfg.seed, rank, world)
     gather = gather_rows if distributed else None
     on_epoch_end: Callable[[int, int], None] | None = config.get("on_epoch_end")
 
     epoch_ends = [time.perf_counter()]  # the loop's start, then the end of each epoch run here
-    upcoming = _EpochBatches(train_shard, cfg, device) if state.epoch < cfg.epochs else None
+    upcoming = _EpochBatches(train_data(state.epoch), cfg, device, state.epoch, rank) if state.epoch < cfg.epochs else None
     for epoch in range(state.epoch, cfg.epochs):
-        # Noise is reseeded per epoch so a resumed run draws what an uninterrupted one would.
-        noise = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
+        # Noise and dropout are reseeded per epoch (and differ between ranks), so a resumed
+        # run draws what an uninterrupted one would.
+        noise = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, rank))
+        torch.manual_seed(epoch_seed(cfg.seed + 1, epoch, rank))
         metrics: dict[str, float] = {"epoch": float(epoch + 1)}
         metrics.update(_train_epoch(model, upcoming, state, cfg, runtime, device, gather, noise, distributed))
         # The next epoch's pipeline starts while this one evaluates and checkpoints.
-        upcoming = _EpochBatches(train_shard, cfg, device) if epoch + 1 < cfg.epochs else None
-        if val_shard is not None:
-            metrics.update(_evaluate(model, val_shard, cfg, runtime, device, gather, distributed))
+        upcoming = _EpochBatches(train_data(epoch + 1), cfg, device, epoch + 1, rank) if epoch + 1 < cfg.epochs else None
+        if val_data is not None:
+            metrics.update(_evaluate(model, val_data(epoch), cfg, runtime, device, gather, distributed))
         metrics["lr"] = float(scheduler.get_last_lr()[0])
         metrics["peak_rss_mb"] = _peak_rss_mb(device)
         metrics["resumed_from_epoch"] = float(resumed_from)
@@ -109,11 +116,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
             # Ray Train's patched print() would log the line twice: write to the stream itself.
             sys.stdout.write(progress_line(metrics, cfg.epochs, _eta(epoch_ends, cfg.epochs - state.epoch)) + "\n")
             sys.stdout.flush()
+            if config.get("run_uri"):
+                write_epoch_report(state.history, config["run_uri"])
         if on_epoch_end is not None:
             on_epoch_end(rank, state.epoch)
 
     _export(model, state, cfg, rank, distributed, config.get("run_uri"), config.get("export_files"))
     return state.history
+
+
+def _epoch_data(
+    config: dict[str, Any], name: str, seed: int, rank: int, world: int
+) -> Callable[[int], Dataset | DataIterator] | None:
+    """``epoch -> data`` of one split: a stream's dataset for (seed, epoch, rank), or this
+    worker's Ray Train shard of a fixed dataset; None when the split was not given."""
+    stream = config.get("streams", {}).get(name)
+    if stream is not None:
+        return functools.partial(_stream_dataset, stream, seed, rank=rank, world=world)
+    if name in config.get("datasets", ()):
+        shard = ray.train.get_dataset_shard(name)
+        return lambda epoch: shard
+    return None
+
+
+def _stream_dataset(stream: Any, seed: int, epoch: int, rank: int, world: int) -> Dataset:
+    return stream.dataset(seed, epoch, rank=rank, world=world)
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report of every rank at INFO (metrics, checkpoint path) under a
+    logger named by its source file, which RunConfig's log level does not reach."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its logs stay as they are
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of a rank's draws in one epoch (noise, local shuffle buffer)."""
+    return (seed * 1_000_003 + epoch * 7919 + rank) % 2**32
 
 
 class _EpochBatches:
@@ -125,10 +167,12 @@ class _EpochBatches:
     The thread is a daemon so a failing run never waits for it.
     """
 
-    def __init__(self, shard: DataIterator, cfg: TrainConfig, device: torch.device):
-        self._batches = iter(shard.iter_torch_batches(
+    def __init__(self, data: Dataset | DataIterator, cfg: TrainConfig, device: torch.device, epoch: int, rank: int):
+        shuffle = cfg.local_shuffle_buffer_size > 0
+        self._batches = iter(data.iter_torch_batches(
             batch_size=cfg.batch_size,
-            local_shuffle_buffer_size=cfg.local_shuffle_buffer_size or None,
+            local_shuffle_buffer_size=cfg.local_shuffle_buffer_size if shuffle else None,
+            local_shuffle_seed=epoch_seed(cfg.seed, epoch, rank) if shuffle else None,
             drop_last=True,  # every rank must run the same number of equally sized steps
             device=device,
         ))
@@ -209,7 +253,7 @@ def _train_epoch(
 @torch.no_grad()
 def _evaluate(
     model: SaneModel,
-    shard: DataIterator,
+    data: Dataset | DataIterator,
     cfg: TrainConfig,
     runtime: Runtime,
     device: torch.device,
@@ -218,22 +262,27 @@ def _evaluate(
 ) -> dict[str, float]:
     """Validation loss on clean views (no noise), averaged over windows of all ranks.
 
-    ``val_zero_baseline`` is the reconstruction loss of predicting zeros on the same
-    windows, averaged the same way: the trivial baseline for ``val_reconstruction``.
+    ``val_loss`` is the configured objective. The reconstruction is reported under both
+    normalizations, whichever trains: ``val_reconstruction`` over the real entries,
+    ``val_reconstruction_all`` over all entries (the reference's), so runs with either
+    setting compare. ``val_zero_baseline`` is the (real-entry) reconstruction loss of
+    predicting zeros on the same windows: the trivial baseline for ``val_reconstruction``.
     """
     model.eval()
-    sums = torch.zeros(5, device=device)  # total, reconstruction, contrastive, zero baseline (window-weighted), windows
-    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False, device=device):
+    sums = torch.zeros(6, device=device)  # total, rec (real), rec (all), contrastive, zero baseline, windows
+    for batch in data.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False, device=device):
         batch = to_device(batch, device)
         parts = compute_loss(model, batch, cfg.model, runtime, gather, autocast=not distributed)
-        per_batch = torch.stack([parts.total, parts.reconstruction, parts.contrastive, zero_prediction_loss(batch)])
+        rec = {to: renormalize(parts.reconstruction, batch["mask"], cfg.model.reconstruction_norm, to)
+               for to in ("real", "all")}
+        per_batch = torch.stack([parts.total, rec["real"], rec["all"], parts.contrastive, zero_prediction_loss(batch)])
         b = batch["x_i"].shape[0]
         sums += torch.cat([per_batch * b, torch.tensor([float(b)], device=device)])
-    loss, rec, con, zero, windows = all_reduce_sum(sums).tolist()
-    keys = ("val_loss", "val_reconstruction", "val_contrastive", "val_zero_baseline")
+    *totals, windows = all_reduce_sum(sums).tolist()
+    keys = ("val_loss", "val_reconstruction", "val_reconstruction_all", "val_contrastive", "val_zero_baseline")
     if windows == 0:
         return dict.fromkeys(keys, float("nan"))
-    return dict(zip(keys, (loss / windows, rec / windows, con / windows, zero / windows)))
+    return {k: v / windows for k, v in zip(keys, totals)}
 
 
 def progress_line(metrics: dict[str, float], epochs: int, eta_s: float) -> str:

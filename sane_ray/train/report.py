@@ -1,18 +1,17 @@
-"""A pretraining run at a glance: the loss-curve PNG and a short Markdown summary.
+"""A pretraining run at a glance: ``metrics.csv``, a short Markdown summary and the loss-curve PNG.
 
-Both are built from the per-epoch metric history the train loop keeps (and
-checkpoints), so a resumed run reports its whole history.
+All three are built from the per-epoch metric history the train loop keeps (and
+checkpoints), so a resumed run reports its whole history. The CSV and the summary are
+rewritten (atomically) after every epoch, so an interrupted run has them too; the
+curve is drawn once, at export.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 from typing import Sequence
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from sane_ray import storage
 
@@ -26,6 +25,10 @@ def loss_curve_png(history: History) -> bytes:
     The reconstruction panel also shows, dashed, the validation loss of predicting
     zeros (the trivial baseline for standardized weights).
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # plotting only at export
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     if not history:
         raise ValueError("no epochs in the history: nothing to plot")
     epochs = [h["epoch"] for h in history]
@@ -80,8 +83,29 @@ def baseline_sentence(last: dict[str, float]) -> str:
             f"{rec / zero:.1%} of the trivial baseline of predicting zeros ({zero:.4g}).\n\n")
 
 
-def write_run_report(history: History, uri: str, title: str = "SANE pretraining") -> None:
-    """Write ``loss_curve.png`` and ``summary.md`` under ``uri``."""
+def metrics_csv(history: History) -> str:
+    """One row per epoch, one column per metric the loop reported (in first-seen order; empty where an epoch lacks it)."""
+    columns = list(dict.fromkeys(k for h in history for k in h))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: repr(float(v)) for k, v in h.items()} for h in history)
+    return buf.getvalue()
+
+
+def read_metrics_csv(text: str) -> list[dict[str, float]]:
+    """The history back from :func:`metrics_csv` (missing values left out)."""
+    return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(io.StringIO(text))]
+
+
+def write_epoch_report(history: History, uri: str, title: str = "SANE pretraining") -> None:
+    """Write ``metrics.csv`` and ``summary.md`` under ``uri`` (after every epoch)."""
     storage.makedirs(uri)
-    storage.write_bytes_atomic(storage.join(uri, "loss_curve.png"), loss_curve_png(history))
+    storage.write_bytes_atomic(storage.join(uri, "metrics.csv"), metrics_csv(history).encode())
     storage.write_bytes_atomic(storage.join(uri, "summary.md"), summary_markdown(history, title).encode())
+
+
+def write_run_report(history: History, uri: str, title: str = "SANE pretraining") -> None:
+    """Write ``metrics.csv``, ``summary.md`` and ``loss_curve.png`` under ``uri``."""
+    write_epoch_report(history, uri, title)
+    storage.write_bytes_atomic(storage.join(uri, "loss_curve.png"), loss_curve_png(history))

@@ -1,8 +1,11 @@
 """One training or evaluation step on a batch in the data contract's format.
 
 A batch holds two clean views ``x_i``/``x_j`` (B, ws, d_t), their shared ``mask`` and
-``pos``. Both views go through the model in one call (2B windows), noise is applied
-on the device, and each view is reconstructed towards its clean tokens.
+``pos``, and the source ``model_idx`` of each window. Both views go through the model in
+one call (2B windows), noise is applied on the device, and each view is reconstructed
+towards its clean tokens or, with ``reconstruction_target="noisy"``, its noisy input
+(the reference's target). Windows of the same model are never each other's contrastive
+negatives.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ from sane_ray.train.runtime import Runtime
 from sane_ray.weights.augment import multiplicative_noise
 
 BATCH_KEYS = ("x_i", "x_j", "mask", "pos")
+MODEL_KEY = "model_idx"  # optional: without it no two windows of a batch share a model
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The contract's four tensors on ``device``; a missing key is named in the error."""
+    """The contract's tensors on ``device`` (``model_idx`` when present); a missing key is named in the error."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise KeyError(f"training batch lacks {missing}; expected keys {list(BATCH_KEYS)} (docs/CONTRACTS.md)")
-    return {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS}
+    keys = BATCH_KEYS + ((MODEL_KEY,) if MODEL_KEY in batch else ())
+    return {k: batch[k].to(device, non_blocking=True) for k in keys}
 
 
 def compute_loss(
@@ -49,7 +54,9 @@ def compute_loss(
     with ctx:
         out = model(x, pos, mask.any(dim=-1))
     p_i, p_j = out.projection.float().chunk(2)
-    return sane_loss(out.x_hat, clean, mask, p_i, p_j, cfg.gamma, cfg.temperature, gather)
+    target = x if cfg.reconstruction_target == "noisy" else clean
+    return sane_loss(out.x_hat, target, mask, p_i, p_j, cfg.gamma, cfg.temperature, gather,
+                     over=cfg.reconstruction_norm, model_ids=batch.get(MODEL_KEY))
 
 
 def zero_prediction_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -8,10 +8,10 @@ in the batch format of docs/CONTRACTS.md. Re-running it with the same
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import ray.data
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from sane_ray import storage
@@ -37,9 +37,16 @@ def steps_per_epoch(num_rows: int, num_workers: int, batch_size: int) -> int:
     return steps
 
 
+def _rows_per_pass(train: Any, seed: int, num_workers: int) -> int:
+    """Training rows all workers read per epoch (a stream cuts every worker to the same count)."""
+    if isinstance(train, ray.data.Dataset):
+        return train.count()
+    return train.rows_per_rank(seed, num_workers) * num_workers
+
+
 def run_pretraining(
     train_cfg: TrainConfig,
-    datasets: Mapping[str, ray.data.Dataset],
+    datasets: Mapping[str, ray.data.Dataset | Any],
     storage_path: str,
     name: str,
     num_workers: int = 1,
@@ -51,7 +58,10 @@ def run_pretraining(
 ) -> Result:
     """Pretrain SANE with ``num_workers`` FSDP2 workers; returns Ray's ``Result``.
 
-    ``datasets`` holds ``"train"`` and optionally ``"val"``. Checkpoints and Ray's run
+    ``datasets`` holds ``"train"`` and optionally ``"val"``: Ray Datasets (split by Ray
+    Train, read as they are every epoch) or streams that draw each epoch's dataset in the
+    workers from the seed, epoch and rank (:class:`sane_ray.data.stream.WindowStream`,
+    the reproducible way). Checkpoints and Ray's run
     state go to ``storage_path/name``; at the end rank 0 writes ``model.safetensors``,
     ``sane_config.json``, ``export_files``, ``loss_curve.png`` and ``summary.md`` there
     (load the model with :func:`sane_ray.model.export.load_sane`). ``result.return_value``
@@ -63,7 +73,10 @@ def run_pretraining(
         raise ValueError(f"datasets must hold 'train' and optionally 'val', got {sorted(datasets)}")
     if num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
-    steps = train_cfg.steps_per_epoch or steps_per_epoch(datasets["train"].count(), num_workers, train_cfg.batch_size)
+    fixed = {k: v for k, v in datasets.items() if isinstance(v, ray.data.Dataset)}
+    streams = {k: v for k, v in datasets.items() if k not in fixed}
+    steps = train_cfg.steps_per_epoch or steps_per_epoch(
+        _rows_per_pass(datasets["train"], train_cfg.seed, num_workers), num_workers, train_cfg.batch_size)
     runtime = select_runtime(use_gpu, train_cfg.mixed_precision)
     fs, path = storage.pyarrow_fs(storage_path)
     trainer = TorchTrainer(
@@ -72,7 +85,8 @@ def run_pretraining(
             "train": dataclasses.asdict(train_cfg),
             "steps_per_epoch": steps,
             "use_gpu": use_gpu,
-            "has_val": "val" in datasets,
+            "datasets": sorted(fixed),
+            "streams": streams,
             "run_uri": storage.join(storage_path, name),
             "export_files": dict(export_files or {}),
             "on_epoch_end": on_epoch_end,
@@ -91,7 +105,8 @@ def run_pretraining(
                 max_failures=train_cfg.max_failures, controller_failure_limit=controller_failure_limit
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
+            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO goes to its log files only
         ),
-        datasets=dict(datasets),
+        datasets=fixed,
     )
     return trainer.fit()

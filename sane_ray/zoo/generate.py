@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sane_ray import storage
+from sane_ray.cluster import ensure_ray
 from sane_ray.config import to_dict
 from sane_ray.zoo.architectures import ACTIVATIONS, build_model, get_architecture
 from sane_ray.zoo.native import MANIFEST, publish_manifest, read_manifest, write_checkpoint
@@ -126,17 +127,12 @@ class ZooGenConfig:
         return {"generator_version": GENERATOR_VERSION, **d}
 
 
-def cache_dir() -> str:
-    """sane-ray's local cache root: ``$SANE_RAY_CACHE`` or ``~/.cache/sane-ray``."""
-    return os.path.expanduser(os.environ.get("SANE_RAY_CACHE") or "~/.cache/sane-ray")
-
-
 def zoo_uri(cfg: ZooGenConfig) -> str:
     """Where ``cfg``'s zoo goes: ``cfg.out``, else ``<cache>/zoos/<task>-<arch>-<models>x<epochs>-s<seed>``."""
     if cfg.out:
         return storage.parse_uri(cfg.out).uri
     name = f"{cfg.task}-{cfg.arch}-{cfg.models}x{cfg.epochs}-s{cfg.seed}"
-    return os.path.join(cache_dir(), "zoos", name)
+    return os.path.join(storage.cache_dir(), "zoos", name)
 
 
 @dataclass(frozen=True)
@@ -266,11 +262,6 @@ def _train_task(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options) -
     return train_model(plan, task, root, s3)
 
 
-def _ensure_ray() -> None:
-    if not ray.is_initialized():
-        ray.init()
-
-
 def _collect(refs: dict, root: str, progress: bool) -> list[dict[str, Any]]:
     """Wait for every task, showing progress; on the first failure cancel the rest and raise."""
     n = len(refs)
@@ -318,7 +309,7 @@ def generate_zoo(cfg: ZooGenConfig, progress: bool = True, s3: storage.S3Options
         if not cfg.overwrite:
             raise ZooExistsError(f"a zoo is already published at {root} (manifest.parquet); set overwrite=true to replace it")
         _unpublish(root, s3)
-    _ensure_ray()
+    ensure_ray()
     if storage.parse_uri(root).scheme == "file" and len([n for n in ray.nodes() if n["Alive"]]) > 1:
         log.warning("writing zoo to local path %s from a multi-node cluster: it must be a shared filesystem", root)
     # The task's tensors are built once here and shared through the object store, so
