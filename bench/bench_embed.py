@@ -4,15 +4,15 @@ Two figures, each the median over ``--repeats`` runs, with ``/proc/loadavg`` pri
 
 - ``digits``: checkpoints/s over the default digits zoo (every model and epoch: load,
   align to the run's reference, tokenize, standardize, encode, mean and spread) with the
-  main job's model config. The run is exported from the zoo's canonical preprocessing
-  with an untrained SANE: throughput does not depend on the weights' values.
+  main job's model config: ``--run`` (a run of the main job), else the zoo's canonical
+  preprocessing with an untrained SANE (throughput does not depend on the weights' values).
 - ``resnet``: tokens/s for one randomly initialized CIFAR ResNet-18 (token size 288,
   39,304 tokens without BN), haloed windows of 256 tokens (halo 64), with a SANE of
   ``--resnet-width`` (``reference``: d_model 256, 4 layers; ``resnet``: the paper's
   d_model 2048, 8 layers, a GPU job). Preprocessing is timed apart from encoding; the
   architecture is not in the run, so it is standardized with its own statistics.
 
-    python bench/bench_embed.py [--only digits|resnet] [--repeats 3] [--resnet-width reference]
+    python bench/bench_embed.py [--only digits|resnet] [--repeats 3] [--run RUN_URI] [--resnet-width reference]
 """
 
 from __future__ import annotations
@@ -43,27 +43,34 @@ def loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def bench_digits(repeats: int) -> None:
+def untrained_digits_run(run_uri: str) -> None:
+    """Export an untrained SANE of the main job's config with the default digits zoo's preprocessing."""
     cfg = PretrainConfig()
     data = dataclasses.replace(cfg.data, zoo_uri=ensure_default_zoo(progress=False), num_actors=1)
     ray.init(num_cpus=4, object_store_memory=256 * 1024**2, log_to_driver=False, configure_logging=False)
     prepared = prepare_data(data)
     ray.shutdown()
     model_cfg = model_for_data(cfg.train.model, prepared.token_size, prepared.window_size, prepared.max_positions)
-    with tempfile.TemporaryDirectory() as run_uri:
-        export_model(SaneModel(model_cfg).state_dict(), model_cfg, run_uri, run_export_files(prepared))
+    export_model(SaneModel(model_cfg).state_dict(), model_cfg, run_uri, run_export_files(prepared))
+
+
+def bench_digits(repeats: int, run_uri: str | None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        if run_uri is None:
+            run_uri = tmp
+            untrained_digits_run(run_uri)
         run = load_run(run_uri, device="cpu")
-        zoo = open_zoo(data.zoo_uri)
+        zoo = open_zoo(run.canonical.zoo_uri)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             table = embed_models(run, zoo.models, cfg=EmbedConfig())
             times.append(time.perf_counter() - start)
     t = statistics.median(times)
-    print(f"digits: {table.num_rows} checkpoints of {len(zoo.models)} models, "
-          f"{prepared.sequence_lengths} tokens, window {prepared.window_size}, d_model {model_cfg.d_model}: "
-          f"{t:.2f} s median -> {table.num_rows / t:,.1f} checkpoints/s (runs {', '.join(f'{x:.2f}' for x in times)}; "
-          f"load {loadavg()})")
+    lengths = sorted({p.layout.num_tokens for p in run.preprocessing.layouts.values()})
+    print(f"digits: {table.num_rows} checkpoints of {len(zoo.models)} models ({lengths} tokens, window "
+          f"{run.preprocessing.window_size}, d_model {run.model.cfg.d_model}): {t:.2f} s median -> "
+          f"{table.num_rows / t:,.1f} checkpoints/s (runs {', '.join(f'{x:.2f}' for x in times)}; load {loadavg()})")
 
 
 def bench_resnet(repeats: int, width: str) -> None:
@@ -94,11 +101,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=["digits", "resnet"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--run", help="an exported digits run (default: export an untrained one for the default zoo)")
     p.add_argument("--resnet-width", default="reference", choices=["tiny", "reference", "resnet"])
     args = p.parse_args()
     torch.set_num_threads(2)
     if args.only in (None, "digits"):
-        bench_digits(args.repeats)
+        bench_digits(args.repeats, args.run)
     if args.only in (None, "resnet"):
         bench_resnet(args.repeats, args.resnet_width)
 

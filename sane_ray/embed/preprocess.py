@@ -248,7 +248,9 @@ def preprocess(
     if known is not None:
         stats = known.stats
     else:
-        own = fallback_stats or StandardizationStats.from_models(states, prep.include_bn, _std_floor(prep))
+        own = fallback_stats
+        if own is None:
+            own = StandardizationStats.from_models(states, prep.include_bn, _std_floor(prep))
         stats = stats_for_layout(prep, toks.layout, own, f"{architecture} {kwargs}")
     tokens = stats.apply_tokens(toks.tokens, toks.layout)
     if single:
