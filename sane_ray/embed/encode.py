@@ -66,7 +66,7 @@ def halo_plan(num_tokens: int, window_size: int, halo: int | None = None) -> Hal
     return HaloPlan(starts, lo, hi, window_size, num_tokens)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_haloed(
     model: SaneModel,
     tokens: torch.Tensor,

@@ -1,6 +1,6 @@
 """Embed every checkpoint of a zoo: one row per checkpoint with its metrics and embeddings.
 
-Two paths over the same per-model function (:func:`embed_model`): :func:`embed_models`
+Two paths over the same function (:func:`embed_batch`, a few models at a time): :func:`embed_models`
 runs in this process (small inputs, tests); :func:`embed_zoo` runs a Ray Data actor pool
 in which each actor loads the run once (on a GPU when it is given one) and embeds a few
 models per call. Memory is flat in zoo size: actors hold a batch of models, the driver
@@ -37,11 +37,12 @@ import torch
 
 from sane_ray import storage
 from sane_ray.data.canonical import model_from_json, model_to_json
-from sane_ray.embed.encode import embed_tokens
+from sane_ray.embed.encode import Embeddings, concat_tokens, embed_tokens
 from sane_ray.embed.preprocess import Preprocessing, own_stats, preprocess
 from sane_ray.embed.run import Run, load_preprocessing, load_run, run_canonical, splits_of, untrained_control
 from sane_ray.zoo.reader import load_model_checkpoints, open_zoo
 from sane_ray.weights.standardize import StandardizationStats
+from sane_ray.weights.tokenize import Tokens
 from sane_ray.zoo.spec import METRICS, CheckpointRecord, ModelRecord
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class EmbedConfig:
     keep_tokens: bool = False  # also store every token latent (the paper's "full sequence")
     batch_windows: int = 256  # passes encoded at once
     epochs: list[int] | None = None  # checkpoints to embed; None: every stored epoch
-    models_per_batch: int = 4  # models per actor call
+    models_per_batch: int = 8  # models preprocessed, then encoded together (per actor call)
     num_actors: int = 1  # actor pool size (max)
     actor_cpus: float = 1.0
     actor_gpus: float | None = None  # per actor; None: 1 when the cluster has a GPU, else 0
@@ -92,7 +93,7 @@ class EmbedConfig:
             raise ValueError("EmbedConfig.actor_cpus must be > 0 and actor_gpus >= 0")
 
 
-def _rows(model: ModelRecord, split: str, epochs: list[int], emb: Any, metrics: list[dict[str, float]]) -> pa.Table:
+def _rows(model: ModelRecord, split: str, epochs: list[int], emb: Embeddings, metrics: list[dict[str, float]]) -> pa.Table:
     n = len(epochs)
     tokens = emb.tokens.cpu().numpy() if emb.tokens is not None else None
     return pa.table(
@@ -146,25 +147,38 @@ def unknown_layout_stats(
     return out
 
 
-def embed_model(
-    run: Run, model: ModelRecord, split: str, cfg: EmbedConfig, s3: storage.S3Options | None = None,
+def embed_batch(
+    run: Run, models: list[tuple[ModelRecord, str]], cfg: EmbedConfig, s3: storage.S3Options | None = None,
     unknown_stats: dict[str, StandardizationStats] | None = None,
 ) -> pa.Table:
-    """Rows for one model's usable checkpoints (bad ones are skipped and logged; none: no rows).
+    """Rows for the usable checkpoints of a few ``(model, split)`` (bad checkpoints are skipped and
+    logged; a model without any gives no rows).
 
-    All its checkpoints are preprocessed together (aligned with the permutation found on the
-    last one, as the run did) and embedded in one batch. ``unknown_stats`` (from
-    :func:`unknown_layout_stats`) standardize architectures the run never saw.
+    Each model's checkpoints are preprocessed together (aligned with the permutation found on
+    its last one, as the run did); models of one layout are then encoded in one batch.
+    ``unknown_stats`` (from :func:`unknown_layout_stats`) standardize architectures the run never saw.
     """
-    good = _good_checkpoints(model, cfg, s3)
-    if not good:
-        return SCHEMA.empty_table()
-    lid = run.preprocessing.layout_id(model.architecture, model.arch_kwargs)
-    toks = preprocess(run, [sd for _, sd in good], model.architecture, model.arch_kwargs,
-                      (unknown_stats or {}).get(lid))
-    emb = embed_tokens(run, toks, window_size=cfg.window_size, halo=cfg.halo, keep_tokens=cfg.keep_tokens,
-                       batch_windows=cfg.batch_windows)
-    return _rows(model, split, [c.epoch for c, _ in good], emb, [c.metrics for c, _ in good])
+    prep = run.preprocessing
+    by_layout: dict[str, list[tuple[ModelRecord, str, list, Tokens]]] = {}
+    for model, split in models:
+        good = _good_checkpoints(model, cfg, s3)
+        if not good:
+            continue
+        lid = prep.layout_id(model.architecture, model.arch_kwargs)
+        toks = preprocess(run, [sd for _, sd in good], model.architecture, model.arch_kwargs,
+                          (unknown_stats or {}).get(lid))
+        by_layout.setdefault(lid, []).append((model, split, good, toks))
+    tables = [SCHEMA.empty_table()]
+    for group in by_layout.values():
+        emb = embed_tokens(run, concat_tokens([t for *_, t in group]), window_size=cfg.window_size, halo=cfg.halo,
+                           keep_tokens=cfg.keep_tokens, batch_windows=cfg.batch_windows)
+        first = 0
+        for model, split, good, _ in group:
+            part = Embeddings(*(None if v is None else v[first : first + len(good)]
+                                for v in (emb.mean, emb.layer_spread, emb.tokens)))
+            tables.append(_rows(model, split, [c.epoch for c, _ in good], part, [c.metrics for c, _ in good]))
+            first += len(good)
+    return pa.concat_tables(tables)
 
 
 def embed_models(
@@ -177,7 +191,11 @@ def embed_models(
     splits = run.splits() if splits is None else splits
     run = _model_for(run, cfg)
     unknown = unknown_layout_stats(run.preprocessing, models, cfg, s3)
-    tables = [embed_model(run, m, splits.get(m.model_id, ""), cfg, s3, unknown) for m in models]
+    batch = cfg.models_per_batch
+    tables = [
+        embed_batch(run, [(m, splits.get(m.model_id, "")) for m in models[i : i + batch]], cfg, s3, unknown)
+        for i in range(0, len(models), batch)
+    ]
     return _sorted(pa.concat_tables([SCHEMA.empty_table(), *tables]))
 
 
@@ -195,11 +213,8 @@ class ZooEmbedder:
         self.run = _model_for(load_run(run_uri), self.cfg)  # on the actor's GPU when Ray gave it one
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        tables = [SCHEMA.empty_table()]
-        for text in batch["item"]:
-            model, extra = model_from_json(text)
-            tables.append(embed_model(self.run, model, extra["split"], self.cfg, self.s3, self.unknown))
-        return pa.concat_tables(tables)
+        models = [(model, extra["split"]) for model, extra in map(model_from_json, batch["item"])]
+        return embed_batch(self.run, models, self.cfg, self.s3, self.unknown)
 
 
 def _cluster_gpus() -> float:
