@@ -66,7 +66,7 @@ def halo_plan(num_tokens: int, window_size: int, halo: int | None = None) -> Hal
     return HaloPlan(starts, lo, hi, window_size, num_tokens)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the pretraining probe signal encodes with the FSDP-wrapped training model
 def encode_haloed(
     model: SaneModel,
     tokens: torch.Tensor,
