@@ -12,7 +12,8 @@ Two figures, each the median over ``--repeats`` runs, with ``/proc/loadavg`` pri
   d_model 2048, 8 layers, a GPU job). Preprocessing is timed apart from encoding; the
   architecture is not in the run, so it is standardized with its own statistics.
 
-    python bench/bench_embed.py [--only digits|resnet] [--repeats 3] [--run RUN_URI] [--resnet-width reference]
+    python bench/bench_embed.py [--only digits|resnet] [--repeats 3] [--run RUN_URI [--pool ACTORS]]
+                                [--resnet-width reference]
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ import ray
 import torch
 
 from sane_ray.data import prepare_data
-from sane_ray.embed import EmbedConfig, Preprocessing, Run, embed_models, embed_tokens, load_run, preprocess
+from sane_ray.embed import (
+    EmbedConfig,
+    Preprocessing,
+    Run,
+    embed_models,
+    embed_tokens,
+    embed_zoo,
+    load_run,
+    preprocess,
+)
 from sane_ray.embed.preprocess import run_export_files
 from sane_ray.model import SaneModel, preset
 from sane_ray.model.export import export_model
@@ -73,6 +83,21 @@ def bench_digits(repeats: int, run_uri: str | None) -> None:
           f"{table.num_rows / t:,.1f} checkpoints/s (runs {', '.join(f'{x:.2f}' for x in times)}; load {loadavg()})")
 
 
+def bench_digits_pool(run_uri: str, actors: int) -> None:
+    """The same through :func:`embed_zoo` (Ray Data actor pool, output written as Parquet); one timed
+    run after Ray start-up, actor start-up included."""
+    run = load_run(run_uri, device="cpu")
+    ray.init(num_cpus=max(2, actors + 1), object_store_memory=256 * 1024**2, log_to_driver=False,
+             configure_logging=False)
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        rows = embed_zoo(run_uri, run.canonical.zoo_uri, out, EmbedConfig(num_actors=actors))
+        t = time.perf_counter() - start
+    ray.shutdown()
+    print(f"digits, Ray Data pool of {actors} actor(s): {rows} checkpoints in {t:.2f} s -> {rows / t:,.1f} "
+          f"checkpoints/s (actor start-up included; load {loadavg()})")
+
+
 def bench_resnet(repeats: int, width: str) -> None:
     torch.manual_seed(0)
     sd = build_model("resnet18").state_dict()
@@ -102,11 +127,14 @@ def main() -> None:
     p.add_argument("--only", choices=["digits", "resnet"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--run", help="an exported digits run (default: export an untrained one for the default zoo)")
+    p.add_argument("--pool", type=int, default=0, help="also time embed_zoo with this many actors (needs --run)")
     p.add_argument("--resnet-width", default="reference", choices=["tiny", "reference", "resnet"])
     args = p.parse_args()
     torch.set_num_threads(2)
     if args.only in (None, "digits"):
         bench_digits(args.repeats, args.run)
+        if args.pool and args.run:
+            bench_digits_pool(args.run, args.pool)
     if args.only in (None, "resnet"):
         bench_resnet(args.repeats, args.resnet_width)
 
