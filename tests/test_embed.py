@@ -207,3 +207,29 @@ def test_untrained_control_is_a_seeded_fresh_model(run_setup):
         assert torch.equal(same.model.state_dict()[k], v)
     assert not all(torch.equal(other.model.state_dict()[k], v) for k, v in run.model.state_dict().items())
     assert other.preprocessing is run.preprocessing and not other.model.training
+
+
+def test_zoo_of_an_unseen_architecture_uses_the_zoos_statistics(run_setup, tmp_path):
+    """Models of a layout the run lacks are standardized with statistics over all of them, not per model."""
+    _, run_uri = run_setup
+    run = load_run(run_uri, device="cpu")
+    rows = []
+    for i in range(2):
+        torch.manual_seed(50 + i)
+        net = build_model("mlp_digits")
+        for epoch in range(2):
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.mul_(1.5 + i)  # the two models differ in scale: per-model statistics would hide it
+            rows.append(native.write_checkpoint(str(tmp_path / "mlp"), f"x{i}", epoch, net.state_dict(),
+                                                {"test_acc": 0.5}, "mlp_digits", {}))
+    native.publish_manifest(str(tmp_path / "mlp"), rows)
+    zoo = open_zoo(str(tmp_path / "mlp"))
+    table = embed_models(run, zoo.models, cfg=EmbedConfig(models_per_batch=1))
+    assert table.column("split").to_pylist() == [""] * 4  # the run never saw these models
+    ckpts = [[sd for _, sd in load_model_checkpoints(m)[0]] for m in zoo.models]
+    shared = own_stats(run.preprocessing, "mlp_digits", {}, ckpts)
+    want = embed_tokens(run, preprocess(run, ckpts[1], "mlp_digits", fallback_stats=shared)).mean
+    np.testing.assert_allclose(embedding_matrix(table)[2:], want.numpy(), rtol=1e-5, atol=1e-6)
+    alone = embed_tokens(run, preprocess(run, ckpts[1], "mlp_digits")).mean
+    assert not torch.allclose(alone, want, atol=1e-3)
