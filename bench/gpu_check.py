@@ -92,7 +92,7 @@ class Plan:
         kernel = {"flash-attn": "the flash-attn package (flash_attn_func)",
                   "sdpa-flash": "PyTorch SDPA, flash kernel only",
                   "sdpa": "PyTorch SDPA, its own kernel choice (flash kernel unavailable here)"}[self.attention]
-        peak = f"{self.peak_tflops:g} TFLOP/s dense bf16" if self.peak_tflops else "not in the peak table (no MFU)"
+        peak = f"{self.peak_tflops:g} TFLOP/s dense bf16" if self.peak_tflops else "not in the peak table: no MFU"
         return (f"device      {self.device_name} ({peak})\n"
                 f"precision   {self.runtime.param_dtype} compute, {self.runtime.reduce_dtype} reduction and master weights\n"
                 f"attention   {kernel}\n"

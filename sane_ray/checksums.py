@@ -28,19 +28,22 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_digests(uri: str, names: Iterable[str], known: Mapping[str, bytes] | None = None) -> dict[str, dict]:
-    """Record size and SHA-256 of ``names`` (relative paths under ``uri``) in :data:`DIGEST_FILE`.
+def write_digests(
+    uri: str, names: Iterable[str], known: Mapping[str, bytes] | None = None, digest_file: str = DIGEST_FILE
+) -> dict[str, dict]:
+    """Record size and SHA-256 of ``names`` (relative paths under ``uri``) in ``digest_file``.
 
-    ``known`` passes bytes the caller already holds, so they are not read back.
-    Returns the recorded entries.
+    ``known`` passes bytes the caller already holds, so they are not read back. Writers
+    whose files are merged into one directory (the ranks of a checkpoint) each pass
+    their own ``digest_file`` name. Returns the recorded entries.
     """
     known = known or {}
     entries = {}
-    for name in sorted(set(names) - {DIGEST_FILE}):
+    for name in sorted(set(names) - {digest_file}):
         data = known[name] if name in known else storage.read_bytes(storage.join(uri, name))
         entries[name] = {"size": len(data), "sha256": digest(data)}
     body = json.dumps({"format": 1, "files": entries}, indent=1, sort_keys=True).encode()
-    storage.write_bytes_atomic(storage.join(uri, DIGEST_FILE), body)
+    storage.write_bytes_atomic(storage.join(uri, digest_file), body)
     return entries
 
 
@@ -53,15 +56,15 @@ def local_files(directory: str) -> list[str]:
     return sorted(out)
 
 
-def verify_digests(uri: str) -> dict[str, bytes]:
-    """Check every file recorded under ``uri``; returns their bytes, or raises :class:`IntegrityError`.
+def verify_digests(uri: str, digest_file: str = DIGEST_FILE, s3: storage.S3Options | None = None) -> dict[str, bytes]:
+    """Check every file recorded in ``uri/digest_file``; returns their bytes, or raises :class:`IntegrityError`.
 
     The message names the first bad file and what is wrong with it (missing, truncated
     or grown, altered), or the missing/unreadable digest file itself.
     """
-    digest_uri = storage.join(uri, DIGEST_FILE)
+    digest_uri = storage.join(uri, digest_file)
     try:
-        entries = json.loads(storage.read_bytes(digest_uri))["files"]
+        entries = json.loads(storage.read_bytes(digest_uri, s3))["files"]
     except storage.StorageError as e:
         raise IntegrityError(f"{digest_uri}: no checksums ({e})") from e
     except (ValueError, KeyError, TypeError) as e:
@@ -70,7 +73,7 @@ def verify_digests(uri: str) -> dict[str, bytes]:
     for name, want in sorted(entries.items()):
         file_uri = storage.join(uri, name)
         try:
-            data = storage.read_bytes(file_uri)
+            data = storage.read_bytes(file_uri, s3)
         except storage.StorageError as e:
             raise IntegrityError(f"{file_uri}: missing or unreadable ({e})") from e
         if len(data) != want["size"]:

@@ -2,6 +2,10 @@
 
 ``jobs/*.py`` are thin entry points for ``ray job submit`` that call :func:`main` with
 their subcommand, so a flag means the same thing everywhere.
+
+Expected faults reach the user as one line naming the file, URI or setting: exit code
+2 for bad input (including a location another writer holds), 1 for a run that failed
+(a zoo task, or training that spent its restarts). ``-v`` re-raises with the traceback.
 """
 
 from __future__ import annotations
@@ -73,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_faults() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(bad input: exit 2, failed runs: exit 1); imported lazily, like the commands."""
+    from ray.train import TrainingFailedError
+
+    from sane_ray.lease import LeaseHeldError
+    from sane_ray.zoo.generate import ZooGenerationError
+
+    # ZooExistsError is a FileExistsError; IntegrityError and ResumeError are ValueErrors.
+    bad_input = (ConfigError, StorageError, ValueError, KeyError, FileNotFoundError, FileExistsError,
+                 PermissionError, LeaseHeldError)
+    return bad_input, (ZooGenerationError, TrainingFailedError)
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an error's message (Ray's carry tracebacks after it)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -80,14 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     func: Callable[[argparse.Namespace], int] = args.func
+    bad_input, failed = _expected_faults()
     try:
         return func(args)
-    except (ConfigError, StorageError, ValueError, KeyError, FileNotFoundError) as e:
-        # Bad input: one clear line, not a traceback from deep inside a library.
+    except (*bad_input, *failed) as e:
+        # One clear line, not a traceback from deep inside a library.
         if args.verbose:
             raise
-        print(f"sane-ray: error: {e}", file=sys.stderr)
-        return 2
+        code = 1 if isinstance(e, failed) else 2
+        print(f"sane-ray: error: {one_line(e)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -46,8 +46,26 @@ def local_cpus(run: RunSettings, data: DataConfig) -> int:
     return run.local_cpus or max(4, math.ceil(need))
 
 
+def check_local_capacity(run: RunSettings) -> None:
+    """Refuse, before a local cluster is started, more workers than this machine's cores.
+
+    A local cluster is sized to fit the request, so :func:`check_capacity` would pass,
+    and the machine would run out of memory instead.
+    """
+    cores = run.local_cpus or os.cpu_count() or 1
+    need = run.workers * run.cpus_per_worker
+    if need > cores + 1e-9:
+        what = f"run.local_cpus={run.local_cpus}" if run.local_cpus else f"this machine has {cores} CPU cores"
+        raise ValueError(
+            f"{run.workers} workers x {run.cpus_per_worker:g} CPU need {need:g} CPU, but {what} and no cluster "
+            "is given (RAY_ADDRESS); lower run.workers or run.cpus_per_worker, or run on a cluster"
+        )
+
+
 def ensure_ray_for(run: RunSettings, data: DataConfig) -> None:
-    """:func:`ensure_ray` with a local cluster sized for a pretraining run."""
+    """:func:`ensure_ray` with a local cluster sized for a pretraining run (refused if it cannot fit)."""
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        check_local_capacity(run)
     ensure_ray(num_cpus=local_cpus(run, data), object_store_memory=LOCAL_OBJECT_STORE_BYTES)
 
 

@@ -8,12 +8,19 @@ S3 endpoints and credentials are resolved identically everywhere.
 
 S3 settings come from :class:`S3Options`, which defaults to the standard AWS variables
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``/``AWS_REGION``). pyarrow's S3 filesystem
-ignores ``AWS_ENDPOINT_URL``; we pass it explicitly.
+``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``/``AWS_REGION``). On S3 the pyarrow
+filesystem wraps the same s3fs filesystem, so both resolve settings identically.
+
+Requests retry with exponential backoff (capped at 20 s) and each connection attempt
+and request is bounded (:class:`S3Options` ``retries``, ``connect_timeout_s``,
+``request_timeout_s``); the defaults ride out an endpoint that is down for about a
+minute (a refused endpoint is given up after ~85 s). Ray Data and Ray Train's own
+writes go through :func:`pyarrow_fs`, so they are covered too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import uuid
@@ -36,17 +43,26 @@ class StorageError(OSError):
 
 @dataclass(frozen=True)
 class S3Options:
-    """S3 connection settings; unset fields fall back to the AWS environment variables."""
+    """S3 connection settings; unset fields fall back to the AWS environment variables.
+
+    ``retries`` is the number of attempts per request (exponential backoff between them,
+    capped at 20 s); the timeouts bound one attempt. The secret key and session token
+    never appear in ``repr``.
+    """
 
     endpoint_url: str | None = None
     access_key: str | None = None
-    secret_key: str | None = None
-    session_token: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
     region: str | None = None
+    retries: int = 12
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 30.0
 
     def resolved(self) -> "S3Options":
         env = os.environ.get
-        return S3Options(
+        return dataclasses.replace(
+            self,
             endpoint_url=self.endpoint_url or env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
             access_key=self.access_key or env("AWS_ACCESS_KEY_ID"),
             secret_key=self.secret_key or env("AWS_SECRET_ACCESS_KEY"),
@@ -117,18 +133,10 @@ def pyarrow_fs(uri: str | os.PathLike, s3: S3Options | None = None) -> tuple[paf
     loc = parse_uri(uri, s3)
     if loc.scheme == "file":
         return pafs.LocalFileSystem(), loc.path
-    o = loc.s3.resolved()
-    kwargs: dict[str, Any] = {
-        "access_key": o.access_key,
-        "secret_key": o.secret_key,
-        "session_token": o.session_token,
-        "region": o.region or "us-east-1",
-    }
-    if o.endpoint_url:
-        ep = urlparse(o.endpoint_url)
-        kwargs["endpoint_override"] = ep.netloc or ep.path
-        kwargs["scheme"] = ep.scheme or "https"
-    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None}), loc.path
+    # pyarrow's own S3FileSystem drops its retry strategy when pickled (as Ray does to ship
+    # it to workers), falling back to 3 attempts; s3fs keeps its settings, so Ray Data and
+    # Ray Train get the same retries and timeouts as our own reads and writes.
+    return pafs.PyFileSystem(pafs.FSSpecHandler(_s3fs(loc.s3.resolved()))), loc.path
 
 
 def _s3fs(o: S3Options) -> fsspec.AbstractFileSystem:
@@ -144,13 +152,22 @@ def _s3fs(o: S3Options) -> fsspec.AbstractFileSystem:
         secret=o.secret_key,
         token=o.session_token,
         client_kwargs=client_kwargs,
+        config_kwargs={
+            "connect_timeout": o.connect_timeout_s,
+            "read_timeout": o.request_timeout_s,
+            # Exponential backoff capped at 20 s ("legacy" mode's is uncapped).
+            "retries": {"max_attempts": o.retries, "mode": "standard"},
+        },
         use_listings_cache=False,
     )
 
 
 def exists(uri: str, s3: S3Options | None = None) -> bool:
     fs, path = open_uri(uri, s3)
-    return fs.exists(path)
+    try:
+        return fs.exists(path)
+    except OSError as e:
+        raise StorageError(f"cannot check {uri}: {e}") from e
 
 
 def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
@@ -202,6 +219,18 @@ def makedirs(uri: str, s3: S3Options | None = None) -> None:
             os.makedirs(loc.path, exist_ok=True)
         except OSError as e:
             raise StorageError(f"cannot create {uri}: {e}") from e
+
+
+def remove(uri: str, s3: S3Options | None = None) -> None:
+    """Remove a file or a whole directory tree; a missing one is not an error."""
+    fs, path = open_uri(uri, s3)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StorageError(f"cannot remove {uri}: {e}") from e
 
 
 def listdir(uri: str, s3: S3Options | None = None) -> list[str]:

@@ -189,7 +189,9 @@ def test_seed_changes_zoo_and_overwrite_rules(ray_cluster, tmp_path):
     second = _manifest(out)
     assert second.num_rows == 2 * (TINY["epochs"] + 1)
     assert second.column("sha256").to_pylist()[0] != first.column("sha256").to_pylist()[0]
-    assert sorted(os.listdir(os.path.join(out, "models"))) == ["model_0000", "model_0001"]  # stale model removed
+    # the new zoo was written beside the old one (next/), which is gone once the new manifest is published
+    assert sorted(os.listdir(out)) == [MANIFEST, "next"]
+    assert sorted(os.listdir(os.path.join(out, "next", "models"))) == ["model_0000", "model_0001"]
 
 
 def test_failed_task_publishes_nothing(ray_cluster, tmp_path):

@@ -195,6 +195,17 @@ def test_every_epoch_draws_fresh_views_and_the_same_epoch_the_same(prepared, tra
 def test_validation_draws_the_same_windows_every_epoch(prepared):
     first, later = _pass(prepared, epoch=0, split="val"), _pass(prepared, epoch=7, split="val")
     assert all(torch.equal(first[k], later[k]) for k in first)
+    # two ranks share the checkpoints of every validation model (a split may hold fewer models than ranks)
+    parts = [_pass(prepared, epoch=e, split="val", rank=r, world=2) for r in range(2) for e in (0, 3)]
+    assert all(torch.equal(parts[0][k], parts[1][k]) and torch.equal(parts[2][k], parts[3][k]) for k in first)
+    per_rank = prepared.streams["val"].rows_per_rank(0, 2)
+    assert len(parts[0]["model_idx"]) == len(parts[2]["model_idx"]) == per_rank >= len(first["model_idx"]) // 2 - 1
+
+    def checkpoints(part):
+        return set(zip(part["model_idx"].tolist(), part["epoch"].tolist()))
+
+    assert not checkpoints(parts[0]) & checkpoints(parts[2])
+    assert len(checkpoints(parts[0]) | checkpoints(parts[2])) >= len(checkpoints(first)) - 1
 
 
 def test_cache_is_reused_and_invalidated(prepared, zoo_cfg):

@@ -25,7 +25,7 @@ WORKERS = dict(num_workers=2, resources_per_worker={"CPU": 1})
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(model=MODEL, optim=OptimConfig(lr=1e-3), epochs=2, batch_size=8, num_threads=1)
+    base = dict(model=MODEL, optim=OptimConfig(lr=1e-3), epochs=2, batch_size=8, num_threads=1, max_failures=0)
     return TrainConfig(**{**base, **kw})
 
 
@@ -37,15 +37,24 @@ def datasets(ray_cluster):
 
 def _fail_once_at(epoch: int, marker: str):
     def hook(rank: int, done: int) -> None:
-        if rank == 1 and done == epoch and not os.path.exists(marker):
-            open(marker, "w").close()
-            raise RuntimeError("injected worker failure")
+        if done == epoch and not os.path.exists(marker):
+            import torch.distributed as dist  # inside: hooks are pickled by value, this module is not on the workers
+
+            if dist.is_initialized():  # every rank's checkpoint upload is done before the fault
+                dist.barrier()
+            if rank == 1:
+                open(marker, "w").close()
+                raise RuntimeError("injected worker failure")
     return hook
 
 
 def _stop_at(epoch: int):
     def hook(rank: int, done: int) -> None:
         if done == epoch:
+            import torch.distributed as dist  # inside: hooks are pickled by value, this module is not on the workers
+
+            if dist.is_initialized():  # every rank's checkpoint upload is done before the fault
+                dist.barrier()
             raise RuntimeError("interrupted")
     return hook
 

@@ -212,21 +212,25 @@ def _rng_key(seed: int, *parts: int) -> list[int]:
     return [seed % 2**63, *parts]
 
 
-def task_seed(seed: int, split: str, epoch: int, files: Sequence[str]) -> int:
-    """Generator seed of one window task: the run's seed, the split, the epoch and the task's files."""
+def task_seed(seed: int, split: str, epoch: int, files: Sequence[str], rank: int = 0) -> int:
+    """Generator seed of one window task: the run's seed, the split, the epoch, the task's files and rank."""
     ident = zlib.crc32("\n".join(files).encode())
-    return int(np.random.SeedSequence(_rng_key(seed, SPLITS.index(split), epoch, ident)).generate_state(1)[0])
+    return int(np.random.SeedSequence(_rng_key(seed, SPLITS.index(split), epoch, ident, rank)).generate_state(1)[0])
 
 
 def read_and_draw(
     batch: dict[str, np.ndarray], root: str, s3: storage.S3Options | None, spec: StreamSpec
 ) -> dict[str, np.ndarray]:
-    """Read each task's shard files (a row: ``files``, ``seed``) and draw their windows."""
+    """Read each task's shard files and draw the windows of every ``keep_every``-th checkpoint
+    row from ``keep_from`` on (a task: ``files``, ``seed``, ``keep_from``, ``keep_every``)."""
     fs, base = _filesystem(root, s3)
     parts = []
-    for files, seed in zip(batch["files"], batch["seed"]):
+    for files, seed, start, step in zip(batch["files"], batch["seed"], batch["keep_from"], batch["keep_every"]):
         tables = [pq.read_table(posixpath.join(base, name), filesystem=fs, columns=READ_COLUMNS) for name in files]
-        parts.append(draw_windows(pa.concat_tables(tables), spec, int(seed)))
+        block = pa.concat_tables(tables)
+        if step > 1:
+            block = block.take(np.arange(int(start), block.num_rows, int(step)))
+        parts.append(draw_windows(block, spec, int(seed)))
     return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -247,10 +251,12 @@ def quiet_data_context(ctx: DataContext, progress_bars: bool = False) -> DataCon
 class WindowStream:
     """One split's windows: a lazy dataset per ``(seed, epoch, rank)``, the same for the same ones.
 
-    Files are dealt to ranks once per run (an order fixed by the seed); each training epoch
-    reorders a rank's files and regroups them into tasks; validation and test draw the same
-    tasks with the same seeds every epoch. With several ranks every rank's dataset is cut
-    to the fewest windows any rank holds, so all ranks run the same number of steps.
+    Training files are dealt to ranks once per run (an order fixed by the seed), and each
+    epoch reorders a rank's files and regroups them into tasks. Validation and test draw
+    the same tasks with the same seeds every epoch; with several ranks each rank reads
+    every file of the split but draws only every ``world``-th checkpoint (a split may hold
+    fewer models than there are ranks). Every rank's dataset is cut to the fewest windows
+    any rank holds, so all ranks run the same number of steps.
     """
 
     uri: str
@@ -283,7 +289,7 @@ class WindowStream:
 
     def rank_files(self, seed: int, rank: int = 0, world: int = 1) -> list[str]:
         """The files rank ``rank`` of ``world`` reads, the same in every epoch."""
-        if world == 1:
+        if world == 1 or not self.reshuffles:
             return list(self.files)
         order = np.random.default_rng(_rng_key(seed, SPLITS.index(self.split))).permutation(len(self.files))
         return [self.files[i] for i in order[rank::world]]
@@ -297,7 +303,13 @@ class WindowStream:
             files = [files[i] for i in order]
         k = self.files_per_task
         groups = [files[i : i + k] for i in range(0, len(files), k)]
-        return [{"files": g, "seed": task_seed(seed, self.split, epoch, g)} for g in groups]
+        step = 1 if self.reshuffles else world
+        tasks, row = [], 0
+        for g in groups:
+            tasks.append({"files": g, "seed": task_seed(seed, self.split, epoch, g, rank),
+                          "keep_from": (rank - row) % step, "keep_every": step})
+            row += sum(len(self._file_layouts[f]) for f in g) if step > 1 else 0
+        return tasks
 
     def dataset(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> ray.data.Dataset:
         """The lazy dataset of one epoch's windows for one rank, in a fixed order."""
@@ -315,21 +327,28 @@ class WindowStream:
         return ds
 
     def rows_per_rank(self, seed: int, world: int = 1) -> int:
-        """Windows per pass of every rank: the fewest any rank's files hold."""
+        """Windows per pass of every rank: the fewest any rank draws."""
         if world == 1:
             return self.windows_per_pass
-        per_file = self._file_windows
-        return min(sum(per_file[f] for f in self.rank_files(seed, r, world)) for r in range(world))
+        count = dict(zip(self.spec.layout_ids, self.spec.counts))
+        if self.reshuffles:
+            per_rank = [
+                sum(count[lid] for f in self.rank_files(seed, r, world) for lid in self._file_layouts[f])
+                for r in range(world)
+            ]
+        else:  # checkpoint rows dealt round-robin in file order
+            rows = [count[lid] for f in self.files for lid in self._file_layouts[f]]
+            per_rank = [sum(rows[r::world]) for r in range(world)]
+        return min(per_rank)
 
     @functools.cached_property
-    def _file_windows(self) -> dict[str, int]:
-        """Windows per pass of each file, from its checkpoints' layouts (one small column read per file)."""
+    def _file_layouts(self) -> dict[str, list[str]]:
+        """Layout id of every checkpoint row of each file (one small column read per file;
+        only needed with several ranks)."""
         fs, base = _filesystem(self.uri, self.s3)
-        count = dict(zip(self.spec.layout_ids, self.spec.counts))
 
-        def windows(name: str) -> int:
-            lids = pq.read_table(posixpath.join(base, name), filesystem=fs, columns=["layout_id"]).column(0)
-            return sum(count[lid] for lid in lids.to_pylist())
+        def layouts(name: str) -> list[str]:
+            return pq.read_table(posixpath.join(base, name), filesystem=fs, columns=["layout_id"]).column(0).to_pylist()
 
         with ThreadPoolExecutor(max_workers=16) as pool:
-            return dict(zip(self.files, pool.map(windows, self.files)))
+            return dict(zip(self.files, pool.map(layouts, self.files)))

@@ -4,6 +4,11 @@ Every rank writes only its own shards into a directory (plus rank 0 the metadata
 Ray Train merges the ranks' directories into one checkpoint. Loading reshards, so a
 checkpoint can be resumed with another number of workers. Without a process group
 (a single process) the same calls write an unsharded checkpoint.
+
+Each rank also records the size and SHA-256 of the files it wrote in
+``checksums-rank<r>-of-<world>.json`` (distinct names survive Ray's merge); a checkpoint
+is trusted only when all ``world`` digest files are there and every file they list
+matches (:func:`verify_checkpoint`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import warnings
 from typing import Any, Iterator
 
@@ -20,9 +26,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim.lr_scheduler import LRScheduler
 
-from sane_ray.train.distributed import is_distributed
+from sane_ray import checksums, storage
+from sane_ray.train.distributed import is_distributed, rank_and_world
 
 _KEY = "train_state"
+_RANK_DIGESTS = re.compile(r"checksums-rank(\d+)-of-(\d+)\.json")
 
 
 class TrainState(Stateful):
@@ -69,6 +77,35 @@ def save_checkpoint(state: TrainState, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     with _single_process_quiet():
         dcp.save({_KEY: state}, checkpoint_id=directory, no_dist=not is_distributed())
+    rank, world = rank_and_world()
+    checksums.write_digests(directory, checksums.local_files(directory), digest_file=f"checksums-rank{rank}-of-{world}.json")
+
+
+def verify_checkpoint(uri: str, s3: storage.S3Options | None = None) -> dict[str, bytes]:
+    """Every file of the checkpoint at ``uri`` (local or S3), checked against all ranks' digests.
+
+    Raises :class:`~sane_ray.checksums.IntegrityError` naming the bad file, or the
+    missing digests of a checkpoint whose upload did not finish.
+    """
+    try:
+        names = storage.listdir(uri, s3)
+    except storage.StorageError as e:
+        raise checksums.IntegrityError(f"{uri}: unreadable checkpoint ({e})") from e
+    ranks = {(int(m[1]), int(m[2])) for m in map(_RANK_DIGESTS.fullmatch, names) if m}
+    worlds = {w for _, w in ranks}
+    if len(worlds) != 1:
+        what = "no checksums (incomplete upload?)" if not worlds else f"digests of different world sizes {sorted(worlds)}"
+        raise checksums.IntegrityError(f"{uri}: {what}")
+    (world,) = worlds
+    missing = sorted(set(range(world)) - {r for r, _ in ranks})
+    if missing:
+        raise checksums.IntegrityError(f"{uri}: checksums of rank {missing[0]} of {world} missing (incomplete upload?)")
+    contents: dict[str, bytes] = {}
+    for rank in range(world):
+        contents.update(checksums.verify_digests(uri, f"checksums-rank{rank}-of-{world}.json", s3))
+    if ".metadata" not in contents:
+        raise checksums.IntegrityError(f"{uri}: no DCP .metadata among the checksummed files")
+    return contents
 
 
 def load_checkpoint(state: TrainState, directory: str) -> None:

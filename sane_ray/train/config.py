@@ -49,7 +49,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # None: derived from the train dataset's row count
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
     checkpoints_to_keep: int = 2
-    max_failures: int = 0  # worker-group restarts from the last checkpoint
+    max_failures: int = 3  # worker-group restarts from the last checkpoint (tests that inject faults set 0)
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads per worker; 0 keeps the default
     mixed_precision: bool = True  # bf16 compute with fp32 reduction on CUDA; CPU always fp32

@@ -12,8 +12,10 @@ FSDP, optimizer and checkpoint format come from their own modules.
 - ``datasets``: names of the fixed Ray Datasets given to Ray Train (read as they are every epoch)
 - ``streams``: ``{name: stream}`` drawn per epoch by the workers (``stream.dataset(seed, epoch,
   rank, world)``, e.g. :class:`sane_ray.data.stream.WindowStream`): the reproducible path
-- ``run_uri``: where rank 0 writes ``metrics.csv`` and ``summary.md`` after every epoch and
-  exports the model and the loss curve at the end (None: nothing written)
+- ``run_uri``: the run directory: checkpoints to resume from (:mod:`sane_ray.train.resume`),
+  where rank 0 writes ``metrics.csv`` and ``summary.md`` after every epoch and exports the
+  model and the loss curve at the end (None: nothing written, no resume)
+- ``s3``: the :class:`~sane_ray.storage.S3Options` for ``run_uri`` (None: the AWS variables)
 - ``export_files``: extra ``{name: bytes}`` written next to the exported model
 - ``on_epoch_end``: optional ``callable(rank, epoch)`` run on every worker after each
   epoch's report (a hook for logging or fault injection)
@@ -39,15 +41,16 @@ from ray.data import Dataset, DataIterator
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from sane_ray.config import from_dict
+from sane_ray.model.export import export_model
 from sane_ray.model.losses import GatherFn, renormalize
 from sane_ray.model.sane import SaneModel
-from sane_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from sane_ray.train.checkpoint import TrainState, save_checkpoint
 from sane_ray.train.config import TrainConfig
 from sane_ray.train.distributed import all_reduce_max, all_reduce_sum, gather_rows, is_distributed, rank_and_world
-from sane_ray.model.export import export_model
 from sane_ray.train.fsdp import apply_fsdp, data_parallel_mesh
 from sane_ray.train.optim import build_optimizer
 from sane_ray.train.report import write_epoch_report
+from sane_ray.train.resume import prune, restore
 from sane_ray.train.runtime import Runtime, select_runtime
 from sane_ray.train.step import compute_loss, optimizer_step, to_device, zero_prediction_loss
 
@@ -78,10 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
         apply_fsdp(model, data_parallel_mesh(runtime.device_type, world), runtime.param_dtype, runtime.reduce_dtype)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.epochs * steps_per_epoch)
     state = TrainState(model, optimizer, scheduler)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            load_checkpoint(state, directory)
+    restore(state, config.get("run_uri"), cfg.checkpoints_to_keep, config.get("s3"))
     resumed_from = state.epoch
 
     train_data = _epoch_data(config, "train", cfg.seed, rank, world)
@@ -111,6 +111,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
         state.history.append(metrics)
         due = state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs
         _report(state, metrics, with_checkpoint=due)
+        if due and rank == 0 and config.get("run_uri"):
+            prune(config["run_uri"], cfg.checkpoints_to_keep, config.get("s3"))
         epoch_ends.append(time.perf_counter())
         if rank == 0:
             # Ray Train's patched print() would log the line twice: write to the stream itself.
@@ -132,15 +134,11 @@ def _epoch_data(
     worker's Ray Train shard of a fixed dataset; None when the split was not given."""
     stream = config.get("streams", {}).get(name)
     if stream is not None:
-        return functools.partial(_stream_dataset, stream, seed, rank=rank, world=world)
+        return functools.partial(stream.dataset, seed, rank=rank, world=world)
     if name in config.get("datasets", ()):
         shard = ray.train.get_dataset_shard(name)
         return lambda epoch: shard
     return None
-
-
-def _stream_dataset(stream: Any, seed: int, epoch: int, rank: int, world: int) -> Dataset:
-    return stream.dataset(seed, epoch, rank=rank, world=world)
 
 
 def _quiet_report_logs() -> None:
@@ -154,7 +152,7 @@ def _quiet_report_logs() -> None:
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of a rank's draws in one epoch (noise, local shuffle buffer)."""
+    """Seed of a rank's draws in one epoch (noise, dropout, local shuffle buffer)."""
     return (seed * 1_000_003 + epoch * 7919 + rank) % 2**32
 
 

@@ -2,7 +2,9 @@
 
 :func:`run_pretraining` is the entry point the jobs and the CLI call with Ray Datasets
 in the batch format of docs/CONTRACTS.md. Re-running it with the same
-``storage_path`` and ``name`` resumes from the run's latest checkpoint.
+``storage_path`` and ``name`` resumes from the newest checkpoint there that verifies
+(:mod:`sane_ray.train.resume`); while it runs, the run directory is leased to it
+(:mod:`sane_ray.lease`), so a second run into the same directory is refused.
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import ray.data
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from sane_ray import storage
+from sane_ray import lease, storage
+from sane_ray.train import resume
 from sane_ray.train.config import TrainConfig
 from sane_ray.train.loop import train_loop_per_worker
 from sane_ray.train.runtime import select_runtime
 
 DATASET_NAMES = ("train", "val")
+
+
+class PretrainingFailedError(TrainingFailedError):
+    """Training failed for good; the first line names the cause, the restarts spent and the run directory."""
 
 
 def steps_per_epoch(num_rows: int, num_workers: int, batch_size: int) -> int:
@@ -55,6 +62,7 @@ def run_pretraining(
     export_files: Mapping[str, bytes] | None = None,
     on_epoch_end: Callable[[int, int], None] | None = None,
     controller_failure_limit: int = -1,
+    s3: storage.S3Options | None = None,
 ) -> Result:
     """Pretrain SANE with ``num_workers`` FSDP2 workers; returns Ray's ``Result``.
 
@@ -65,8 +73,11 @@ def run_pretraining(
     state go to ``storage_path/name``; at the end rank 0 writes ``model.safetensors``,
     ``sane_config.json``, ``export_files``, ``loss_curve.png`` and ``summary.md`` there
     (load the model with :func:`sane_ray.model.export.load_sane`). ``result.return_value``
-    is the per-epoch metric history. A failed run raises ``ray.train.TrainingFailedError``.
+    is the per-epoch metric history. A run that exhausts its restarts raises ``PretrainingFailedError``.
     ``controller_failure_limit`` is Ray's (-1: retry scheduling forever; tests use 0).
+    ``s3`` (default: the AWS variables) is resolved here and handed to the workers.
+    Raises :class:`~sane_ray.lease.LeaseHeldError` if another run writes the directory,
+    :class:`~sane_ray.train.resume.ResumeError` if it holds checkpoints but none is usable.
     """
     unknown = sorted(set(datasets) - set(DATASET_NAMES))
     if "train" not in datasets or unknown:
@@ -78,7 +89,9 @@ def run_pretraining(
     steps = train_cfg.steps_per_epoch or steps_per_epoch(
         _rows_per_pass(datasets["train"], train_cfg.seed, num_workers), num_workers, train_cfg.batch_size)
     runtime = select_runtime(use_gpu, train_cfg.mixed_precision)
-    fs, path = storage.pyarrow_fs(storage_path)
+    s3 = (s3 or storage.S3Options()).resolved()
+    run_uri = storage.join(storage.parse_uri(storage_path, s3).uri, name)
+    fs, path = storage.pyarrow_fs(storage_path, s3)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -87,7 +100,8 @@ def run_pretraining(
             "use_gpu": use_gpu,
             "datasets": sorted(fixed),
             "streams": streams,
-            "run_uri": storage.join(storage_path, name),
+            "run_uri": run_uri,
+            "s3": s3,
             "export_files": dict(export_files or {}),
             "on_epoch_end": on_epoch_end,
         },
@@ -104,9 +118,32 @@ def run_pretraining(
             failure_config=FailureConfig(
                 max_failures=train_cfg.max_failures, controller_failure_limit=controller_failure_limit
             ),
-            checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
+            # None: Ray deletes nothing; resume.prune keeps checkpoints_to_keep of all directories.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO goes to its log files only
         ),
         datasets=fixed,
     )
-    return trainer.fit()
+    with lease.acquire(run_uri, "pretraining", s3):
+        resume.preflight(run_uri, s3)
+        try:
+            return trainer.fit()
+        except TrainingFailedError as e:
+            raise PretrainingFailedError(
+                f"pretraining into {run_uri} failed after {train_cfg.max_failures} restart(s) "
+                f"(train.max_failures): {failure_cause(e)}; its checkpoints are kept, rerun to resume"
+            ) from e
+
+
+def failure_cause(e: TrainingFailedError) -> str:
+    """One line for what made Ray Train give up: the lowest failing rank's error, or the controller's."""
+    failures = getattr(e, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        cause: BaseException = failures[rank]
+        cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the user's exception
+        where = f"rank {rank}: "
+    else:
+        cause, where = getattr(e, "controller_failure", None) or e, ""
+    text = (str(cause).strip().splitlines() or [""])[0]
+    return f"{where}{type(cause).__name__}: {text}"

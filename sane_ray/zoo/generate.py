@@ -10,6 +10,12 @@ Each task writes its own checkpoints (epoch 0 is the initialization) and returns
 manifest rows; the driver publishes the manifest only after every task succeeded, so a
 failed run leaves no zoo. The generation config is stored in the manifest metadata:
 :func:`ensure_zoo` reuses a published zoo with the same config instead of retraining.
+
+While a zoo is written its root is leased (:mod:`sane_ray.lease`): a second writer is
+refused. ``overwrite`` writes the new zoo beside the published one (under
+``next/`` when the old one is in ``models/``, and back), and publishing its manifest is
+the single step that replaces the old zoo, whose files are removed only then; an
+interrupted overwrite leaves the old zoo as it was.
 """
 
 from __future__ import annotations
@@ -28,11 +34,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sane_ray import storage
+from sane_ray import lease, storage
 from sane_ray.cluster import ensure_ray
 from sane_ray.config import to_dict
 from sane_ray.zoo.architectures import ACTIVATIONS, build_model, get_architecture
-from sane_ray.zoo.native import MANIFEST, publish_manifest, read_manifest, write_checkpoint
+from sane_ray.zoo.native import MANIFEST, manifest_paths, publish_manifest, read_manifest, write_checkpoint
 from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, Task, evaluate, get_task
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,8 @@ log = logging.getLogger(__name__)
 # Bump when training changes in a way that changes checkpoints: cached zoos then regenerate.
 GENERATOR_VERSION = 2
 DIGITS_ARCHITECTURES = ("cnn_digits", "cnn_digits_bn", "mlp_digits")
+# Where a zoo's checkpoints live under its root: a fresh zoo in the first, an overwrite in the other one.
+_PREFIXES = ("models", "next")
 
 
 class ZooExistsError(FileExistsError):
@@ -248,15 +256,6 @@ def _published_metadata(root: str, s3: storage.S3Options) -> dict[str, Any] | No
     return read_manifest(root, s3).metadata
 
 
-def _unpublish(root: str, s3: storage.S3Options) -> None:
-    """Remove a published zoo: the manifest first (so it stops existing), then its checkpoints."""
-    fs, path = storage.open_uri(root, s3)
-    fs.rm(storage.join(path, MANIFEST))
-    models = storage.join(path, "models")
-    if fs.exists(models):
-        fs.rm(models, recursive=True)
-
-
 @ray.remote(num_cpus=1)
 def _train_task(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options) -> list[dict[str, Any]]:
     return train_model(plan, task, root, s3)
@@ -278,8 +277,9 @@ def _collect(refs: dict, root: str, progress: bool) -> list[dict[str, Any]]:
                     for other in pending:
                         ray.cancel(other)
                     cause = getattr(e, "cause", None) or e
+                    first = (str(cause).strip().splitlines() or [""])[0]
                     raise ZooGenerationError(
-                        f"training {refs[ref].model_id} failed ({type(cause).__name__}: {cause}); "
+                        f"training {refs[ref].model_id} failed ({type(cause).__name__}: {first}); "
                         f"no manifest published at {root}"
                     ) from e
                 rows.extend(model_rows)
@@ -299,25 +299,37 @@ def generate_zoo(cfg: ZooGenConfig, progress: bool = True, s3: storage.S3Options
     """Train ``cfg.models`` models as Ray tasks, publish the zoo, return its URI.
 
     Refuses (``ZooExistsError``) if a zoo is already published there, unless
-    ``cfg.overwrite``. S3 settings are resolved here (``s3`` or the AWS variables) and
+    ``cfg.overwrite``, and (``LeaseHeldError``) while another writer holds it. S3 settings are resolved here (``s3`` or the AWS variables) and
     handed to the tasks, so they reach workers on any cluster.
     """
     cfg.validate()
     s3 = (s3 or storage.S3Options()).resolved()
     root = zoo_uri(cfg)
-    if _published_metadata(root, s3) is not None:
-        if not cfg.overwrite:
-            raise ZooExistsError(f"a zoo is already published at {root} (manifest.parquet); set overwrite=true to replace it")
-        _unpublish(root, s3)
-    ensure_ray()
-    if storage.parse_uri(root).scheme == "file" and len([n for n in ray.nodes() if n["Alive"]]) > 1:
-        log.warning("writing zoo to local path %s from a multi-node cluster: it must be a shared filesystem", root)
-    # The task's tensors are built once here and shared through the object store, so
-    # workers need not import scikit-learn.
-    task = ray.put(get_task(cfg.task, cfg.split_seed))
-    refs = {_train_task.remote(p, task, root, s3): p for p in plan_models(cfg)}
-    rows = _collect(refs, root, progress)
-    publish_manifest(root, rows, metadata={"generation": cfg.identity()}, s3=s3)
+    with lease.acquire(root, "make-zoo", s3):
+        in_use = set()
+        if _published_metadata(root, s3) is not None:
+            if not cfg.overwrite:
+                raise ZooExistsError(
+                    f"a zoo is already published at {root} (manifest.parquet); set overwrite=true to replace it")
+            in_use = {p.split("/", 1)[0] for p in manifest_paths(root, s3)}
+        prefix = next(p for p in _PREFIXES if p not in in_use)
+        # Only the zoo's own prefix goes: checkpoints are written as root/models/... or root/next/models/...
+        target = root if prefix == "models" else storage.join(root, prefix)
+        if prefix != "models":
+            storage.remove(target, s3)  # what an interrupted overwrite left
+        ensure_ray()
+        if storage.parse_uri(root).scheme == "file" and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+            log.warning("writing zoo to local path %s from a multi-node cluster: it must be a shared filesystem", root)
+        # The task's tensors are built once here and shared through the object store, so
+        # workers need not import scikit-learn.
+        task = ray.put(get_task(cfg.task, cfg.split_seed))
+        refs = {_train_task.remote(p, task, target, s3): p for p in plan_models(cfg)}
+        rows = _collect(refs, root, progress)
+        if target != root:
+            rows = [{**r, "path": f"{prefix}/{r['path']}"} for r in rows]
+        publish_manifest(root, rows, metadata={"generation": cfg.identity()}, s3=s3)
+        for old in in_use - {prefix}:
+            storage.remove(storage.join(root, old), s3)
     return root
 
 

@@ -107,6 +107,15 @@ def publish_manifest(
 # ---------------------------------------------------------------- reader
 
 
+def manifest_paths(root: str, s3: storage.S3Options | None = None) -> list[str]:
+    """The checkpoint paths (relative to ``root``) a published manifest lists, skipped models included."""
+    uri = storage.join(root, MANIFEST)
+    try:
+        return pq.read_table(io.BytesIO(storage.read_bytes(uri, s3)), columns=["path"]).column("path").to_pylist()
+    except (pa.ArrowException, KeyError) as e:
+        raise ZooError(f"{uri} is not a readable Parquet manifest: {e}") from e
+
+
 def read_manifest(root: str, s3: storage.S3Options | None = None) -> Zoo:
     """The zoo described by ``root/manifest.parquet``; no checkpoint file is opened.
 

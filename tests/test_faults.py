@@ -1,0 +1,470 @@
+"""Nothing lost under faults (issue 8): verified checkpoints with fallback, resume that says
+what it does, one writer at a time, storage outages, and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from ray.train import TrainingFailedError
+
+from sane_ray import cluster, lease, storage
+from sane_ray.checksums import IntegrityError
+from sane_ray.model import SaneModel, tiny
+from sane_ray.model.export import load_sane
+from sane_ray.train import TrainConfig, run_pretraining
+from sane_ray.train.checkpoint import TrainState, verify_checkpoint
+from sane_ray.train.config import OptimConfig
+from sane_ray.train.optim import build_optimizer
+from sane_ray.train.resume import RAY_SNAPSHOT, ResumeError, checkpoint_dirs, restore
+from sane_ray.train.synthetic import synthetic_dataset
+from sane_ray.train.trainer import PretrainingFailedError
+
+pytestmark = pytest.mark.timeout(300)
+
+MODEL = dataclasses.replace(tiny(), window_size=8, d_model=32, d_z=8, projection_dim=8)
+WORKERS = dict(num_workers=2, resources_per_worker={"CPU": 1}, controller_failure_limit=0)
+# The outage the storage test survives; the issue asks for 20 s (SANE_RAY_TEST_OUTAGE_S shortens it).
+OUTAGE_S = float(os.environ.get("SANE_RAY_TEST_OUTAGE_S", "20"))
+
+
+def _cfg(**kw) -> TrainConfig:
+    # steps_per_epoch given: 64 windows / 2 workers / batch 8, without a counting pass over the data
+    base = dict(model=MODEL, optim=OptimConfig(lr=1e-3), epochs=3, batch_size=8, num_threads=1,
+                checkpoints_to_keep=2, max_failures=0, steps_per_epoch=4)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def datasets(ray_cluster):
+    return {"train": synthetic_dataset(64, MODEL, seed=0)}
+
+
+def _stop_at(epoch: int):
+    def hook(rank: int, done: int) -> None:
+        if done == epoch:
+            import torch.distributed as dist  # inside: hooks are pickled by value, this module is not on the workers
+
+            if dist.is_initialized():  # every rank's checkpoint upload is done before the fault
+                dist.barrier()
+            raise RuntimeError("interrupted")
+    return hook
+
+
+def _wait_for(path: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not storage.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(datasets, tmp_path_factory):
+    """A run named "run" stopped after epoch 2 of 3 (checkpoints of epochs 1 and 2).
+
+    While it trains, a second run into the same directory is attempted: returns the run
+    directory, the error of that run and the second writer's error.
+    """
+    root = str(tmp_path_factory.mktemp("faults"))
+    run = os.path.join(root, "run")
+    second: list[BaseException] = []
+
+    def second_writer() -> None:
+        _wait_for(os.path.join(run, lease.LEASE_FILE))
+        try:
+            run_pretraining(_cfg(), datasets, root, "run", **WORKERS)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            second.append(e)
+
+    thread = threading.Thread(target=second_writer, daemon=True)
+    thread.start()
+    with pytest.raises(PretrainingFailedError) as failed:
+        run_pretraining(_cfg(), datasets, root, "run", on_epoch_end=_stop_at(2), **WORKERS)
+    thread.join(timeout=60)
+    assert len(checkpoint_dirs(run)) == 2
+    return run, failed.value, second[0] if second else None
+
+
+def _damage(checkpoint: str, fault: str) -> None:
+    if fault == "truncated":
+        shard = os.path.join(checkpoint, "__1_0.distcp")
+        os.truncate(shard, os.path.getsize(shard) // 2)
+    elif fault == "missing":
+        os.remove(os.path.join(checkpoint, "__0_0.distcp"))
+    elif fault == "bit-flipped":
+        shard = os.path.join(checkpoint, "__1_0.distcp")
+        with open(shard, "rb") as f:
+            data = bytearray(f.read())
+        start = max(0, len(data) // 2 - 2048)
+        for i in range(start, min(len(data), start + 4096)):
+            data[i] ^= 0xFF
+        with open(shard, "wb") as f:
+            f.write(bytes(data))
+    elif fault == "unregistered":  # Ray's registry lags: it knows neither checkpoint
+        os.remove(os.path.join(os.path.dirname(checkpoint), RAY_SNAPSHOT))
+    else:
+        raise ValueError(fault)
+
+
+def _copy(run: str, tmp_path) -> tuple[str, str]:
+    root = str(tmp_path / "copy")
+    shutil.copytree(run, os.path.join(root, "run"))
+    return root, os.path.join(root, "run")
+
+
+def test_run_failure_is_one_line_and_second_writer_is_refused(interrupted_run):
+    run, failed, second = interrupted_run
+    first_line = str(failed).splitlines()[0]
+    assert first_line.startswith(f"pretraining into {run} failed after 0 restart(s) (train.max_failures)")
+    assert "RuntimeError: interrupted" in first_line and "rerun to resume" in first_line
+    assert isinstance(failed, TrainingFailedError)  # still Ray's type for API callers
+    assert isinstance(second, lease.LeaseHeldError), second
+    assert f"{run} is being written by pretraining on host {socket.gethostname()} pid {os.getpid()}" in str(second)
+    assert "since" in str(second)
+    assert not os.path.exists(os.path.join(run, lease.LEASE_FILE))  # released when the run ended
+
+
+@pytest.mark.parametrize("fault", ["truncated", "missing", "bit-flipped", "unregistered"])
+def test_bad_latest_checkpoint_falls_back_and_finishes(interrupted_run, datasets, tmp_path, fault):
+    root, run = _copy(interrupted_run[0], tmp_path)
+    older, newest = checkpoint_dirs(run)
+    _damage(os.path.join(run, newest), fault)
+    history = run_pretraining(_cfg(), datasets, root, "run", **WORKERS).return_value
+    assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0]  # every epoch once
+    if fault == "unregistered":  # the newest checkpoint on storage wins over Ray's (empty) registry
+        assert [h["resumed_from_epoch"] for h in history] == [0.0, 0.0, 2.0]
+    else:
+        assert [h["resumed_from_epoch"] for h in history] == [0.0, 1.0, 1.0]
+    kept = checkpoint_dirs(run)
+    assert len(kept) == 2 and older not in kept  # checkpoints_to_keep holds for all, registered or not
+    assert (newest in kept) == (fault == "unregistered")  # a damaged one is removed
+    for name in kept:
+        verify_checkpoint(os.path.join(run, name))
+    load_sane(run)
+
+
+def _fresh_state() -> TrainState:
+    model = SaneModel(MODEL)
+    opt, sched = build_optimizer(model, OptimConfig(lr=1e-3), total_steps=12)
+    return TrainState(model, opt, sched)
+
+
+def test_resume_says_which_checkpoint_and_why_newer_were_skipped(interrupted_run, tmp_path, capsys):
+    _, run = _copy(interrupted_run[0], tmp_path)
+    older, newest = checkpoint_dirs(run)
+    _damage(os.path.join(run, newest), "truncated")
+    with pytest.raises(IntegrityError, match="__1_0.distcp.*truncated"):
+        verify_checkpoint(os.path.join(run, newest))
+    state = _fresh_state()
+    capsys.readouterr()
+    restore(state, run, keep=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert state.epoch == 1 and len(state.history) == 1
+    assert len(lines) == 1
+    assert lines[0].startswith(f"resuming {run} after epoch 1 from {older}; skipped 1 newer: ")
+    assert f"{newest}/__1_0.distcp" in lines[0] and "truncated" in lines[0]
+    assert checkpoint_dirs(run) == [older]  # the unusable one is gone
+
+
+def test_no_usable_checkpoint_stops_before_training(interrupted_run, datasets, tmp_path):
+    root, run = _copy(interrupted_run[0], tmp_path)
+    older, newest = checkpoint_dirs(run)
+    _damage(os.path.join(run, older), "missing")
+    _damage(os.path.join(run, newest), "bit-flipped")
+    with pytest.raises(ResumeError) as e:
+        run_pretraining(_cfg(), datasets, root, "run", **WORKERS)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"no usable checkpoint in {run}: ")
+    assert f"{older}/__0_0.distcp: missing" in msg and f"{newest}/__1_0.distcp" in msg and "altered" in msg
+    assert checkpoint_dirs(run) == [older, newest]  # nothing removed: the user decides
+
+
+def test_checkpoint_digests_need_every_rank(interrupted_run, tmp_path):
+    _, run = _copy(interrupted_run[0], tmp_path)
+    newest = os.path.join(run, checkpoint_dirs(run)[-1])
+    assert sorted(n for n in os.listdir(newest) if n.startswith("checksums")) == [
+        "checksums-rank0-of-2.json", "checksums-rank1-of-2.json"]
+    contents = verify_checkpoint(newest)
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(contents)
+    os.remove(os.path.join(newest, "checksums-rank1-of-2.json"))
+    with pytest.raises(IntegrityError, match="checksums of rank 1 of 2 missing"):
+        verify_checkpoint(newest)
+
+
+# ---------------------------------------------------------------- storage outage
+
+
+class PausableProxy:
+    """A TCP proxy in front of an endpoint; :meth:`pause` refuses and drops every connection for a while."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.paused_until = 0.0
+        self.refused = 0
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = time.monotonic() + seconds
+        with self._lock:
+            for c in self._conns:
+                _close(c)
+            self._conns.clear()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.server.accept()
+            if time.monotonic() < self.paused_until:
+                self.refused += 1
+                _close(client)
+                continue
+            upstream = socket.create_connection(self.upstream)
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close(src)
+            _close(dst)
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()
+
+
+def test_storage_outage_mid_run_is_ridden_out(datasets, s3):
+    """The endpoint refuses every connection for OUTAGE_S seconds after the first checkpoint;
+    with no restarts allowed, the run still finishes every epoch once and every checkpoint verifies."""
+    host, port = s3["endpoint"].removeprefix("http://").split(":")
+    proxy = PausableProxy((host, int(port)))
+    opts = storage.S3Options(endpoint_url=proxy.endpoint, connect_timeout_s=2, request_timeout_s=10)
+    out = f"s3://{s3['bucket']}/runs"
+    run = f"{out}/outage"
+
+    def pause_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 180
+        while not checkpoint_dirs(run) and time.monotonic() < deadline:  # direct to moto, not via the proxy
+            time.sleep(0.2)
+        proxy.pause(OUTAGE_S)
+
+    threading.Thread(target=pause_after_first_checkpoint, daemon=True).start()
+    start = time.monotonic()
+    result = run_pretraining(_cfg(epochs=4, checkpoints_to_keep=4), datasets, out, "outage", s3=opts, **WORKERS)
+    assert time.monotonic() - start > OUTAGE_S and proxy.refused > 0  # the outage happened during the run
+    history = result.return_value
+    assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
+    assert all(h["resumed_from_epoch"] == 0.0 for h in history)
+    kept = checkpoint_dirs(run)
+    assert len(kept) == 4
+    for name in kept:
+        verify_checkpoint(f"{run}/{name}")
+
+
+def test_s3_retry_settings_reach_both_filesystems():
+    opts = storage.S3Options(endpoint_url="http://127.0.0.1:9", access_key="AK", secret_key="s3cr3t", session_token="t0ken",
+                             retries=7, connect_timeout_s=1.5, request_timeout_s=4)
+    assert "s3cr3t" not in repr(opts) and "t0ken" not in repr(opts)
+    assert "s3cr3t" not in repr(storage.parse_uri("s3://b/k", opts))
+    fs, _ = storage.open_uri("s3://b/k", opts)
+    assert fs.config_kwargs["retries"] == {"max_attempts": 7, "mode": "standard"}
+    assert (fs.config_kwargs["connect_timeout"], fs.config_kwargs["read_timeout"]) == (1.5, 4)
+    pa_fs, _ = storage.pyarrow_fs("s3://b/k", opts)  # what Ray Data and Ray Train use, pickled to workers
+    shipped = pickle.loads(pickle.dumps(pa_fs)).handler.fs
+    assert shipped.config_kwargs == fs.config_kwargs
+
+
+# ---------------------------------------------------------------- leases
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_lease_refuses_a_second_writer_and_takes_over_a_stale_one(where, tmp_path, s3_server, caplog):
+    if where == "s3":
+        import boto3
+
+        bucket = f"lease-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+        boto3.client("s3", endpoint_url=s3_server["endpoint"]).create_bucket(Bucket=bucket)
+        location = f"s3://{bucket}/zoo"
+    else:
+        location = str(tmp_path / "zoo")
+    first = lease.acquire(location, "make-zoo")
+    with pytest.raises(lease.LeaseHeldError, match=rf"being written by make-zoo on host .* pid {os.getpid()} since "):
+        lease.acquire(location, "make-zoo")
+    # the holder's process is gone: the lease is stale at once and is taken over, saying so
+    first.release()
+    ghost = lease.acquire(location, "make-zoo")
+    ghost._stop.set()
+    ghost.holder["pid"] = _dead_pid()
+    lease._write(ghost.uri, ghost.holder, None, if_match=ghost.etag)
+    with caplog.at_level("WARNING", logger="sane_ray.lease"):
+        taker = lease.acquire(location, "make-zoo")
+    assert f"taking over the stale lease on {location}" in caplog.text and f"pid {ghost.holder['pid']}" in caplog.text
+    ghost.release()  # no longer its lease: leaves the taker's alone
+    assert storage.exists(taker.uri)
+    # a live holder that stopped renewing is stale after stale_after_s
+    with pytest.raises(lease.LeaseHeldError):
+        lease.acquire(location, "other", stale_after_s=60)
+    second = lease.acquire(location, "other", stale_after_s=0.0)
+    taker.release()
+    assert storage.exists(second.uri)
+    second.release()
+    assert not storage.exists(second.uri)
+
+
+# ---------------------------------------------------------------- zoos: one writer, safe overwrite
+
+
+ZOO = ["--models", "2", "--epochs", "1", "--seed", "3"]
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """Run the CLI in-process; returns the exit code and its error lines (no traceback allowed)."""
+    from sane_ray.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, [line for line in err.splitlines() if line.startswith("sane-ray: error:")]
+
+
+def test_two_concurrent_make_zoo_one_is_refused(ray_cluster, tmp_path, capsys):
+    from sane_ray.zoo.generate import ZooGenConfig, generate_zoo
+    from sane_ray.zoo.reader import open_zoo
+
+    out = str(tmp_path / "zoo")
+    done: list[object] = []
+    first = threading.Thread(
+        target=lambda: done.append(generate_zoo(ZooGenConfig(out=out, models=2, epochs=1, seed=3), progress=False)))
+    first.start()
+    _wait_for(os.path.join(out, lease.LEASE_FILE))
+    code, lines = _cli(["make-zoo", "--out", out, *ZOO], capsys)
+    first.join(timeout=240)
+    assert code == 2 and len(lines) == 1
+    assert f"{out} is being written by make-zoo on host {socket.gethostname()} pid {os.getpid()} since" in lines[0]
+    assert done == [out]
+    zoo = open_zoo(out, verify=True)  # the winner's zoo is whole
+    assert len(zoo.models) == 2 and not zoo.skipped
+    assert not os.path.exists(os.path.join(out, lease.LEASE_FILE))
+
+    code, lines = _cli(["make-zoo", "--out", out, *ZOO], capsys)  # ZooExistsError
+    assert code == 2 and len(lines) == 1 and out in lines[0] and "overwrite=true" in lines[0]
+
+
+def test_interrupted_overwrite_keeps_the_old_zoo(ray_cluster, tmp_path, monkeypatch):
+    from sane_ray.zoo import generate
+    from sane_ray.zoo.generate import ZooGenConfig, generate_zoo
+    from sane_ray.zoo.reader import open_zoo
+
+    out = str(tmp_path / "zoo")
+    old_cfg = ZooGenConfig(out=out, models=2, epochs=1, seed=3)
+    generate_zoo(old_cfg, progress=False)
+    new_cfg = ZooGenConfig(out=out, models=1, epochs=1, seed=4, overwrite=True)
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after every new checkpoint is written, before publishing
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(generate, "publish_manifest", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            generate_zoo(new_cfg, progress=False)
+    assert os.path.isdir(os.path.join(out, "next", "models", "model_0000"))  # the new one was written beside
+    zoo = open_zoo(out, verify=True)
+    assert zoo.metadata["generation"] == old_cfg.identity() and len(zoo.models) == 2
+    assert not os.path.exists(os.path.join(out, lease.LEASE_FILE))
+
+    generate_zoo(new_cfg, progress=False)
+    zoo = open_zoo(out, verify=True)
+    assert zoo.metadata["generation"] == new_cfg.identity() and len(zoo.models) == 1
+    assert sorted(os.listdir(out)) == ["manifest.parquet", "next"]  # the old checkpoints went with the old zoo
+
+
+def test_failed_zoo_generation_is_one_line_exit_1(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "zoo"
+    blocker = out / "models" / "model_0001" / "epoch_0001.safetensors"  # a directory: the write fails
+    blocker.mkdir(parents=True)
+    code, lines = _cli(["make-zoo", "--out", str(out), *ZOO], capsys)
+    assert code == 1 and len(lines) == 1
+    assert "training model_0001 failed" in lines[0] and f"no manifest published at {out}" in lines[0]
+
+
+def test_wrong_s3_credentials_on_write_name_the_uri(s3, monkeypatch, capsys):
+    from moto import settings
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks credentials from now on
+    out = f"s3://{s3['bucket']}/zoo"
+    code, lines = _cli(["make-zoo", "--out", out, *ZOO], capsys)
+    assert code == 2 and len(lines) == 1
+    assert f"{out}/{lease.LEASE_FILE}" in lines[0]
+
+
+def test_more_workers_than_cores_refused_before_a_local_cluster(monkeypatch, capsys):
+    import ray
+
+    from sane_ray import pretrain
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a local cluster was started")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    code, lines = _cli(["pretrain", "--workers", "4096"], capsys)
+    assert code == 2 and len(lines) == 1
+    assert f"4096 workers x 1 CPU need 4096 CPU, but this machine has {os.cpu_count()} CPU cores" in lines[0]
+    with pytest.raises(ValueError, match="run.local_cpus=8"):
+        cluster.check_local_capacity(pretrain.RunSettings(workers=9, local_cpus=8))
+
+
+@pytest.mark.parametrize("error,code", [
+    (ResumeError("no usable checkpoint in /runs/x: /runs/x/checkpoint_1/__0_0.distcp: missing"), 2),
+    (IntegrityError("/runs/x/model.safetensors: 10 bytes, 99 recorded (truncated or overwritten)"), 2),
+    (lease.LeaseHeldError("/runs/x is being written by pretraining on host h pid 1 since ..."), 2),
+    (storage.StorageError("cannot write s3://b/runs/x/model.safetensors: Access Denied"), 2),
+    (PretrainingFailedError("pretraining into /runs/x failed after 3 restart(s) (train.max_failures): rank 0: "
+                            "RuntimeError: boom; its checkpoints are kept, rerun to resume\nTraceback (most recent"), 1),
+])
+def test_each_fault_reaches_the_user_as_one_line(monkeypatch, capsys, error, code):
+    from sane_ray import pretrain
+    from sane_ray.cli import main
+
+    def fail(cfg):
+        raise error
+
+    monkeypatch.setattr(pretrain, "run_pretrain", fail)
+    got, lines = _cli(["pretrain"], capsys)
+    assert got == code and lines == [f"sane-ray: error: {str(error).splitlines()[0]}"]
+    with pytest.raises(type(error)):  # -v: the traceback
+        main(["-v", "pretrain"])
