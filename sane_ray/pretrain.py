@@ -18,8 +18,6 @@ from typing import Any, Callable
 from sane_ray import storage
 from sane_ray.cluster import check_capacity, check_node_types, ensure_ray_for, worker_resources
 from sane_ray.config import dump_config
-from sane_ray.data.canonical import MANIFEST as CANONICAL_MANIFEST
-from sane_ray.data.canonical import STATS as CANONICAL_STATS
 from sane_ray.data.config import DataConfig
 from sane_ray.model.config import PRESETS as MODEL_PRESETS
 from sane_ray.model.config import SaneConfig, preset
@@ -170,6 +168,7 @@ def run_pretrain(cfg: PretrainConfig, on_epoch_end: Callable[[int, int], None] |
 
     from sane_ray.data.pipeline import prepare_data
     from sane_ray.data.stream import quiet_data_context
+    from sane_ray.embed.preprocess import run_export_files
     from sane_ray.train.trainer import run_pretraining, steps_per_epoch
 
     check_run_settings(cfg.run)
@@ -198,11 +197,7 @@ def run_pretrain(cfg: PretrainConfig, on_epoch_end: Callable[[int, int], None] |
     run_uri = storage.join(out, cfg.run.name)
     log.info("pretraining %s: %d workers, windows per pass %s, run dir %s",
              data_cfg.zoo_uri, cfg.run.workers, prepared.num_windows, run_uri)
-    export_files = {
-        "pretrain_config.yaml": dump_config(resolved).encode(),
-        CANONICAL_STATS: storage.read_bytes(storage.join(prepared.cache_uri, CANONICAL_STATS)),
-        CANONICAL_MANIFEST: storage.read_bytes(storage.join(prepared.cache_uri, CANONICAL_MANIFEST)),
-    }
+    export_files = {"pretrain_config.yaml": dump_config(resolved).encode(), **run_export_files(prepared)}
     resources = worker_resources(cfg.run.cpus_per_worker, cfg.run.gpus_per_worker, node_types=cfg.run.node_types)
     result = run_pretraining(
         train_cfg,

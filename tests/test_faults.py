@@ -18,7 +18,8 @@ from ray.train import TrainingFailedError
 from sane_ray import cluster, lease, storage
 from sane_ray.checksums import IntegrityError
 from sane_ray.model import SaneModel, tiny
-from sane_ray.train import TrainConfig, load_sane, run_pretraining
+from sane_ray.model.export import load_sane
+from sane_ray.train import TrainConfig, run_pretraining
 from sane_ray.train.checkpoint import TrainState, verify_checkpoint
 from sane_ray.train.config import OptimConfig
 from sane_ray.train.optim import build_optimizer

@@ -153,7 +153,7 @@ def test_s3_run_is_interrupted_and_resumes(ray_cluster, s3, train_hooks, capsys)
     """Zoo, canonical cache, checkpoints and exported model all in S3; a rerun with the same
     --out/--name continues from the last checkpoint and finishes the planned schedule."""
     from sane_ray import storage
-    from sane_ray.train import load_sane
+    from sane_ray.model.export import load_sane
 
     hooks, results = train_hooks
     bucket = s3["bucket"]
@@ -188,6 +188,9 @@ def test_s3_run_is_interrupted_and_resumes(ray_cluster, s3, train_hooks, capsys)
     model = load_sane(run)
     assert (model.cfg.d_t, model.cfg.window_size) == (32, 16)
     assert {"summary.md", "loss_curve.png", "pretrain_config.yaml"} <= set(storage.listdir(run))
+    from sane_ray.embed import load_run  # the export also carries the preprocessing, verified by checksums
+
+    assert load_run(run, device="cpu").preprocessing.token_size == 32
     last = history[-1]
     assert 0.1 < last["val_zero_baseline"] < 10  # standardized weights: mean square near 1
     summary = storage.read_bytes(storage.join(run, "summary.md")).decode()

@@ -41,12 +41,12 @@ from ray.data import Dataset, DataIterator
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from sane_ray.config import from_dict
+from sane_ray.model.export import export_model
 from sane_ray.model.losses import GatherFn, renormalize
 from sane_ray.model.sane import SaneModel
 from sane_ray.train.checkpoint import TrainState, save_checkpoint
 from sane_ray.train.config import TrainConfig
 from sane_ray.train.distributed import all_reduce_max, all_reduce_sum, gather_rows, is_distributed, rank_and_world
-from sane_ray.train.export import export_model
 from sane_ray.train.fsdp import apply_fsdp, data_parallel_mesh
 from sane_ray.train.optim import build_optimizer
 from sane_ray.train.report import write_epoch_report

@@ -72,7 +72,7 @@ def run_pretraining(
     the reproducible way). Checkpoints and Ray's run
     state go to ``storage_path/name``; at the end rank 0 writes ``model.safetensors``,
     ``sane_config.json``, ``export_files``, ``loss_curve.png`` and ``summary.md`` there
-    (load the model with :func:`sane_ray.train.export.load_sane`). ``result.return_value``
+    (load the model with :func:`sane_ray.model.export.load_sane`). ``result.return_value``
     is the per-epoch metric history. A run that exhausts its restarts raises ``PretrainingFailedError``.
     ``controller_failure_limit`` is Ray's (-1: retry scheduling forever; tests use 0).
     ``s3`` (default: the AWS variables) is resolved here and handed to the workers.
