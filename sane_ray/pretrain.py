@@ -164,7 +164,7 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
     # Steps from the known window count: counting the dataset would run a whole pass.
     steps = cfg.train.steps_per_epoch or steps_per_epoch(
         prepared.num_windows["train"], cfg.run.workers, cfg.train.batch_size)
-    train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps)
+    train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps, probe_data=prepared.cache_uri)
     resolved = dataclasses.replace(cfg, data=data_cfg, train=train_cfg)
 
     out = storage.parse_uri(cfg.run.out or default_runs_dir()).uri
