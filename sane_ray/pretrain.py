@@ -19,8 +19,6 @@ import ray
 
 from sane_ray import storage
 from sane_ray.config import dump_config
-from sane_ray.data.canonical import MANIFEST as CANONICAL_MANIFEST
-from sane_ray.data.canonical import STATS as CANONICAL_STATS
 from sane_ray.data.config import DataConfig
 from sane_ray.model.config import PRESETS as MODEL_PRESETS
 from sane_ray.model.config import SaneConfig, preset
@@ -147,6 +145,7 @@ def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_pos
 def run_pretrain(cfg: PretrainConfig) -> Any:
     """Run the whole job; returns Ray Train's ``Result`` (``result.return_value``: history)."""
     from sane_ray.data.pipeline import prepare_data
+    from sane_ray.embed.preprocess import run_export_files
     from sane_ray.train.trainer import run_pretraining, steps_per_epoch
 
     check_run_settings(cfg.run)
@@ -171,11 +170,7 @@ def run_pretrain(cfg: PretrainConfig) -> Any:
     run_uri = storage.join(out, cfg.run.name)
     log.info("pretraining %s: %d workers, windows per pass %s, run dir %s",
              data_cfg.zoo_uri, cfg.run.workers, prepared.num_windows, run_uri)
-    export_files = {
-        "pretrain_config.yaml": dump_config(resolved).encode(),
-        CANONICAL_STATS: storage.read_bytes(storage.join(prepared.cache_uri, CANONICAL_STATS)),
-        CANONICAL_MANIFEST: storage.read_bytes(storage.join(prepared.cache_uri, CANONICAL_MANIFEST)),
-    }
+    export_files = {"pretrain_config.yaml": dump_config(resolved).encode(), **run_export_files(prepared)}
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.gpus_per_worker:
         resources["GPU"] = cfg.run.gpus_per_worker

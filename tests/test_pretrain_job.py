@@ -149,7 +149,7 @@ def test_s3_run_is_interrupted_and_resumes(ray_cluster, s3, train_hooks, capsys)
     from ray.train import TrainingFailedError
 
     from sane_ray import storage
-    from sane_ray.train import load_sane
+    from sane_ray.model.export import load_sane
 
     hooks, results = train_hooks
     bucket = s3["bucket"]

@@ -11,7 +11,8 @@ from ray.train import TrainingFailedError
 
 from sane_ray import storage
 from sane_ray.model import SaneModel, tiny
-from sane_ray.train import TrainConfig, load_sane, run_pretraining
+from sane_ray.model.export import load_sane
+from sane_ray.train import TrainConfig, run_pretraining
 from sane_ray.train.checkpoint import TrainState, load_checkpoint
 from sane_ray.train.config import OptimConfig
 from sane_ray.train.optim import build_optimizer

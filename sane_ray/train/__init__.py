@@ -1,8 +1,8 @@
-"""Distributed SANE pretraining on Ray Train with FSDP2: loop, checkpoints, export.
+"""Distributed SANE pretraining on Ray Train with FSDP2: loop, checkpoints, TorchTrainer wiring.
 
 Public entry points: :func:`run_pretraining`, :func:`train_loop_per_worker`,
-:class:`TrainConfig`, :func:`load_sane`, :func:`export_model`. The Ray-dependent ones
-are imported lazily, so ``load_sane`` works in an environment that never imports Ray.
+:class:`TrainConfig`. The Ray-dependent ones are imported lazily. The exported model's
+writer and reader (``export_model``, ``load_sane``) live in :mod:`sane_ray.model.export`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import importlib
 from typing import Any
 
 from sane_ray.train.config import OptimConfig, TrainConfig
-from sane_ray.train.export import export_model, load_sane
 
 _LAZY = {
     "run_pretraining": "sane_ray.train.trainer",
@@ -19,7 +18,7 @@ _LAZY = {
     "train_loop_per_worker": "sane_ray.train.loop",
 }
 
-__all__ = ["OptimConfig", "TrainConfig", "export_model", "load_sane", *_LAZY]
+__all__ = ["OptimConfig", "TrainConfig", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

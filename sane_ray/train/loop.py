@@ -40,7 +40,7 @@ from sane_ray.model.sane import SaneModel
 from sane_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sane_ray.train.config import TrainConfig
 from sane_ray.train.distributed import all_reduce_max, all_reduce_sum, gather_rows, is_distributed, rank_and_world
-from sane_ray.train.export import export_model
+from sane_ray.model.export import export_model
 from sane_ray.train.fsdp import apply_fsdp, data_parallel_mesh
 from sane_ray.train.optim import build_optimizer
 from sane_ray.train.runtime import Runtime, select_runtime

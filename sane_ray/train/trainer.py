@@ -54,7 +54,7 @@ def run_pretraining(
     ``datasets`` holds ``"train"`` and optionally ``"val"``. Checkpoints and Ray's run
     state go to ``storage_path/name``; at the end rank 0 writes ``model.safetensors``,
     ``sane_config.json``, ``export_files``, ``loss_curve.png`` and ``summary.md`` there
-    (load the model with :func:`sane_ray.train.export.load_sane`). ``result.return_value``
+    (load the model with :func:`sane_ray.model.export.load_sane`). ``result.return_value``
     is the per-epoch metric history. A failed run raises ``ray.train.TrainingFailedError``.
     ``controller_failure_limit`` is Ray's (-1: retry scheduling forever; tests use 0).
     """

@@ -1,0 +1,238 @@
+"""Preprocess any checkpoint exactly as a run's training data was: align, tokenize, standardize.
+
+Pretraining exports next to the model everything this needs (:func:`run_export_files`),
+so a run embeds models without its zoo or canonical cache:
+
+- ``preprocessing.json``: token size, ``include_bn``, the training window, the padding
+  position, the alignment settings, and per token layout (one per distinct architecture
+  shape of the zoo) its layout JSON, architecture and arguments, the alignment
+  reference's (model id, epoch) and its standardization statistics;
+- ``reference-<layout id>.safetensors``: the reference checkpoint's raw weights;
+- ``canonical.json``: the run's canonical-zoo manifest (its zoo URI and split of model ids).
+
+:func:`preprocess` then applies the canonicalization of :mod:`sane_ray.data.canonical`
+to new weights with the same functions, so a zoo model comes out bit-identical to the
+tokens the run trained on. An architecture the run never saw is tokenized on its own
+layout; its layers take the run's statistics where a run layout has a layer of the same
+key and shape, the others statistics of the models being embedded (logged once); it is
+not aligned (the run has no reference of it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sane_ray import storage
+from sane_ray.data.canonical import MANIFEST as CANONICAL_MANIFEST
+from sane_ray.data.canonical import CanonicalZoo, architecture_layout
+from sane_ray.model.export import tensors_from_bytes, tensors_to_bytes
+from sane_ray.weights.align import align_model
+from sane_ray.weights.permutation import permutation_spec
+from sane_ray.weights.standardize import StandardizationStats
+from sane_ray.weights.tokenize import TokenLayout, Tokens, tokenize_stack
+
+if TYPE_CHECKING:
+    from sane_ray.data.pipeline import PreparedData
+
+log = logging.getLogger(__name__)
+
+PREPROCESSING_FILE = "preprocessing.json"
+PREPROCESSING_FORMAT = "sane-ray/preprocessing"
+PREPROCESSING_VERSION = 1
+
+
+def reference_file(layout_id: str) -> str:
+    return f"reference-{layout_id}.safetensors"
+
+
+@dataclass(frozen=True)
+class LayoutPrep:
+    """One token layout of the run: its architecture, statistics and alignment reference."""
+
+    layout_id: str
+    layout: TokenLayout
+    architecture: str
+    arch_kwargs: dict[str, Any]
+    reference: tuple[str, int]  # (model id, epoch) of the alignment reference
+    stats: StandardizationStats
+
+
+@dataclass
+class Preprocessing:
+    """How a run turned checkpoints into tokens (see the module doc); ``references`` hold raw weights."""
+
+    token_size: int
+    include_bn: bool
+    window_size: int
+    pad_position: tuple[int, int, int]
+    align: bool
+    align_max_sweeps: int
+    align_seed: int
+    layouts: dict[str, LayoutPrep]
+    references: dict[str, dict[str, torch.Tensor]]
+
+    @classmethod
+    def from_canonical(
+        cls,
+        canonical: CanonicalZoo,
+        stats: Mapping[str, StandardizationStats],
+        window_size: int,
+        s3: storage.S3Options | None = None,
+    ) -> Preprocessing:
+        """The preprocessing of a canonical zoo (loads each layout's reference checkpoint from the zoo)."""
+        from sane_ray.zoo.reader import load_checkpoint, open_zoo
+
+        s = canonical.settings
+        zoo = open_zoo(canonical.zoo_uri, s3=s3)
+        layouts, references = {}, {}
+        for lid, g in sorted(canonical.groups.items()):
+            mid, epoch = g.reference
+            model = zoo.model(mid)
+            ckpt = next(c for c in model.checkpoints if c.epoch == epoch)
+            references[lid] = load_checkpoint(model, ckpt, s3=s3, max_abs=s["max_abs_weight"])
+            layouts[lid] = LayoutPrep(lid, g.layout, g.architecture, json.loads(g.arch_kwargs_json), (mid, epoch), stats[lid])
+        return cls(
+            token_size=s["token_size"], include_bn=s["include_bn"], window_size=window_size,
+            pad_position=tuple(m + 1 for m in canonical.max_positions()),  # type: ignore[arg-type]
+            align=s["align"], align_max_sweeps=s["align_max_sweeps"], align_seed=s["align_seed"],
+            layouts=layouts, references=references,
+        )
+
+    def files(self) -> dict[str, bytes]:
+        """The export files (name -> bytes) that :meth:`from_files` reads back."""
+        doc = {
+            "format": PREPROCESSING_FORMAT, "version": PREPROCESSING_VERSION,
+            "token_size": self.token_size, "include_bn": self.include_bn, "window_size": self.window_size,
+            "pad_position": list(self.pad_position), "align": self.align,
+            "align_max_sweeps": self.align_max_sweeps, "align_seed": self.align_seed,
+            "layouts": {
+                lid: {"layout": p.layout.to_dict(), "architecture": p.architecture, "arch_kwargs": p.arch_kwargs,
+                      "reference": list(p.reference), "stats": p.stats.to_dict()}
+                for lid, p in self.layouts.items()
+            },
+        }
+        out = {PREPROCESSING_FILE: json.dumps(doc, indent=1).encode()}
+        out.update({reference_file(lid): tensors_to_bytes(sd) for lid, sd in self.references.items()})
+        return out
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes], uri: str) -> Preprocessing:
+        """Read :meth:`files` back; errors name the file under ``uri``."""
+        where = storage.join(uri, PREPROCESSING_FILE)
+        if PREPROCESSING_FILE not in files:
+            raise ValueError(f"{where}: missing; this export was not written by pretraining (no preprocessing)")
+        try:
+            doc = json.loads(files[PREPROCESSING_FILE])
+            if (doc.get("format"), doc.get("version")) != (PREPROCESSING_FORMAT, PREPROCESSING_VERSION):
+                raise ValueError(f"not a {PREPROCESSING_FORMAT} version {PREPROCESSING_VERSION} document")
+            layouts = {
+                lid: LayoutPrep(lid, TokenLayout.from_dict(d["layout"]), d["architecture"], d["arch_kwargs"],
+                                (d["reference"][0], int(d["reference"][1])), StandardizationStats.from_dict(d["stats"]))
+                for lid, d in doc["layouts"].items()
+            }
+            prep = dict(
+                token_size=int(doc["token_size"]), include_bn=bool(doc["include_bn"]),
+                window_size=int(doc["window_size"]), pad_position=tuple(int(v) for v in doc["pad_position"]),
+                align=bool(doc["align"]), align_max_sweeps=int(doc["align_max_sweeps"]),
+                align_seed=int(doc["align_seed"]),
+            )
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{where}: unreadable preprocessing ({e})") from e
+        references = {}
+        for lid in layouts:
+            name = reference_file(lid)
+            if name not in files:
+                raise ValueError(f"{storage.join(uri, name)}: missing (the reference weights of layout {lid})")
+            references[lid] = tensors_from_bytes(files[name], storage.join(uri, name))
+        return cls(layouts=layouts, references=references, **prep)  # type: ignore[arg-type]
+
+    def layout_id(self, architecture: str, arch_kwargs: Mapping[str, Any] | None = None) -> str:
+        """The layout id of an architecture under this run's token size (known to the run or not)."""
+        return architecture_layout(architecture, dict(arch_kwargs or {}), self.token_size, self.include_bn)[0]
+
+
+def run_export_files(prepared: PreparedData, s3: storage.S3Options | None = None) -> dict[str, bytes]:
+    """What pretraining exports next to the model so the run embeds new models without its zoo:
+    the preprocessing (:meth:`Preprocessing.files`) and the canonical manifest (the run's zoo
+    URI and split of model ids)."""
+    prep = Preprocessing.from_canonical(prepared.canonical, prepared.stats, prepared.window_size, s3)
+    return {**prep.files(), CANONICAL_MANIFEST: prepared.canonical.to_json().encode()}
+
+
+def _is_reference(sd: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]) -> bool:
+    """The reference itself is left unaligned, as in the canonical zoo (matching it to itself is a no-op
+    up to ties)."""
+    return sd.keys() == ref.keys() and all(torch.equal(sd[k].to(ref[k].dtype), ref[k]) for k in ref)
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def stats_for_layout(
+    prep: Preprocessing, layout: TokenLayout, models: Sequence[Mapping[str, torch.Tensor]], what: str
+) -> StandardizationStats:
+    """Statistics for a layout the run does not hold: the run's for layers of matching key and shape,
+    the given models' own for the rest (logged once per architecture and set of layers)."""
+    std_floor = next(iter(prep.layouts.values())).stats.std_floor if prep.layouts else 1e-6
+    known = {}
+    for p in prep.layouts.values():
+        for s in p.layout.layers:
+            known.setdefault((s.key, s.shape, s.bias_key), p.stats.layers[s.key])
+    moments, own = {}, []
+    for s in layout.layers:
+        hit = known.get((s.key, s.shape, s.bias_key))
+        if hit is None:
+            own.append(s.key)
+        else:
+            moments[s.key] = hit
+    if own:
+        local = StandardizationStats.from_models(models, prep.include_bn, std_floor)
+        moments.update({k: local.layers[k] for k in own})
+        if (what, ",".join(own)) not in _logged:
+            _logged.add((what, ",".join(own)))
+            log.warning("%s: the run's statistics do not cover layer(s) %s; standardizing them with statistics "
+                        "of the %d model(s) being embedded", what, ", ".join(own), len(models))
+    return StandardizationStats(prep.include_bn, std_floor, moments)
+
+
+def preprocess(
+    run: Any,
+    checkpoints: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
+    architecture: str,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    fallback_models: Sequence[Mapping[str, torch.Tensor]] | None = None,
+) -> Tokens:
+    """Tokens, mask and positions of raw checkpoints exactly as ``run`` trained on them.
+
+    ``run`` is a :class:`~sane_ray.embed.run.Run` (or its :class:`Preprocessing`).
+    ``checkpoints`` is one state dict (tokens (N, d_t)) or the checkpoints of *one* model
+    in epoch order (tokens (B, N, d_t)): like the run, they are all aligned with the
+    permutation found on the last one. For an architecture the run does not know,
+    ``fallback_models`` (default: ``checkpoints``) give the statistics of uncovered layers.
+    """
+    prep: Preprocessing = getattr(run, "preprocessing", run)
+    single = isinstance(checkpoints, Mapping)
+    states = [checkpoints] if single else list(checkpoints)
+    if not states:
+        raise ValueError("preprocess got no checkpoints")
+    kwargs = dict(arch_kwargs or {})
+    lid = prep.layout_id(architecture, kwargs)
+    known = prep.layouts.get(lid)
+    if known is not None and prep.align and not _is_reference(states[-1], prep.references[lid]):
+        spec = permutation_spec(architecture, **kwargs)
+        states, _ = align_model(spec, prep.references[lid], states, prep.align_max_sweeps, prep.align_seed)
+    toks = tokenize_stack(states, prep.token_size, prep.include_bn)
+    if known is not None:
+        stats = known.stats
+    else:
+        stats = stats_for_layout(prep, toks.layout, fallback_models or states, f"{architecture} {kwargs}")
+    tokens = stats.apply_tokens(toks.tokens, toks.layout)
+    if single:
+        return Tokens(tokens[0], toks.mask, toks.pos, toks.layout, {k: v[0] for k, v in toks.bn_state.items()})
+    return Tokens(tokens, toks.mask, toks.pos, toks.layout, toks.bn_state)
