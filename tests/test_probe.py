@@ -113,3 +113,13 @@ def test_tables_render_cells_and_folds():
     assert "| Acc | 0.500 | n/a | n/a |" in md and "| Epoch | 0.250 | n/a | 0.750 |" in md
     folds = table_csv({"Acc": {"W": (0.5, 0.1)}})
     assert folds.splitlines() == ["target,W,W_std", "Acc,0.5,0.1"]
+
+
+def test_run_report_shows_the_probe_signal():
+    from sane_ray.train.report import loss_curve_png, summary_markdown
+
+    base = {"train_loss": 1.0, "train_reconstruction": 0.9, "train_contrastive": 2.0}
+    history = [{"epoch": 1.0, **base}, {"epoch": 2.0, **base, "val_probe_r2": 0.8}, {"epoch": 3.0, **base, "val_probe_r2": 0.6}]
+    assert "| val_probe_r2 | 0.6 at epoch 3 (best 0.8; test-accuracy probe on val models) |" in summary_markdown(history)
+    assert "val_probe_r2" not in summary_markdown(history[:1])
+    assert loss_curve_png(history)[:4] == b"\x89PNG"
