@@ -101,7 +101,8 @@ def test_hyperparameter_targets_pick_varying_training_settings():
         data.hparams.append({"seed": i, "lr": lr, "optimizer": "adam", "init": ("a", "b")[i % 2],
                              "arch:activation": ("relu", "tanh", "gelu")[i % 3], "model::nlin": ("relu", "tanh", "gelu")[i % 3]})
     targets = hyperparameter_targets(data)
-    assert sorted(targets) == ["activation", "init", "log10 lr"]  # seed: identifier; optimizer: constant; nlin: a repeat
+    # seed: an identifier; optimizer: constant; the architecture's activation: a repeat of model::nlin
+    assert sorted(targets) == ["init", "log10 lr", "model::nlin"]
     y, categorical = targets["log10 lr"]
     assert not categorical and y[0] == pytest.approx(-4)
     assert targets["init"][1]

@@ -108,8 +108,7 @@ def _epoch_filter(cfg: ProbeConfig, run: Run):
 
 def _hyperparameters(model: ModelRecord) -> dict[str, Any]:
     d = {**model.hparams, **{f"arch:{k}": v for k, v in model.arch_kwargs.items()}}
-    return {k: v for k, v in d.items() if k.split("::")[-1].split(":")[-1] not in IDENTIFIERS
-            and isinstance(v, (str, int, float, bool))}
+    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool))}
 
 
 def collect(run: Run, control: Run | None, zoo: Zoo, split_of: dict[str, str], cfg: ProbeConfig) -> ProbeData:
@@ -179,9 +178,11 @@ def hyperparameter_targets(data: ProbeData) -> dict[str, tuple[np.ndarray, bool]
 
     Numeric ones with more than 10 distinct values are regressed (log10 when positive and
     spanning more than a decade, like learning rates); the rest are classes. A key whose
-    values repeat another key's (e.g. an activation recorded twice) is dropped.
+    values repeat another key's (e.g. ``model::nlin`` and the architecture's ``activation``) is dropped.
     """
-    keys = sorted({k for h in data.hparams for k in h})
+    # The zoo's own hyperparameter names first, so a repeat in the architecture arguments is the one dropped.
+    keys = sorted({k for h in data.hparams for k in h if k.split(":")[-1] not in IDENTIFIERS},
+                  key=lambda k: (k.startswith("arch:"), k))
     out: dict[str, tuple[np.ndarray, bool]] = {}
     seen: list[list[str]] = []
     for key in keys:
