@@ -242,8 +242,7 @@ def probe(data: ProbeData, cfg: ProbeConfig) -> ProbeResults:
         for method in _methods(data):
             fit = (classifier_probe if categorical else ridge_probe)(data.matrix(method), y, split, name=name)
             hp[row][method] = fit.score
-            if categorical:
-                hp[row]["chance"] = fit.chance
+        hp[row]["chance"] = fit.chance  # the same for every method (NaN for a regression)
     return ProbeResults(test, kfold if cfg.folds else {}, hp, alphas, points)
 
 
