@@ -14,8 +14,8 @@ from sane_ray import storage
 from sane_ray.cli import main
 from sane_ray.probe.job import CONTROL, FULL, SANE, ProbeData, hyperparameter_targets
 
-PRETRAIN = ["--preset", "tiny", "--workers", "1", "--epochs", "2", "--batch-size", "4",
-            "--train.num_threads", "1", "--train.optim.lr", "1e-3"]
+PRETRAIN = ["--preset", "tiny", "--workers", "1", "--epochs", "1", "--batch-size", "4",
+            "--train.num_threads", "1", "--train.optim.lr", "1e-3", "--train.probe_every", "1"]
 
 
 def _table(uri: str) -> dict[str, dict[str, float]]:
@@ -30,6 +30,16 @@ def _public_zoo(root: str, n_models: int, epochs: int) -> None:
         states = zb.trajectory("cnn_mnist_public", {"activation": nlin}, seed=i, epochs=epochs)
         zb.write_public_model(root, zb.public_model_name(i), zb.public_params(i, nlin=nlin, epochs=epochs),
                               zb.result_lines(i, epochs), states)
+
+
+@pytest.fixture(scope="module")
+def public_run(ray_cluster, tmp_path_factory):
+    """One tiny run (the expensive part), pretrained on a public-layout zoo with the probe signal on."""
+    tmp = tmp_path_factory.mktemp("probe")
+    zoo, runs = str(tmp / "public"), str(tmp / "runs")
+    _public_zoo(zoo, n_models=10, epochs=3)
+    assert main(["pretrain", "--zoo", zoo, "--out", runs, "--name", "p", *PRETRAIN]) == 0
+    return zoo, f"{runs}/p", tmp
 
 
 def _check_outputs(out: str, methods: list[str]) -> dict[str, dict[str, float]]:
@@ -50,43 +60,40 @@ def _check_outputs(out: str, methods: list[str]) -> dict[str, dict[str, float]]:
     return table
 
 
-def test_probe_job_on_a_tiny_native_zoo_and_run(ray_cluster, tmp_path, capsys):
-    zoo, runs = str(tmp_path / "zoo"), str(tmp_path / "runs")
-    zb.build_native_zoo(zoo, n_models=12, epochs=3)
-    assert main(["pretrain", "--zoo", zoo, "--out", runs, "--name", "r", *PRETRAIN, "--train.probe_every", "1"]) == 0
-    run = f"{runs}/r"
-    # The probe signal reached the metrics of every epoch (probe_every=1) and the summary.
-    summary = storage.read_bytes(storage.join(run, "summary.md")).decode()
-    assert "val_probe_r2" in summary
-
-    out = str(tmp_path / "probe")
-    assert main(["probe", "--run", run, "--out", out, "--folds", "3"]) == 0
-    assert f"{out}/results.md" in capsys.readouterr().out
-    table = _check_outputs(out, ["W", "s(W)", SANE, FULL, CONTROL])
-    # The fake zoo's accuracy rises with the epoch and the weights drift with it: s(W) sees that.
-    assert table["Epoch"]["s(W)"] > 0.5
-    res = json.loads(storage.read_bytes(storage.join(out, "results.json")))
-    assert res["split"] == "the run's own split"
-    assert res["counts"]["test"] == {"models": 2, "checkpoints": 8}  # 12 models: 8/2/2, epochs 0..3
-
-    # The run's probe test models were never in its pretraining split.
-    canonical = json.loads(storage.read_bytes(storage.join(run, "canonical.json")))
-    assert not set(canonical["splits"]["test"]) & set(canonical["splits"]["train"])
-
-
-def test_probe_job_on_the_public_layout(ray_cluster, tmp_path):
-    zoo, runs = str(tmp_path / "public"), str(tmp_path / "runs")
-    _public_zoo(zoo, n_models=12, epochs=3)
-    assert main(["pretrain", "--zoo", zoo, "--out", runs, "--name", "p", *PRETRAIN]) == 0
-    out = str(tmp_path / "probe")
+def test_probe_job_on_the_public_layout_with_its_own_run(public_run, capsys):
+    zoo, run, tmp = public_run
+    # The probe signal reached the run's metrics and summary.
+    assert "val_probe_r2" in storage.read_bytes(storage.join(run, "summary.md")).decode()
+    out = str(tmp / "probe-public")
     # Public zoos have no metrics for epoch 0 (the initialization): those rows drop out of the Acc probe.
-    assert main(["probe", "--run", f"{runs}/p", "--out", out, "--folds", "3", "--max_flat_features", "1000"]) == 0
+    assert main(["probe", "--run", run, "--out", out, "--folds", "3", "--max_flat_features", "1000"]) == 0
+    assert f"{out}/results.md" in capsys.readouterr().out
     _check_outputs(out, ["s(W)", SANE, CONTROL])  # 2,464 weights > 1000: W (and the full sequence) skipped
     md = storage.read_bytes(storage.join(out, "results.md")).decode()
     assert "W skipped: 2,464 weights per model > max_flat_features 1,000" in md
     hp = _table(storage.join(out, "hyperparameters.csv"))
     assert list(hp) == ["model::nlin (accuracy)"]
     assert hp["model::nlin (accuracy)"]["chance"] == pytest.approx(0.5)
+    res = json.loads(storage.read_bytes(storage.join(out, "results.json")))
+    assert res["split"] == "the run's own split"
+    assert res["counts"]["test"] == {"models": 2, "checkpoints": 8}  # 10 models: 6/2/2, epochs 0..3
+    # The run's probe test models were never in its pretraining split.
+    canonical = json.loads(storage.read_bytes(storage.join(run, "canonical.json")))
+    assert set(canonical["splits"]["test"]) == set(res["test_models"])
+    assert not set(canonical["splits"]["test"]) & set(canonical["splits"]["train"])
+
+
+def test_probe_job_on_a_native_zoo_the_run_never_saw(public_run):
+    _, run, tmp = public_run
+    zoo = str(tmp / "native")
+    zb.build_native_zoo(zoo, n_models=12, epochs=3)
+    out = str(tmp / "probe-native")
+    assert main(["probe", "--run", run, "--zoo", zoo, "--out", out, "--folds", "3"]) == 0
+    table = _check_outputs(out, ["W", "s(W)", SANE, FULL, CONTROL])
+    # The fake zoo's accuracy rises with the epoch and the weights drift with it: s(W) sees that.
+    assert table["Epoch"]["s(W)"] > 0.5
+    res = json.loads(storage.read_bytes(storage.join(out, "results.json")))
+    assert res["split"].startswith("a fresh split by model (0.7/0.15/0.15, seed 0)")
 
 
 def test_probe_refuses_a_directory_that_is_no_run(tmp_path, capsys):

@@ -293,6 +293,7 @@ def write_results(res: ProbeResults, data: ProbeData, zoo: Zoo, cfg: ProbeConfig
         "pred_vs_true.png": report.predicted_vs_true_png(res.points),
         "results.json": json.dumps({
             "zoo": zoo.uri, "format": zoo.format, "split": split_how, "counts": _split_counts(data),
+            "test_models": sorted({m for m, s in zip(data.model_id, data.split) if s == "test"}),
             "test_r2": res.test, "alpha": res.alphas, "kfold_r2": res.kfold, "hyperparameters": res.hparams,
             "notes": data.notes,
         }, indent=1, default=float).encode(),
