@@ -50,6 +50,16 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from sane_ray.probe.config import ProbeConfig
+    from sane_ray.probe.job import run_probe
+
+    cfg = load_config(ProbeConfig, args.config, overrides_from_args(args))
+    out, _ = run_probe(cfg)
+    print(f"probe results written to {out}/results.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sane-ray", description="SANE weight-space learning on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -74,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration")
     add_config_arguments(pre, PretrainConfig, aliases=PRETRAIN_ALIASES)
     pre.set_defaults(func=_pretrain)
+
+    from sane_ray.probe.config import ProbeConfig
+
+    probe = sub.add_parser("probe", help="embed a zoo with a pretrained run and probe model properties")
+    add_config_arguments(probe, ProbeConfig, aliases={})
+    probe.set_defaults(func=_probe)
     return parser
 
 

@@ -190,7 +190,7 @@ def run_pretrain(cfg: PretrainConfig, on_epoch_end: Callable[[int, int], None] |
     train = prepared.streams["train"]
     steps = cfg.train.steps_per_epoch or steps_per_epoch(
         train.rows_per_rank(cfg.train.seed, cfg.run.workers) * cfg.run.workers, cfg.run.workers, cfg.train.batch_size)
-    train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps)
+    train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps, probe_data=prepared.cache_uri)
     resolved = dataclasses.replace(cfg, data=data_cfg, train=train_cfg)
 
     out = storage.parse_uri(cfg.run.out or default_runs_dir()).uri

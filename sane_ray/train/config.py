@@ -53,12 +53,16 @@ class TrainConfig:
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads per worker; 0 keeps the default
     mixed_precision: bool = True  # bf16 compute with fp32 reduction on CUDA; CPU always fp32
+    # Every N epochs (and at the last) report val_probe_r2, the validation R^2 of a test-accuracy
+    # probe on the current embeddings (sane_ray.probe.signal); 0 disables it.
+    probe_every: int = 0
+    probe_data: str = ""  # the canonical zoo the probe embeds; set by the pretraining job
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every", "checkpoints_to_keep"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("local_shuffle_buffer_size", "max_failures", "num_threads"):
+        for name in ("local_shuffle_buffer_size", "max_failures", "num_threads", "probe_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:

@@ -102,6 +102,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
         upcoming = _EpochBatches(train_data(epoch + 1), cfg, device, epoch + 1, rank) if epoch + 1 < cfg.epochs else None
         if val_data is not None:
             metrics.update(_evaluate(model, val_data(epoch), cfg, runtime, device, gather, distributed))
+        if cfg.probe_every and cfg.probe_data and ((epoch + 1) % cfg.probe_every == 0 or epoch + 1 == cfg.epochs):
+            from sane_ray.probe.signal import probe_signal  # scikit-learn: imported only when asked for
+
+            metrics.update(probe_signal(model, cfg.probe_data, cfg.seed))
         metrics["lr"] = float(scheduler.get_last_lr()[0])
         metrics["peak_rss_mb"] = _peak_rss_mb(device)
         metrics["resumed_from_epoch"] = float(resumed_from)

@@ -32,10 +32,12 @@ def loss_curve_png(history: History) -> bytes:
     if not history:
         raise ValueError("no epochs in the history: nothing to plot")
     epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(12, 3.6), tight_layout=True)
+    probed = _probed(history)
+    panels = len(LOSS_PARTS) + bool(probed)
+    fig = Figure(figsize=(4 * panels, 3.6), tight_layout=True)
     FigureCanvasAgg(fig)
     for i, (key, title) in enumerate(LOSS_PARTS):
-        ax = fig.add_subplot(1, len(LOSS_PARTS), i + 1)
+        ax = fig.add_subplot(1, panels, i + 1)
         for split in ("train", "val"):
             values = [h.get(f"{split}_{key}", math.nan) for h in history]
             if any(math.isfinite(v) for v in values):
@@ -49,9 +51,20 @@ def loss_curve_png(history: History) -> bytes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
+    if probed:  # the probe signal (TrainConfig.probe_every): higher is better
+        ax = fig.add_subplot(1, panels, panels)
+        ax.plot(*zip(*probed), marker="o", markersize=3)
+        ax.set_title("probe R² (test acc, val models)")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
+
+
+def _probed(history: History) -> list[tuple[float, float]]:
+    """(epoch, val_probe_r2) of the epochs that ran the probe signal."""
+    return [(h["epoch"], h["val_probe_r2"]) for h in history if math.isfinite(h.get("val_probe_r2", math.nan))]
 
 
 def summary_markdown(history: History, title: str = "SANE pretraining") -> str:
@@ -64,6 +77,10 @@ def summary_markdown(history: History, title: str = "SANE pretraining") -> str:
         if key in last and math.isfinite(last[key]):
             best = min(h[key] for h in history if key in h and math.isfinite(h[key]))
             rows.append((key, f"{last[key]:.5g} (best {best:.5g})"))
+    probed = _probed(history)
+    if probed:
+        rows.append(("val_probe_r2", f"{probed[-1][1]:.4g} at epoch {int(probed[-1][0])} "
+                                     f"(best {max(r for _, r in probed):.4g}; test-accuracy probe on val models)"))
     if math.isfinite(last.get("val_zero_baseline", math.nan)):
         rows.append(("val_zero_baseline", f"{last['val_zero_baseline']:.5g} (val reconstruction when predicting zeros)"))
     for key, fmt in (("tokens_per_s", "{:,.0f}"), ("windows_per_s", "{:,.1f}"), ("data_wait_fraction", "{:.1%}"), ("lr", "{:.3g}")):

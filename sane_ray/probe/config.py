@@ -1,0 +1,34 @@
+"""Settings of the probe job (``sane-ray probe`` / ``jobs/probe.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ProbeConfig:
+    """Which run embeds which zoo, where the results go, and how the probes are run."""
+
+    run: str = ""  # an exported pretraining run (its directory)
+    zoo: str = ""  # "": the run's own zoo (recorded in its export)
+    out: str = ""  # "": <run>/probe
+    # Checkpoints to probe; None: the epochs the run trained on (its data.epochs / skip_epoch_zero).
+    epochs: list[int] | None = None
+    # W and SANE's full token sequence are probed only up to this many features per checkpoint.
+    max_flat_features: int = 20_000
+    folds: int = 5  # grouped k-fold estimate (0: skip)
+    seed: int = 0  # fold assignment, and a fresh split for a zoo that is not the run's
+    control: bool = True  # also probe an untrained SANE of the run's config (seeded as the run was)
+    window_size: int = 0  # embedding pass length; 0: the run's training window
+    halo: int = -1  # halo tokens on each side of a pass; -1: a quarter window
+    device: str = ""  # "": the GPU when there is one
+
+    def __post_init__(self) -> None:
+        if self.max_flat_features < 0:
+            raise ValueError(f"ProbeConfig.max_flat_features must be >= 0, got {self.max_flat_features}")
+        if self.folds < 0 or self.folds == 1:
+            raise ValueError(f"ProbeConfig.folds must be 0 (off) or >= 2, got {self.folds}")
+        if self.window_size < 0 or self.halo < -1:
+            raise ValueError("ProbeConfig.window_size must be >= 0 and halo >= -1")
+        if self.epochs is not None and (not self.epochs or any(e < 0 for e in self.epochs)):
+            raise ValueError(f"ProbeConfig.epochs must be None or a non-empty list of epochs >= 0, got {self.epochs}")

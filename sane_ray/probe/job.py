@@ -1,0 +1,335 @@
+"""The probe job: embed a zoo with a pretrained run, probe model properties, write the paper's tables.
+
+For every checkpoint of the zoo (the epochs the run trained on, unless configured) the
+job computes, from the same preprocessed tokens: the flattened weights W, the weight
+statistics s(W), the SANE embedding (mean over tokens, haloed), SANE's full token
+sequence (Table 10, when small), and the embedding of an untrained SANE of the run's
+config seeded as the run was (the control: what pretraining adds). Linear probes then
+predict test accuracy, epoch and generalization gap (R^2 on the run's test split, so no
+probe test model was seen in pretraining; plus a grouped k-fold estimate) and, where the
+zoo records them, the models' hyperparameters.
+
+Models are processed one at a time (all checkpoints of a model at once, as the run
+aligned them), so memory holds only the per-checkpoint features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from sane_ray import storage
+from sane_ray.config import dump_config
+from sane_ray.data.splits import split_models
+from sane_ray.embed import Run, embed_tokens, load_run, preprocess
+from sane_ray.model.sane import SaneModel
+from sane_ray.probe import report
+from sane_ray.probe.config import ProbeConfig
+from sane_ray.probe.features import flat_weights, num_weights, weight_statistics
+from sane_ray.probe.linear import classifier_probe, grouped_kfold, ridge_probe
+from sane_ray.zoo.reader import load_model_checkpoints, open_zoo
+from sane_ray.zoo.spec import ModelRecord, Zoo
+
+log = logging.getLogger("sane_ray.probe")
+
+TARGETS = {"Acc": "test_acc", "Epoch": "epoch", "Ggap": "ggap"}  # the paper's rows -> checkpoint values
+SANE, CONTROL, FULL = "SANE", "SANE (untrained)", "SANE (full sequence)"
+# Hyperparameter keys that identify a model or its run rather than describe its training.
+IDENTIFIERS = {"seed", "index", "split_seed", "epochs", "epochs_train", "task", "model_id"}
+MAX_CLASSES = 20  # a "category" with more distinct values is an identifier, not a hyperparameter
+
+
+@dataclass
+class ProbeData:
+    """One row per checkpoint: its model, epoch, split, targets, features per method, layer spread."""
+
+    model_id: list[str] = field(default_factory=list)
+    epoch: list[int] = field(default_factory=list)
+    split: list[str] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in ("test_acc", "ggap")})
+    features: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    spread: list[np.ndarray] = field(default_factory=list)
+    hparams: list[dict[str, Any]] = field(default_factory=list)
+    layer_names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def target(self, key: str) -> np.ndarray:
+        return np.asarray(self.epoch if key == "epoch" else self.metrics[key], dtype=np.float64)
+
+    def matrix(self, method: str) -> np.ndarray:
+        return np.concatenate(self.features[method], axis=0)
+
+
+def untrained_like(run: Run, seed: int) -> Run:
+    """The run with its SANE model replaced by a fresh one of the same config, initialized with ``seed``."""
+    torch.manual_seed(seed)
+    model = SaneModel(run.model.cfg).to(run.device).eval()
+    return dataclasses.replace(run, model=model)
+
+
+def _run_document(run_uri: str) -> dict[str, Any]:
+    """The run's resolved pretraining config (``pretrain_config.yaml``), {} if the export has none."""
+    uri = storage.join(run_uri, "pretrain_config.yaml")
+    return yaml.safe_load(storage.read_bytes(uri)) if storage.exists(uri) else {}
+
+
+def model_splits(run: Run, zoo: Zoo, run_doc: dict[str, Any], seed: int) -> tuple[dict[str, str], str]:
+    """Split of every zoo model and where it came from: the run's own split if it covers the zoo, else
+    a fresh split by model with the run's fractions (the zoo's models were then never pretrained on)."""
+    ids = [m.model_id for m in zoo.models]
+    known = run.splits()
+    if ids and all(mid in known for mid in ids):
+        return {mid: known[mid] for mid in ids}, "the run's own split"
+    fractions = (run_doc.get("data") or {}).get("split_fractions", (0.7, 0.15, 0.15))
+    fresh = split_models(ids, fractions, seed)
+    how = f"a fresh split by model ({'/'.join(f'{f:g}' for f in fractions)}, seed {seed}): the zoo is not the run's"
+    log.warning("zoo %s holds models the run did not split; using %s", zoo.uri, how)
+    return {mid: s for s, members in fresh.items() for mid in members}, how
+
+
+def _epoch_filter(cfg: ProbeConfig, run: Run):
+    if cfg.epochs is not None:
+        wanted = set(cfg.epochs)
+        return lambda e: e in wanted
+    s = run.canonical.settings if run.canonical is not None else {}
+    wanted = set(s["epochs"]) if s.get("epochs") is not None else None
+    skip_zero = bool(s.get("skip_epoch_zero"))
+    return lambda e: not (skip_zero and e == 0) and (wanted is None or e in wanted)
+
+
+def _hyperparameters(model: ModelRecord) -> dict[str, Any]:
+    d = {**model.hparams, **{f"arch:{k}": v for k, v in model.arch_kwargs.items()}}
+    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool))}
+
+
+def collect(run: Run, control: Run | None, zoo: Zoo, split_of: dict[str, str], cfg: ProbeConfig) -> ProbeData:
+    """Preprocess, featurize and embed every selected checkpoint of ``zoo``, model by model."""
+    data = ProbeData()
+    uses = _epoch_filter(cfg, run)
+    window = cfg.window_size or None
+    halo = None if cfg.halo < 0 else cfg.halo
+    layouts: set[str] = set()
+    flat_ok = full_ok = True
+    n, t0 = len(zoo.models), time.perf_counter()
+    every = max(1, n // 10)
+    for i, model in enumerate(zoo.models, 1):
+        model = dataclasses.replace(model, checkpoints=[c for c in model.checkpoints if uses(c.epoch)])
+        good, bad = load_model_checkpoints(model, max_abs=float(run.canonical.settings["max_abs_weight"])
+                                           if run.canonical is not None else math.inf)
+        if bad:
+            data.notes.append(f"{model.model_id}: {len(bad)} checkpoint(s) skipped ({bad[0].reason})")
+        if good:
+            toks = preprocess(run, [sd for _, sd in good], model.architecture, model.arch_kwargs)
+            layouts.add(toks.layout.to_json())
+            if len(layouts) > 1:
+                raise ValueError(f"zoo {zoo.uri} mixes architectures of different shapes ({model.model_id} differs): "
+                                 "W and s(W) need one layout; probe one architecture at a time")
+            if not data.layer_names:
+                data.layer_names = [s.key.removesuffix(".weight") for s in toks.layout.layers]
+                flat_ok = num_weights(toks.mask) <= cfg.max_flat_features
+            emb = embed_tokens(run, toks, window_size=window, halo=halo, keep_tokens=True)
+            full_ok = full_ok and emb.tokens[0].numel() <= cfg.max_flat_features
+            feats = {"s(W)": weight_statistics(toks.tokens, toks.layout)[0], SANE: emb.mean.cpu().numpy()}
+            if flat_ok:
+                feats["W"] = flat_weights(toks.tokens, toks.mask)
+            if full_ok:
+                feats[FULL] = emb.tokens.flatten(1).cpu().numpy()
+            if control is not None:
+                feats[CONTROL] = embed_tokens(control, toks, window_size=window, halo=halo).mean.cpu().numpy()
+            for k, v in feats.items():
+                data.features.setdefault(k, []).append(v)
+            data.spread.append(emb.layer_spread.cpu().numpy())
+            for ckpt, _ in good:
+                data.model_id.append(model.model_id)
+                data.epoch.append(ckpt.epoch)
+                data.split.append(split_of[model.model_id])
+                for key in data.metrics:
+                    data.metrics[key].append(float(ckpt.metrics.get(key, math.nan)))
+                data.hparams.append(_hyperparameters(model))
+        if i % every == 0 or i == n:
+            log.info("probe: %d/%d models embedded (%d checkpoints) in %.1fs", i, n, len(data.epoch),
+                     time.perf_counter() - t0)
+    if not data.epoch:
+        raise ValueError(f"zoo {zoo.uri} has no usable checkpoint at the selected epochs")
+    if not full_ok:
+        data.features.pop(FULL, None)
+    if not flat_ok:
+        data.notes.append(f"W skipped: {num_weights(toks.mask):,} weights per model > max_flat_features "
+                          f"{cfg.max_flat_features:,}")
+    return data
+
+
+def _methods(data: ProbeData) -> list[str]:
+    order = ["W", "s(W)", SANE, FULL, CONTROL]
+    return [m for m in order if m in data.features]
+
+
+def hyperparameter_targets(data: ProbeData) -> dict[str, tuple[np.ndarray, bool]]:
+    """Hyperparameters that vary over the zoo: ``name -> (values per row, categorical)``.
+
+    Numeric ones with more than 10 distinct values are regressed (log10 when positive and
+    spanning more than a decade, like learning rates); the rest are classes. A key whose
+    values repeat another key's (e.g. ``model::nlin`` and the architecture's ``activation``) is dropped.
+    """
+    # The zoo's own hyperparameter names first, so a repeat in the architecture arguments is the one dropped.
+    keys = sorted({k for h in data.hparams for k in h if k.split(":")[-1] not in IDENTIFIERS},
+                  key=lambda k: (k.startswith("arch:"), k))
+    out: dict[str, tuple[np.ndarray, bool]] = {}
+    seen: list[list[str]] = []
+    for key in keys:
+        raw = [h.get(key) for h in data.hparams]
+        as_str = [str(v) for v in raw]
+        distinct = set(as_str)
+        if len(distinct) < 2 or as_str in seen:
+            continue
+        seen.append(as_str)
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
+        name = key.removeprefix("arch:")
+        if numeric and len(distinct) > 10:
+            y = np.asarray(raw, dtype=np.float64)
+            if y.min() > 0 and y.max() / y.min() > 10:
+                out[f"log10 {name}"] = (np.log10(y), False)
+            else:
+                out[name] = (y, False)
+        elif len(distinct) <= MAX_CLASSES:
+            out[name] = (np.asarray(as_str, dtype=object), True)
+    return out
+
+
+@dataclass
+class ProbeResults:
+    """Everything the job writes, as data."""
+
+    test: dict[str, dict[str, float]]
+    kfold: dict[str, dict[str, tuple[float, float]]]
+    hparams: dict[str, dict[str, float]]
+    alphas: dict[str, dict[str, float]]
+    points: dict[str, tuple[np.ndarray, np.ndarray, float]]
+
+
+def probe(data: ProbeData, cfg: ProbeConfig) -> ProbeResults:
+    """All probes on collected features."""
+    split = np.asarray(data.split)
+    groups = np.asarray(data.model_id)
+    test: dict[str, dict[str, float]] = {row: {} for row in TARGETS}
+    alphas: dict[str, dict[str, float]] = {row: {} for row in TARGETS}
+    kfold: dict[str, dict[str, tuple[float, float]]] = {row: {} for row in TARGETS}
+    points = {}
+    for method in _methods(data):
+        x = data.matrix(method)
+        for row, key in TARGETS.items():
+            res = ridge_probe(x, data.target(key), split, name=f"{row} from {method}")
+            test[row][method], alphas[row][method] = res.score, res.alpha
+            if row == "Acc":
+                points[method] = (res.test_true, res.test_pred, res.score)
+            if cfg.folds:
+                f = grouped_kfold(x, data.target(key), groups, cfg.folds, cfg.seed, name=f"{row} from {method}")
+                kfold[row][method] = (f.mean, f.std)
+        log.info("probe: %s done (test R^2 Acc %.3f)", method, test["Acc"][method])
+    hp: dict[str, dict[str, float]] = {}
+    for name, (y, categorical) in hyperparameter_targets(data).items():
+        row = f"{name} ({'accuracy' if categorical else 'R²'})"
+        hp[row] = {}
+        for method in _methods(data):
+            fit = (classifier_probe if categorical else ridge_probe)(data.matrix(method), y, split, name=name)
+            hp[row][method] = fit.score
+        hp[row]["chance"] = fit.chance  # the same for every method (NaN for a regression)
+    return ProbeResults(test, kfold if cfg.folds else {}, hp, alphas, points)
+
+
+def _split_counts(data: ProbeData) -> dict[str, dict[str, int]]:
+    out = {}
+    for s in ("train", "val", "test"):
+        rows = [i for i, x in enumerate(data.split) if x == s]
+        out[s] = {"models": len({data.model_id[i] for i in rows}), "checkpoints": len(rows)}
+    return out
+
+
+def results_markdown(res: ProbeResults, data: ProbeData, zoo: Zoo, run_uri: str, split_how: str) -> str:
+    counts = _split_counts(data)
+    sizes = ", ".join(f"{s} {c['models']} models / {c['checkpoints']} checkpoints" for s, c in counts.items())
+    epochs = sorted(set(data.epoch))
+    parts = [
+        "# Property prediction (linear probes)\n",
+        f"Run `{run_uri}` embeds zoo `{zoo.uri}` ({zoo.format} layout): {sizes}; epochs "
+        f"{epochs[0]}..{epochs[-1]} ({len(epochs)} per model). Split: {split_how}.\n",
+        "## Test split (R²)\n",
+        "Ridge regression on standardized features, alpha picked on the validation split "
+        "from 1e3..1e-5; R² on the test models.\n",
+        report.table_markdown(res.test, "R²"),
+    ]
+    if res.kfold:
+        parts += ["## Grouped k-fold (R², mean ± std over folds of models)\n",
+                  "Every model is in one test fold once; the next fold picks alpha. Folds also hold models "
+                  "SANE saw in (self-supervised) pretraining.\n",
+                  report.table_markdown(res.kfold, "R²")]
+    if res.hparams:
+        parts += ["## Hyperparameters (test split)\n",
+                  "Classification accuracy (ridge classifier) for categories, with the majority-class chance; "
+                  "R² for continuous values.\n",
+                  report.table_markdown(res.hparams, "target")]
+    if data.notes:
+        parts += ["## Notes\n", "\n".join(f"- {n}" for n in data.notes) + "\n"]
+    parts.append("Figures: `pred_vs_true.png` (test accuracy, test split), `layer_spread.png` "
+                 "(per-layer spread of SANE token embeddings, test models at their last epoch).\n")
+    return "\n".join(parts)
+
+
+def write_results(res: ProbeResults, data: ProbeData, zoo: Zoo, cfg: ProbeConfig, out: str, split_how: str) -> None:
+    """Every output file, each written atomically; ``results.md`` last."""
+    storage.makedirs(out)
+    files: dict[str, bytes] = {
+        "probe_config.yaml": dump_config(cfg).encode(),
+        "results.csv": report.table_csv(res.test).encode(),
+        "pred_vs_true.png": report.predicted_vs_true_png(res.points),
+        "results.json": json.dumps({
+            "zoo": zoo.uri, "format": zoo.format, "split": split_how, "counts": _split_counts(data),
+            "test_models": sorted({m for m, s in zip(data.model_id, data.split) if s == "test"}),
+            "test_r2": res.test, "alpha": res.alphas, "kfold_r2": res.kfold, "hyperparameters": res.hparams,
+            "notes": data.notes,
+        }, indent=1, default=float).encode(),
+    }
+    if res.kfold:
+        files["results_kfold.csv"] = report.table_csv(res.kfold).encode()
+    if res.hparams:
+        files["hyperparameters.csv"] = report.table_csv(res.hparams).encode()
+    last = {}
+    for i, (mid, e, s) in enumerate(zip(data.model_id, data.epoch, data.split)):
+        if s == "test" and e >= data.epoch[last.get(mid, i)]:
+            last[mid] = i
+    spread = np.concatenate(data.spread, axis=0)
+    rows = sorted(last.values())
+    files["layer_spread.png"] = report.layer_spread_png(
+        spread[rows], data.target("test_acc")[rows], layer_names=data.layer_names)
+    for name, blob in files.items():
+        storage.write_bytes_atomic(storage.join(out, name), blob)
+    storage.write_bytes_atomic(storage.join(out, "results.md"), results_markdown(res, data, zoo, cfg.run, split_how).encode())
+
+
+def run_probe(cfg: ProbeConfig) -> tuple[str, ProbeResults]:
+    """The whole job; returns the output URI and the results."""
+    if not cfg.run:
+        raise ValueError("probe: set run (the directory of an exported pretraining run)")
+    run = load_run(cfg.run, device=cfg.device or None)
+    run_doc = _run_document(cfg.run)
+    zoo_uri = cfg.zoo or (run.canonical.zoo_uri if run.canonical is not None else "")
+    if not zoo_uri:
+        raise ValueError(f"probe: run {cfg.run} records no zoo; set zoo")
+    zoo = open_zoo(zoo_uri)
+    split_of, split_how = model_splits(run, zoo, run_doc, cfg.seed)
+    control = untrained_like(run, int((run_doc.get("train") or {}).get("seed", 0))) if cfg.control else None
+    log.info("probe: embedding %d models of %s with run %s", len(zoo.models), zoo.uri, cfg.run)
+    data = collect(run, control, zoo, split_of, cfg)
+    res = probe(data, cfg)
+    out = storage.parse_uri(cfg.out).uri if cfg.out else storage.join(cfg.run, "probe")
+    write_results(res, data, zoo, cfg, out, split_how)
+    return out, res

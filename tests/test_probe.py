@@ -1,0 +1,125 @@
+"""Probe building blocks: the baselines W and s(W), ridge and classification probes, grouped folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sane_ray.probe.features import PERCENTILES, STAT_NAMES, flat_weights, weight_statistics
+from sane_ray.probe.linear import classifier_probe, fold_of_groups, grouped_kfold, ridge_probe
+from sane_ray.probe.report import table_csv, table_markdown
+from sane_ray.weights.tokenize import tokenize_stack
+from sane_ray.zoo.architectures import build_model
+
+
+def _model_split(n_models: int, per_model: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Row -> model id, and row -> split, by model (60/20/20)."""
+    groups = np.repeat(np.arange(n_models), per_model)
+    order = np.random.default_rng(seed).permutation(n_models)
+    split_of = np.empty(n_models, dtype=object)
+    split_of[order[: int(0.6 * n_models)]] = "train"
+    split_of[order[int(0.6 * n_models): int(0.8 * n_models)]] = "val"
+    split_of[order[int(0.8 * n_models):]] = "test"
+    return groups, split_of[groups].astype(str)
+
+
+def test_ridge_probe_recovers_a_known_linear_relation():
+    rng = np.random.default_rng(0)
+    groups, split = _model_split(60, 5)
+    x = rng.normal(size=(len(groups), 8)) * rng.uniform(0.1, 10, size=8)  # unequal feature scales
+    w = rng.normal(size=8)
+    y = x @ w + 3.0 + 0.01 * rng.normal(size=len(groups))
+    res = ridge_probe(x, y, split)
+    assert res.score > 0.999
+    np.testing.assert_allclose(res.test_pred, y[split == "test"], atol=0.1)
+    assert res.alpha <= 1.0  # almost noise-free: little regularization wins on validation
+    # The same features against an unrelated target explain nothing on held-out models.
+    assert ridge_probe(x, rng.normal(size=len(groups)), split).score < 0.1
+
+
+def test_ridge_probe_skips_rows_without_a_value_and_names_empty_splits():
+    rng = np.random.default_rng(1)
+    groups, split = _model_split(30, 2)
+    x = rng.normal(size=(len(groups), 3))
+    y = x[:, 0].copy()
+    y[::7] = np.nan
+    assert ridge_probe(x, y, split).score > 0.99
+    with pytest.raises(ValueError, match="no val rows"):
+        ridge_probe(x, y, np.where(split == "val", "train", split), name="test_acc")
+
+
+def test_classifier_probe_separable_categories_and_chance():
+    rng = np.random.default_rng(2)
+    groups, split = _model_split(60, 3)
+    labels = np.array(["relu", "tanh", "gelu"])[groups % 3]
+    x = rng.normal(size=(len(groups), 4)) + 5.0 * np.eye(3, 4)[groups % 3]
+    res = classifier_probe(x, labels, split)
+    assert res.score == 1.0
+    assert 0.0 < res.chance < 0.7
+    noise = classifier_probe(rng.normal(size=(len(groups), 4)), labels, split)
+    assert noise.score < 0.7
+
+
+def test_grouped_folds_keep_each_model_in_one_fold():
+    groups = np.repeat(np.array([f"m{i}" for i in range(23)]), 4)
+    fold = fold_of_groups(groups, 5, seed=3)
+    for g in np.unique(groups):
+        assert len(set(fold[groups == g])) == 1
+    assert sorted(set(fold)) == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(fold, fold_of_groups(groups, 5, seed=3))  # seeded
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(len(groups), 3))
+    scores = grouped_kfold(x, x @ [1.0, -2.0, 0.5], groups, k=5)
+    assert len(scores.scores) == 5 and scores.mean > 0.99 and scores.std < 0.01
+    with pytest.raises(ValueError, match="at least 30 models"):
+        fold_of_groups(groups, 30, seed=0)
+
+
+def test_weight_statistics_ignore_padding_and_match_the_state_dict():
+    states = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        states.append({k: v.detach().clone() for k, v in build_model("cnn_digits").state_dict().items()})
+    toks = tokenize_stack(states, token_size=7)  # rows of 10, 73, 33, 17 values: every layer is padded
+    assert not toks.mask.all()
+    feats, names = weight_statistics(toks.tokens, toks.layout)
+    garbage = toks.tokens.clone()
+    garbage[:, ~toks.mask] = 1e6
+    np.testing.assert_array_equal(weight_statistics(garbage, toks.layout)[0], feats)
+
+    layers = [(s.key, s.bias_key) for s in toks.layout.layers]
+    assert len(names) == feats.shape[1] == sum(len(STAT_NAMES) * (1 + (b is not None)) for _, b in layers)
+    for b, sd in enumerate(states):
+        expect = []
+        for wkey, bkey in layers:
+            for key in (wkey, bkey):
+                if key is None:
+                    continue
+                v = sd[key].double().flatten().numpy()
+                expect += [v.mean(), v.var(), *np.percentile(v, PERCENTILES)]
+        np.testing.assert_allclose(feats[b], expect, rtol=1e-6, atol=1e-7)
+
+    flat = flat_weights(garbage, toks.mask)
+    assert flat.shape == (3, sum(v.numel() for k, v in states[0].items()))
+    assert np.abs(flat).max() < 1e5  # no padding in W either
+    np.testing.assert_array_equal(np.sort(flat[0]), np.sort(torch.cat([v.flatten() for v in states[0].values()]).numpy()))
+
+
+def test_tables_render_cells_and_folds():
+    table = {"Acc": {"W": 0.5, "s(W)": float("nan")}, "Epoch": {"W": 0.25, "SANE": 0.75}}
+    md = table_markdown(table, "R²")
+    assert md.splitlines()[0] == "| R² | W | s(W) | SANE |"
+    assert "| Acc | 0.500 | n/a | n/a |" in md and "| Epoch | 0.250 | n/a | 0.750 |" in md
+    folds = table_csv({"Acc": {"W": (0.5, 0.1)}})
+    assert folds.splitlines() == ["target,W,W_std", "Acc,0.5,0.1"]
+
+
+def test_run_report_shows_the_probe_signal():
+    from sane_ray.train.report import loss_curve_png, summary_markdown
+
+    base = {"train_loss": 1.0, "train_reconstruction": 0.9, "train_contrastive": 2.0}
+    history = [{"epoch": 1.0, **base}, {"epoch": 2.0, **base, "val_probe_r2": 0.8}, {"epoch": 3.0, **base, "val_probe_r2": 0.6}]
+    assert "| val_probe_r2 | 0.6 at epoch 3 (best 0.8; test-accuracy probe on val models) |" in summary_markdown(history)
+    assert "val_probe_r2" not in summary_markdown(history[:1])
+    assert loss_curve_png(history)[:4] == b"\x89PNG"

@@ -1,0 +1,115 @@
+"""The probe job end to end: a tiny zoo, a tiny pretraining run (with the probe signal), then `sane-ray probe`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+import zoo_builders as zb
+from sane_ray import storage
+from sane_ray.cli import main
+from sane_ray.probe.job import CONTROL, FULL, SANE, ProbeData, hyperparameter_targets
+
+PRETRAIN = ["--preset", "tiny", "--workers", "1", "--epochs", "1", "--batch-size", "4",
+            "--train.num_threads", "1", "--train.optim.lr", "1e-3", "--train.probe_every", "1"]
+
+
+def _table(uri: str) -> dict[str, dict[str, float]]:
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode())))
+    return {r["target"]: {k: float(v) for k, v in r.items() if k != "target"} for r in rows}
+
+
+def _public_zoo(root: str, n_models: int, epochs: int) -> None:
+    """A public-layout zoo whose models differ in activation (a hyperparameter to probe)."""
+    for i in range(n_models):
+        nlin = ("tanh", "relu")[i % 2]
+        states = zb.trajectory("cnn_mnist_public", {"activation": nlin}, seed=i, epochs=epochs)
+        zb.write_public_model(root, zb.public_model_name(i), zb.public_params(i, nlin=nlin, epochs=epochs),
+                              zb.result_lines(i, epochs), states)
+
+
+@pytest.fixture(scope="module")
+def public_run(ray_cluster, tmp_path_factory):
+    """One tiny run (the expensive part), pretrained on a public-layout zoo with the probe signal on."""
+    tmp = tmp_path_factory.mktemp("probe")
+    zoo, runs = str(tmp / "public"), str(tmp / "runs")
+    _public_zoo(zoo, n_models=10, epochs=3)
+    assert main(["pretrain", "--zoo", zoo, "--out", runs, "--name", "p", *PRETRAIN]) == 0
+    return zoo, f"{runs}/p", tmp
+
+
+def _check_outputs(out: str, methods: list[str]) -> dict[str, dict[str, float]]:
+    names = set(storage.listdir(out))
+    assert {"results.csv", "results.md", "results_kfold.csv", "results.json", "pred_vs_true.png",
+            "layer_spread.png", "probe_config.yaml"} <= names
+    table = _table(storage.join(out, "results.csv"))
+    assert list(table) == ["Acc", "Epoch", "Ggap"]
+    for row in table.values():
+        assert list(row) == methods
+        assert all(np.isfinite(v) and v <= 1.0 for v in row.values())
+    kfold = _table(storage.join(out, "results_kfold.csv"))
+    assert set(kfold["Acc"]) == {x for m in methods for x in (m, f"{m}_std")}
+    md = storage.read_bytes(storage.join(out, "results.md")).decode()
+    assert "| R² | " + " | ".join(methods) + " |" in md
+    for name in ("pred_vs_true.png", "layer_spread.png"):
+        assert storage.read_bytes(storage.join(out, name))[:8] == b"\x89PNG\r\n\x1a\n"
+    return table
+
+
+def test_probe_job_on_the_public_layout_with_its_own_run(public_run, capsys):
+    zoo, run, tmp = public_run
+    # The probe signal reached the run's metrics and summary.
+    assert "val_probe_r2" in storage.read_bytes(storage.join(run, "summary.md")).decode()
+    out = str(tmp / "probe-public")
+    # Public zoos have no metrics for epoch 0 (the initialization): those rows drop out of the Acc probe.
+    assert main(["probe", "--run", run, "--out", out, "--folds", "3", "--max_flat_features", "1000"]) == 0
+    assert f"{out}/results.md" in capsys.readouterr().out
+    _check_outputs(out, ["s(W)", SANE, CONTROL])  # 2,464 weights > 1000: W (and the full sequence) skipped
+    md = storage.read_bytes(storage.join(out, "results.md")).decode()
+    assert "W skipped: 2,464 weights per model > max_flat_features 1,000" in md
+    hp = _table(storage.join(out, "hyperparameters.csv"))
+    assert list(hp) == ["model::nlin (accuracy)"]
+    assert hp["model::nlin (accuracy)"]["chance"] == pytest.approx(0.5)
+    res = json.loads(storage.read_bytes(storage.join(out, "results.json")))
+    assert res["split"] == "the run's own split"
+    assert res["counts"]["test"] == {"models": 2, "checkpoints": 8}  # 10 models: 6/2/2, epochs 0..3
+    # The run's probe test models were never in its pretraining split.
+    canonical = json.loads(storage.read_bytes(storage.join(run, "canonical.json")))
+    assert set(canonical["splits"]["test"]) == set(res["test_models"])
+    assert not set(canonical["splits"]["test"]) & set(canonical["splits"]["train"])
+
+
+def test_probe_job_on_a_native_zoo_the_run_never_saw(public_run):
+    _, run, tmp = public_run
+    zoo = str(tmp / "native")
+    zb.build_native_zoo(zoo, n_models=12, epochs=3)
+    out = str(tmp / "probe-native")
+    assert main(["probe", "--run", run, "--zoo", zoo, "--out", out, "--folds", "3"]) == 0
+    table = _check_outputs(out, ["W", "s(W)", SANE, FULL, CONTROL])
+    # The fake zoo's accuracy rises with the epoch and the weights drift with it: s(W) sees that.
+    assert table["Epoch"]["s(W)"] > 0.5
+    res = json.loads(storage.read_bytes(storage.join(out, "results.json")))
+    assert res["split"].startswith("a fresh split by model (0.7/0.15/0.15, seed 0)")
+
+
+def test_probe_refuses_a_directory_that_is_no_run(tmp_path, capsys):
+    assert main(["probe", "--run", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
+
+
+def test_hyperparameter_targets_pick_varying_training_settings():
+    data = ProbeData()
+    lrs = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 2e-4, 5e-4, 2e-3, 5e-3, 7e-3, 8e-4]
+    for i, lr in enumerate(lrs):
+        data.hparams.append({"seed": i, "lr": lr, "optimizer": "adam", "init": ("a", "b")[i % 2],
+                             "arch:activation": ("relu", "tanh", "gelu")[i % 3], "model::nlin": ("relu", "tanh", "gelu")[i % 3]})
+    targets = hyperparameter_targets(data)
+    # seed: an identifier; optimizer: constant; the architecture's activation: a repeat of model::nlin
+    assert sorted(targets) == ["init", "log10 lr", "model::nlin"]
+    y, categorical = targets["log10 lr"]
+    assert not categorical and y[0] == pytest.approx(-4)
+    assert targets["init"][1]
