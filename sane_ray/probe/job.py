@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
 from sane_ray import storage
 from sane_ray.config import dump_config
 from sane_ray.data.splits import split_models
 from sane_ray.embed import Run, embed_tokens, load_run, preprocess
-from sane_ray.model.sane import SaneModel
+from sane_ray.embed.run import untrained_control
 from sane_ray.probe import report
 from sane_ray.probe.config import ProbeConfig
 from sane_ray.probe.features import flat_weights, num_weights, weight_statistics
@@ -67,13 +66,6 @@ class ProbeData:
 
     def matrix(self, method: str) -> np.ndarray:
         return np.concatenate(self.features[method], axis=0)
-
-
-def untrained_like(run: Run, seed: int) -> Run:
-    """The run with its SANE model replaced by a fresh one of the same config, initialized with ``seed``."""
-    torch.manual_seed(seed)
-    model = SaneModel(run.model.cfg).to(run.device).eval()
-    return dataclasses.replace(run, model=model)
 
 
 def _run_document(run_uri: str) -> dict[str, Any]:
@@ -326,7 +318,7 @@ def run_probe(cfg: ProbeConfig) -> tuple[str, ProbeResults]:
         raise ValueError(f"probe: run {cfg.run} records no zoo; set zoo")
     zoo = open_zoo(zoo_uri)
     split_of, split_how = model_splits(run, zoo, run_doc, cfg.seed)
-    control = untrained_like(run, int((run_doc.get("train") or {}).get("seed", 0))) if cfg.control else None
+    control = untrained_control(run, int((run_doc.get("train") or {}).get("seed", 0))) if cfg.control else None
     log.info("probe: embedding %d models of %s with run %s", len(zoo.models), zoo.uri, cfg.run)
     data = collect(run, control, zoo, split_of, cfg)
     res = probe(data, cfg)
