@@ -142,7 +142,8 @@ def train_hooks(monkeypatch):
     hooks = {"on_epoch_end": None}
 
     def run(*args, **kwargs):
-        results.append(real(*args, **kwargs, on_epoch_end=hooks["on_epoch_end"], controller_failure_limit=0))
+        kwargs.update(on_epoch_end=hooks["on_epoch_end"], controller_failure_limit=0)
+        results.append(real(*args, **kwargs))
         return results[-1]
 
     monkeypatch.setattr(trainer, "run_pretraining", run)
