@@ -58,9 +58,12 @@ def _stop_at(epoch: int):
     return hook
 
 
-def _wait_for(path: str, timeout: float = 120.0) -> None:
+def _wait_for(path: str, timeout: float = 120.0, writer: threading.Thread | None = None) -> None:
+    """Wait for ``path``; fail at once if the ``writer`` thread that should create it has ended."""
     deadline = time.monotonic() + timeout
     while not storage.exists(path):
+        if writer is not None and not writer.is_alive():
+            raise AssertionError(f"the first writer ended before {path} appeared")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear in {timeout:.0f} s")
         time.sleep(0.2)
@@ -369,7 +372,7 @@ def test_two_concurrent_make_zoo_one_is_refused(ray_cluster, tmp_path, capsys):
     first = threading.Thread(
         target=lambda: done.append(generate_zoo(ZooGenConfig(out=out, models=2, epochs=1, seed=3), progress=False)))
     first.start()
-    _wait_for(os.path.join(out, lease.LEASE_FILE))
+    _wait_for(os.path.join(out, lease.LEASE_FILE), timeout=300, writer=first)
     code, lines = _cli(["make-zoo", "--out", out, *ZOO], capsys)
     first.join(timeout=240)
     assert code == 2 and len(lines) == 1
