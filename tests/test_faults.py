@@ -58,12 +58,9 @@ def _stop_at(epoch: int):
     return hook
 
 
-def _wait_for(path: str, timeout: float = 120.0, writer: threading.Thread | None = None) -> None:
-    """Wait for ``path``; fail at once if the ``writer`` thread that should create it has ended."""
+def _wait_for(path: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not storage.exists(path):
-        if writer is not None and not writer.is_alive():
-            raise AssertionError(f"the first writer ended before {path} appeared")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear in {timeout:.0f} s")
         time.sleep(0.2)
@@ -364,20 +361,29 @@ def _cli(argv: list[str], capsys) -> tuple[int, list[str]]:
 
 
 def test_two_concurrent_make_zoo_one_is_refused(ray_cluster, tmp_path, capsys):
-    from sane_ray.zoo.generate import ZooGenConfig, generate_zoo
+    """The first writer is another process (its own local cluster), as two users' runs would be."""
+    import sys
+
     from sane_ray.zoo.reader import open_zoo
 
     out = str(tmp_path / "zoo")
-    done: list[object] = []
-    first = threading.Thread(
-        target=lambda: done.append(generate_zoo(ZooGenConfig(out=out, models=2, epochs=1, seed=3), progress=False)))
-    first.start()
-    _wait_for(os.path.join(out, lease.LEASE_FILE), timeout=300, writer=first)
-    code, lines = _cli(["make-zoo", "--out", out, *ZOO], capsys)
-    first.join(timeout=240)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.Popen([sys.executable, "-m", "sane_ray.cli", "make-zoo", "--out", out, *ZOO], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not storage.exists(os.path.join(out, lease.LEASE_FILE)):
+            assert first.poll() is None, f"the first writer ended before taking its lease: {first.stderr.read()}"
+            assert time.monotonic() < deadline, "the first writer took no lease in 300 s"
+            time.sleep(0.1)
+        code, lines = _cli(["make-zoo", "--out", out, *ZOO], capsys)
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
     assert code == 2 and len(lines) == 1
-    assert f"{out} is being written by make-zoo on host {socket.gethostname()} pid {os.getpid()} since" in lines[0]
-    assert done == [out]
+    assert f"{out} is being written by make-zoo on host {socket.gethostname()} pid {first.pid} since" in lines[0]
     zoo = open_zoo(out, verify=True)  # the winner's zoo is whole
     assert len(zoo.models) == 2 and not zoo.skipped
     assert not os.path.exists(os.path.join(out, lease.LEASE_FILE))
