@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,15 +28,11 @@ from sane_ray.zoo.public import ZOO_MARKER
 from sane_ray.zoo.reader import load_checkpoint, open_zoo
 
 SPACE = SearchSpace(lr=[3e-3, 1e-2], activation=["tanh", "gelu", "silu"], dropout=[0.0, 0.1])
-TINY = dict(models=3, epochs=2, seed=7, space=SPACE)
+TINY = {"models": 3, "epochs": 2, "seed": 7, "space": SPACE}
 
 
 def _files(root: str) -> dict[str, bytes]:
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            out[os.path.relpath(os.path.join(d, n), root)] = open(os.path.join(d, n), "rb").read()
-    return out
+    return {str(p.relative_to(root)): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
 
 
 def _siblings(root: str) -> list[str]:
