@@ -1,6 +1,7 @@
 """Train a model zoo on scikit-learn's digits: ``python jobs/make_zoo.py --out URI --models N --epochs E``.
 
-Thin entry point for ``ray job submit``; see ``sane-ray make-zoo --help``.
+Thin entry point for ``ray job submit``; see ``sane-ray make-zoo --help`` (``--format public`` writes
+the public model-zoo layout).
 """
 
 import sys

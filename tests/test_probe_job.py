@@ -96,6 +96,38 @@ def test_probe_job_on_a_native_zoo_the_run_never_saw(public_run):
     assert res["split"].startswith("a fresh split by model (0.7/0.15/0.15, seed 0)")
 
 
+# make-zoo's hyperparameter names -> the public layout's (sane_ray.zoo.public)
+PUBLIC_NAMES = {"lr": "optim::lr", "weight_decay": "optim::wd", "init": "model::init_type",
+                "activation": "model::nlin", "dropout": "model::dropout"}
+
+
+def test_probe_job_on_a_public_copy_of_the_runs_zoo(ray_cluster, tmp_path):
+    """A run pretrained on a make-zoo zoo probes that zoo's public-layout copy with its own split, to the same table."""
+    zoo = ["--models", "10", "--epochs", "2", "--seed", "5"]
+    native, public, runs = str(tmp_path / "native"), str(tmp_path / "public"), str(tmp_path / "runs")
+    assert main(["make-zoo", "--out", native, *zoo]) == 0
+    assert main(["make-zoo", "--out", public, "--format", "public", *zoo]) == 0
+    assert main(["pretrain", "--zoo", native, "--out", runs, "--name", "n", *PRETRAIN]) == 0
+    results = {}
+    for name, uri in (("native", native), ("public", public)):
+        out = str(tmp_path / f"probe-{name}")
+        assert main(["probe", "--run", f"{runs}/n", "--zoo", uri, "--out", out, "--folds", "3"]) == 0
+        results[name] = json.loads(storage.read_bytes(storage.join(out, "results.json")))
+        assert results[name]["split"] == "the run's own split"
+        for f in ("results.csv", "results_kfold.csv"):
+            results[name][f] = storage.read_bytes(storage.join(out, f))
+    a, b = results["native"], results["public"]
+    assert (a["format"], b["format"]) == ("native", "public")
+    assert a["results.csv"] == b["results.csv"] and a["results_kfold.csv"] == b["results_kfold.csv"]
+    assert a["counts"] == b["counts"] and a["test_models"] == b["test_models"]
+    # The same hyperparameter probes, under the public layout's names.
+    renamed = {}
+    for row, scores in a["hyperparameters"].items():
+        name, kind = row.split(" (")
+        renamed[f"{PUBLIC_NAMES.get(name, name)} ({kind}"] = scores
+    assert renamed and b["hyperparameters"] == renamed
+
+
 def test_probe_refuses_a_directory_that_is_no_run(tmp_path, capsys):
     assert main(["probe", "--run", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import zoo_builders as zb
 from sane_ray import storage
 from sane_ray.zoo.architectures import UnknownArchitectureError
 from sane_ray.zoo.info import format_info, zoo_info
-from sane_ray.zoo.public import architecture_from_params, parse_results
+from sane_ray.zoo.public import architecture_from_params, params_json, parse_results
 from sane_ray.zoo.reader import load_checkpoint, open_zoo
 
 
@@ -106,6 +106,11 @@ def test_unpadded_checkpoint_directories(tmp_path):
     ({"model::type": "Resnet18", "model::channels_in": 3, "model::o_dim": 100, "model::nlin": "relu"},
      "resnet18", {"num_classes": 100, "in_channels": 3}),
     ({"model::type": "RESNET34", "model::o_dim": 10}, "resnet34", {"num_classes": 10}),
+    # a registry name (make-zoo --format public): every architecture key, model::dropout included
+    ({"model::type": "cnn_digits", "model::nlin": "SiLU", "model::dropout": 0.1, "model::o_dim": 10,
+      "optim::lr": 1e-3}, "cnn_digits", {"activation": "silu", "dropout": 0.1, "num_classes": 10}),
+    ({"model::type": "CNN", "model::channels_in": 1, "model::dropout": 0.2},  # the public CNN takes no dropout
+     "cnn_mnist_public", {"in_channels": 1}),
 ])
 def test_architecture_mapping(params, arch, kwargs):
     assert architecture_from_params(params) == (arch, kwargs)
@@ -116,11 +121,24 @@ def test_architecture_mapping(params, arch, kwargs):
     ({}, UnknownArchitectureError, "model::type=None"),
     ({"model::type": "CNN", "model::channels_in": 2}, UnknownArchitectureError, "2 input channels"),
     ({"model::type": "CNN"}, ValueError, "without model::channels_in"),
-    ({"model::type": "CNN", "model::channels_in": "three"}, ValueError, "non-integer"),
+    ({"model::type": "CNN", "model::channels_in": "three"}, ValueError, "unusable model::channels_in='three'"),
+    ({"model::type": "mlp_digits", "model::dropout": "lots"}, ValueError, "unusable model::dropout='lots'"),
 ])
 def test_architecture_mapping_errors(params, error, message):
     with pytest.raises(error, match=message):
         architecture_from_params(params)
+
+
+def test_params_json_reads_back_as_written():
+    kwargs = {"activation": "gelu", "dropout": 0.2, "num_classes": 10}
+    params = params_json("cnn_digits_bn", kwargs, {"lr": 3e-3, "weight_decay": 1e-4, "epochs": 5, "index": 2})
+    assert architecture_from_params(params) == ("cnn_digits_bn", kwargs)
+    assert (params["model::type"], params["optim::lr"], params["optim::wd"], params["training::epochs_train"],
+            params["index"]) == ("cnn_digits_bn", 3e-3, 1e-4, 5, 2)
+    with pytest.raises(ValueError, match="would read back as"):  # the reader lower-cases activations
+        params_json("cnn_digits", {"activation": "GELU"}, {})
+    with pytest.raises(ValueError, match="would read back as"):  # no params.json key for it
+        params_json("mlp_digits", {"hidden": [8]}, {})
 
 
 def test_parse_results():

@@ -16,17 +16,28 @@ refused. ``overwrite`` writes the new zoo beside the published one (under
 ``next/`` when the old one is in ``models/``, and back), and publishing its manifest is
 the single step that replaces the old zoo, whose files are removed only then; an
 interrupted overwrite leaves the old zoo as it was.
+
+``format: public`` writes the same models (same ids, weights and metrics) in the public
+model-zoo layout (:mod:`sane_ray.zoo.public`), which has no manifest to publish last.
+The whole zoo is written into a sibling directory ``.<name>.sane-ray-staging`` and
+renamed into place once complete: the root holds the old zoo (or nothing) until then.
+Replacing an old zoo takes two renames (old away, new in); in the microseconds between
+them the root does not exist, and an interruption exactly there leaves both zoos beside
+it, never a partial one at the root. Leftovers of a crashed writer are removed by the
+next one. S3 has no rename, so ``format: public`` is refused there.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import numpy as np
 import ray
@@ -37,8 +48,10 @@ from tqdm.auto import tqdm
 from sane_ray import lease, storage
 from sane_ray.cluster import ensure_ray
 from sane_ray.config import to_dict
+from sane_ray.zoo import public
 from sane_ray.zoo.architectures import ACTIVATIONS, build_model, get_architecture
 from sane_ray.zoo.native import MANIFEST, manifest_paths, publish_manifest, read_manifest, write_checkpoint
+from sane_ray.zoo.spec import with_ggap
 from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, Task, evaluate, get_task
 
 log = logging.getLogger(__name__)
@@ -48,6 +61,7 @@ GENERATOR_VERSION = 2
 DIGITS_ARCHITECTURES = ("cnn_digits", "cnn_digits_bn", "mlp_digits")
 # Where a zoo's checkpoints live under its root: a fresh zoo in the first, an overwrite in the other one.
 _PREFIXES = ("models", "next")
+ZooFormat = Literal["native", "public"]
 
 
 class ZooExistsError(FileExistsError):
@@ -102,6 +116,7 @@ class ZooGenConfig:
     batch_size: int = 32
     split_seed: int = DEFAULT_SPLIT_SEED
     overwrite: bool = False
+    format: ZooFormat = "native"  # the layout written: native (safetensors + manifest) or public (modelzoos.cc)
     space: SearchSpace = field(default_factory=SearchSpace)
 
     def validate(self) -> None:
@@ -110,6 +125,13 @@ class ZooGenConfig:
             get_architecture(self.arch)  # unknown names get the registry's error
             raise ValueError(f"arch {self.arch!r} does not take 8x8 digits; use one of {', '.join(DIGITS_ARCHITECTURES)}")
         get_task(self.task, self.split_seed)
+        if self.format not in get_args(ZooFormat):
+            raise ValueError(f"format must be one of {', '.join(get_args(ZooFormat))}, got {self.format!r}")
+        if self.format == "public" and self.out and storage.parse_uri(self.out).scheme == "s3":
+            raise ValueError(
+                "format public cannot be written to S3: the layout has no manifest to publish last and S3 "
+                "has no rename, so an interrupted write would leave a partial zoo that readers trust; "
+                "write it to a local or shared filesystem, or use format native on S3")
         for name in ("models", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -129,17 +151,18 @@ class ZooGenConfig:
             raise ValueError(f"unknown activation {unknown[0]!r} in space.activation; known: {', '.join(ACTIVATIONS)}")
 
     def identity(self) -> dict[str, Any]:
-        """The settings that determine the zoo's contents (not where it goes or overwrite)."""
+        """The settings that determine the zoo's contents (not its layout, where it goes or overwrite)."""
         d = to_dict(self)
-        del d["out"], d["overwrite"]
+        del d["out"], d["overwrite"], d["format"]
         return {"generator_version": GENERATOR_VERSION, **d}
 
 
 def zoo_uri(cfg: ZooGenConfig) -> str:
-    """Where ``cfg``'s zoo goes: ``cfg.out``, else ``<cache>/zoos/<task>-<arch>-<models>x<epochs>-s<seed>``."""
+    """Where ``cfg``'s zoo goes: ``cfg.out``, else ``<cache>/zoos/<task>-<arch>-<models>x<epochs>-s<seed>``
+    (with ``-public`` appended for the public layout)."""
     if cfg.out:
         return storage.parse_uri(cfg.out).uri
-    name = f"{cfg.task}-{cfg.arch}-{cfg.models}x{cfg.epochs}-s{cfg.seed}"
+    name = f"{cfg.task}-{cfg.arch}-{cfg.models}x{cfg.epochs}-s{cfg.seed}" + ("-public" if cfg.format == "public" else "")
     return os.path.join(storage.cache_dir(), "zoos", name)
 
 
@@ -199,12 +222,14 @@ def initialize(model: nn.Module, scheme: str) -> None:
 
 
 def train_model(
-    plan: ModelPlan, task: Task, root: str, s3: storage.S3Options | None = None
+    plan: ModelPlan, task: Task, root: str, s3: storage.S3Options | None = None, zoo_format: ZooFormat = "native",
 ) -> list[dict[str, Any]]:
     """Train one model on ``task``, writing a checkpoint per epoch (0 = initialization); return its manifest rows.
 
     Runs single-threaded on a private RNG state (the caller's thread count and RNG are
-    restored), so the result depends on the plan alone.
+    restored), so the result depends on the plan alone. In the public layout the rows
+    are not published (no manifest); the model directory is whole once its ``params.json``,
+    written last, exists.
     """
     if task.name != plan.task:
         raise ValueError(f"{plan.model_id} is planned for task {plan.task!r}, got task {task.name!r}")
@@ -213,12 +238,13 @@ def train_model(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(plan.seed)
-            return _train(plan, task, root, s3)
+            return _train(plan, task, root, s3, zoo_format)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options | None) -> list[dict[str, Any]]:
+def _train(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options | None,
+           zoo_format: ZooFormat) -> list[dict[str, Any]]:
     model = build_model(plan.arch, **plan.arch_kwargs)
     initialize(model, plan.hparams["init"])
     # The fused kernel: one call per step instead of ~10 small ops per tensor (6x faster here).
@@ -227,11 +253,16 @@ def _train(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options | None)
     )
     order = torch.Generator().manual_seed(plan.seed + 1)
     x, y = task.train.x, task.train.y
+    results: dict[int, dict[str, float]] = {}  # the public layout's result.json, by epoch
 
     def checkpoint(epoch: int) -> dict[str, Any]:
         metrics = {}
         for split in ("train", "val", "test"):
             metrics[f"{split}_acc"], metrics[f"{split}_loss"] = evaluate(model, task.split(split))
+        if zoo_format == "public":
+            public.write_checkpoint(root, plan.model_id, epoch, model.state_dict(), s3)
+            results[epoch] = metrics
+            return {"model_id": plan.model_id, "epoch": epoch, **with_ggap(metrics)}
         return write_checkpoint(
             root, plan.model_id, epoch, model.state_dict(), metrics,
             plan.arch, plan.arch_kwargs, plan.hparams, s3,
@@ -246,23 +277,29 @@ def _train(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options | None)
             loss.backward()
             opt.step()
         rows.append(checkpoint(epoch))
+    if zoo_format == "public":
+        public.finish_model(root, plan.model_id, public.params_json(plan.arch, plan.arch_kwargs, plan.hparams),
+                            results, s3)
     return rows
 
 
-def _published_metadata(root: str, s3: storage.S3Options) -> dict[str, Any] | None:
-    """The manifest's metadata if a zoo is published at ``root``, else None."""
-    if not storage.exists(storage.join(root, MANIFEST), s3):
-        return None
-    return read_manifest(root, s3).metadata
+def _published(root: str, s3: storage.S3Options) -> tuple[str, dict[str, Any]] | None:
+    """``(layout, metadata)`` of a zoo published at ``root``, else None."""
+    if storage.exists(storage.join(root, MANIFEST), s3):
+        return "native", read_manifest(root, s3).metadata
+    if storage.exists(root, s3) and any(public.PARAMS in d.files for d in public.list_model_dirs(root, s3).values()):
+        return "public", public.read_metadata(root, s3)
+    return None
 
 
 @ray.remote(num_cpus=1)
-def _train_task(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options) -> list[dict[str, Any]]:
-    return train_model(plan, task, root, s3)
+def _train_task(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options,
+                zoo_format: ZooFormat) -> list[dict[str, Any]]:
+    return train_model(plan, task, root, s3, zoo_format)
 
 
-def _collect(refs: dict, root: str, progress: bool) -> list[dict[str, Any]]:
-    """Wait for every task, showing progress; on the first failure cancel the rest and raise."""
+def _collect(refs: dict, root: str, progress: bool, unpublished: str) -> list[dict[str, Any]]:
+    """Wait for every task, showing progress; on the first failure cancel the rest, wait for them, and raise."""
     n = len(refs)
     bar = tqdm(total=n, unit="model", desc="zoo", disable=not (progress and sys.stderr.isatty()))
     log_every = max(1, n // 10)
@@ -276,11 +313,12 @@ def _collect(refs: dict, root: str, progress: bool) -> list[dict[str, Any]]:
                 except ray.exceptions.RayError as e:
                     for other in pending:
                         ray.cancel(other)
+                    if pending:  # so that no task still writes once the caller cleans up
+                        ray.wait(pending, num_returns=len(pending), timeout=60)
                     cause = getattr(e, "cause", None) or e
                     first = (str(cause).strip().splitlines() or [""])[0]
                     raise ZooGenerationError(
-                        f"training {refs[ref].model_id} failed ({type(cause).__name__}: {first}); "
-                        f"no manifest published at {root}"
+                        f"training {refs[ref].model_id} failed ({type(cause).__name__}: {first}); {unpublished}"
                     ) from e
                 rows.extend(model_rows)
                 best = max(best, model_rows[-1]["test_acc"])
@@ -295,58 +333,119 @@ def _collect(refs: dict, root: str, progress: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def _train_all(cfg: ZooGenConfig, target: str, root: str, progress: bool, s3: storage.S3Options,
+               unpublished: str) -> list[dict[str, Any]]:
+    """Train every planned model as a Ray task writing under ``target``; their rows."""
+    ensure_ray()
+    if storage.parse_uri(root).scheme == "file" and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+        log.warning("writing zoo to local path %s from a multi-node cluster: it must be a shared filesystem", root)
+    # The task's tensors are built once here and shared through the object store, so
+    # workers need not import scikit-learn.
+    task = ray.put(get_task(cfg.task, cfg.split_seed))
+    refs = {_train_task.remote(p, task, target, s3, cfg.format): p for p in plan_models(cfg)}
+    return _collect(refs, root, progress, unpublished)
+
+
 def generate_zoo(cfg: ZooGenConfig, progress: bool = True, s3: storage.S3Options | None = None) -> str:
     """Train ``cfg.models`` models as Ray tasks, publish the zoo, return its URI.
 
-    Refuses (``ZooExistsError``) if a zoo is already published there, unless
-    ``cfg.overwrite``, and (``LeaseHeldError``) while another writer holds it. S3 settings are resolved here (``s3`` or the AWS variables) and
+    Refuses (``ZooExistsError``) if a zoo of either layout is already published there,
+    unless ``cfg.overwrite``, and (``LeaseHeldError``) while another writer holds it. S3 settings are resolved here (``s3`` or the AWS variables) and
     handed to the tasks, so they reach workers on any cluster.
     """
     cfg.validate()
+    if cfg.format == "public":  # refuse here, before any task starts, what the layout cannot carry
+        for p in plan_models(cfg):
+            public.params_json(p.arch, p.arch_kwargs, p.hparams)
     s3 = (s3 or storage.S3Options()).resolved()
     root = zoo_uri(cfg)
-    with lease.acquire(root, "make-zoo", s3):
-        in_use = set()
-        if _published_metadata(root, s3) is not None:
-            if not cfg.overwrite:
-                raise ZooExistsError(
-                    f"a zoo is already published at {root} (manifest.parquet); set overwrite=true to replace it")
-            in_use = {p.split("/", 1)[0] for p in manifest_paths(root, s3)}
-        prefix = next(p for p in _PREFIXES if p not in in_use)
-        # Only the zoo's own prefix goes: checkpoints are written as root/models/... or root/next/models/...
-        target = root if prefix == "models" else storage.join(root, prefix)
-        if prefix != "models":
-            storage.remove(target, s3)  # what an interrupted overwrite left
-        ensure_ray()
-        if storage.parse_uri(root).scheme == "file" and len([n for n in ray.nodes() if n["Alive"]]) > 1:
-            log.warning("writing zoo to local path %s from a multi-node cluster: it must be a shared filesystem", root)
-        # The task's tensors are built once here and shared through the object store, so
-        # workers need not import scikit-learn.
-        task = ray.put(get_task(cfg.task, cfg.split_seed))
-        refs = {_train_task.remote(p, task, target, s3): p for p in plan_models(cfg)}
-        rows = _collect(refs, root, progress)
-        if target != root:
-            rows = [{**r, "path": f"{prefix}/{r['path']}"} for r in rows]
-        publish_manifest(root, rows, metadata={"generation": cfg.identity()}, s3=s3)
-        for old in in_use - {prefix}:
-            storage.remove(storage.join(root, old), s3)
+    with lease.acquire(root, "make-zoo", s3) as held:
+        published = _published(root, s3)
+        if published is not None and not cfg.overwrite:
+            raise ZooExistsError(
+                f"a zoo is already published at {root} ({published[0]} layout); set overwrite=true to replace it")
+        if cfg.format == "public":
+            _generate_public(cfg, root, published is not None, held, progress, s3)
+        else:
+            _generate_native(cfg, root, published and published[0], progress, s3)
     return root
+
+
+def _generate_native(cfg: ZooGenConfig, root: str, replaces: str | None, progress: bool,
+                     s3: storage.S3Options) -> None:
+    """Write beside the zoo being replaced (layout ``replaces``), publish the manifest, then remove the old files."""
+    in_use: set[str] = set()
+    if replaces == "native":
+        in_use = {p.split("/", 1)[0] for p in manifest_paths(root, s3)}
+    elif replaces == "public":  # its model directories and marker go once the manifest is published
+        in_use = set(public.list_model_dirs(root, s3)) | {public.ZOO_MARKER}
+    prefix = next(p for p in _PREFIXES if p not in in_use)
+    # Only the zoo's own prefix goes: checkpoints are written as root/models/... or root/next/models/...
+    target = root if prefix == "models" else storage.join(root, prefix)
+    if prefix != "models":
+        storage.remove(target, s3)  # what an interrupted overwrite left
+    rows = _train_all(cfg, target, root, progress, s3, f"no manifest published at {root}")
+    if target != root:
+        rows = [{**r, "path": f"{prefix}/{r['path']}"} for r in rows]
+    publish_manifest(root, rows, metadata={"generation": cfg.identity()}, s3=s3)
+    for old in in_use - {prefix}:
+        storage.remove(storage.join(root, old), s3)
+
+
+def _beside(path: str, what: str) -> str:
+    """A hidden sibling of the directory ``path`` (same filesystem, so a rename moves it)."""
+    parent, name = os.path.split(path.rstrip(os.sep))
+    return os.path.join(parent, f".{name}.sane-ray-{what}")
+
+
+def _generate_public(cfg: ZooGenConfig, root: str, replaces: bool, held: lease.Lease, progress: bool,
+                     s3: storage.S3Options) -> None:
+    """Write the whole zoo into a staging sibling, then rename it into place."""
+    path = storage.parse_uri(root).path
+    staging, replaced = _beside(path, "staging"), _beside(path, "replaced")
+    others = sorted(set(os.listdir(path)) - {lease.LEASE_FILE})
+    if others and not replaces:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise FileExistsError(f"{root} holds files that are not a published zoo ({shown}); format public replaces "
+                              "the whole directory, so give an empty or new one")
+    for leftover in (staging, replaced):  # of a writer that crashed; we hold the lease, so they are no one's
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        _train_all(cfg, staging, root, progress, s3, f"nothing published at {root}")
+        storage.write_bytes_atomic(os.path.join(staging, public.ZOO_MARKER),
+                                   json.dumps({"generation": cfg.identity()}, sort_keys=True).encode())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    held.release()  # its file is in the root: it must neither go with the old zoo nor stay in the new one
+    try:
+        os.rename(path, replaced)
+        try:
+            os.rename(staging, path)
+        except OSError:
+            os.rename(replaced, path)
+            raise
+    except OSError as e:
+        raise storage.StorageError(f"cannot publish the zoo at {root}: {e}; the complete zoo is in {staging}") from e
+    shutil.rmtree(replaced)
 
 
 def ensure_zoo(cfg: ZooGenConfig, progress: bool = True, s3: storage.S3Options | None = None) -> str:
     """The zoo for ``cfg``: reused if one with the same generation config is published, else generated.
 
-    A published zoo with a *different* config is replaced only with ``cfg.overwrite``.
+    A published zoo with a *different* config or layout is replaced only with ``cfg.overwrite``.
     """
     cfg.validate()
     s3 = (s3 or storage.S3Options()).resolved()
     root = zoo_uri(cfg)
-    meta = _published_metadata(root, s3)
-    if meta is not None and meta.get("generation") == cfg.identity():
-        return root
-    if meta is not None and not cfg.overwrite:
-        theirs = meta.get("generation") or {}
+    published = _published(root, s3)
+    if published is not None:
+        layout, theirs = published[0], published[1].get("generation") or {}
+        if layout == cfg.format and theirs == cfg.identity():
+            return root
+    if published is not None and not cfg.overwrite:
         diff = sorted(k for k in set(theirs) | set(cfg.identity()) if theirs.get(k) != cfg.identity().get(k))
+        diff = (["format"] if layout != cfg.format else []) + diff
         raise ZooExistsError(
             f"a zoo with a different generation config is published at {root} (differs in: {', '.join(diff)}); "
             "set overwrite=true to replace it"

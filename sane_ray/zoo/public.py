@@ -1,4 +1,4 @@
-"""Reader of the public model-zoo layout (modelzoos.cc), read in place.
+"""The public model-zoo layout (modelzoos.cc): read in place, and written by ``make-zoo --format public``.
 
 One directory per model (a Ray Tune trial; its name is the model id)::
 
@@ -10,6 +10,15 @@ Epochs: ``checkpoint_N`` is epoch N (``checkpoint_000000`` is the initialization
 takes its metrics from the result line whose ``training_iteration`` equals N, which is
 how the public zoos are written (the line for iteration N is logged after epoch N). A
 checkpoint without such a line - usually epoch 0 - gets NaN metrics.
+
+``model::type`` names a public architecture (CNN, ResNet18, ResNet34) or, for zoos that
+sane-ray wrote, a registry name such as ``cnn_digits`` (see :func:`architecture_from_params`).
+The writer (:func:`write_checkpoint`, :func:`finish_model`) writes exactly what the reader
+reads: ``params.json`` from :func:`params_json`, one result line per epoch including
+epoch 0, and ``params.json`` last, so a model directory without it is an unfinished one
+(the reader skips it). A zoo that sane-ray wrote also holds ``sane-ray-zoo.json`` at its
+root (the generation config, read into ``Zoo.metadata``); a public zoo needs none.
+Checkpoints are ``torch.save``'d into memory, so the same tensors give the same bytes.
 
 Listing uses one recursive listing of the root plus the small JSON files (fetched
 concurrently on S3); checkpoint files are only opened when loaded.
@@ -28,17 +37,31 @@ from typing import Any
 import torch
 
 from sane_ray import storage
-from sane_ray.zoo.architectures import UnknownArchitectureError
-from sane_ray.zoo.checks import BadCheckpointError, as_float, reference_layout, skip
+from sane_ray.zoo.architectures import ARCHITECTURES, UnknownArchitectureError
+from sane_ray.zoo.checks import BadCheckpointError, ZooError, as_float, reference_layout, skip
 from sane_ray.zoo.spec import METRICS, CheckpointRecord, ModelRecord, Skipped, Zoo, with_ggap
 
 PARAMS = "params.json"
 RESULTS = "result.json"
 CHECKPOINT_FILE = "checkpoints"
+ZOO_MARKER = "sane-ray-zoo.json"
 _CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
 
 _RESNETS = {"resnet18": "resnet18", "resnet34": "resnet34"}
 _CNNS = {1: "cnn_mnist_public", 3: "cnn_cifar_public"}
+# Architecture keyword argument -> (params.json key, how its value is read).
+_ARCH_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "num_classes": ("model::o_dim", int),
+    "in_channels": ("model::channels_in", int),
+    "activation": ("model::nlin", lambda v: str(v).lower()),
+    "dropout": ("model::dropout", float),
+}
+# make-zoo's training hyperparameters under the public zoos' names; others keep their own name.
+_HPARAM_KEYS = {
+    "lr": "optim::lr", "weight_decay": "optim::wd", "optimizer": "optim::optimizer", "init": "model::init_type",
+    "batch_size": "training::batchsize", "epochs": "training::epochs_train", "task": "dataset::task",
+    "split_seed": "dataset::split_seed",
+}
 
 
 def architecture_from_params(params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -47,35 +70,85 @@ def architecture_from_params(params: Mapping[str, Any]) -> tuple[str, dict[str, 
     ``model::type`` CNN maps by ``model::channels_in`` (1 -> ``cnn_mnist_public``, 3 ->
     ``cnn_cifar_public``), ResNet18/ResNet34 (any case) to ``resnet18``/``resnet34``;
     ``model::nlin`` -> ``activation`` (CNNs), ``model::o_dim`` -> ``num_classes``,
-    ``model::channels_in`` -> ``in_channels``. Raises ``UnknownArchitectureError`` for an
+    ``model::channels_in`` -> ``in_channels``. Any other registry name (``cnn_digits``,
+    as ``make-zoo --format public`` writes) maps to itself, taking every one of those keys
+    present plus ``model::dropout`` -> ``dropout`` (the public CNNs have no dropout argument,
+    so their ``model::dropout`` is not passed). Raises ``UnknownArchitectureError`` for an
     unknown type and ``ValueError`` for unusable values.
     """
     mtype = params.get("model::type")
     kind = str(mtype).lower()
-    kwargs: dict[str, Any] = {}
-    try:
-        if "model::o_dim" in params:
-            kwargs["num_classes"] = int(params["model::o_dim"])
-        channels = int(params["model::channels_in"]) if "model::channels_in" in params else None
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"non-integer model::o_dim or model::channels_in: {e}") from e
+    given: dict[str, Any] = {}
+    for arg, (key, read) in _ARCH_KEYS.items():
+        if key in params:
+            try:
+                given[arg] = read(params[key])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"unusable {key}={params[key]!r}: {e}") from e
     if kind == "cnn":
+        channels = given.get("in_channels")
         if channels is None:
             raise ValueError("model::type CNN without model::channels_in: cannot tell the "
                              "1-channel (MNIST) CNN from the 3-channel (CIFAR) one")
         if channels not in _CNNS:
             raise UnknownArchitectureError(f"no public CNN with {channels} input channels (known: 1, 3)")
-        arch = _CNNS[channels]
-        if "model::nlin" in params:
-            kwargs["activation"] = str(params["model::nlin"]).lower()
-    elif kind in _RESNETS:
-        arch = _RESNETS[kind]
-    else:
-        raise UnknownArchitectureError(
-            f"unknown architecture model::type={mtype!r} (known: CNN, ResNet18, ResNet34)")
-    if channels is not None:
-        kwargs["in_channels"] = channels
-    return arch, kwargs
+        return _CNNS[channels], {k: v for k, v in given.items() if k != "dropout"}
+    if kind in _RESNETS:
+        return _RESNETS[kind], {k: v for k, v in given.items() if k in ("num_classes", "in_channels")}
+    if kind in ARCHITECTURES:
+        return kind, given
+    raise UnknownArchitectureError(
+        f"unknown architecture model::type={mtype!r} (known: CNN, ResNet18, ResNet34 or a registry name: "
+        f"{', '.join(sorted(ARCHITECTURES))})")
+
+
+def params_json(architecture: str, arch_kwargs: Mapping[str, Any], hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """``params.json`` of a model: its architecture and training hyperparameters in the public keys.
+
+    Raises ``ValueError`` if the reader would rebuild another architecture from it (an
+    argument with no ``params.json`` key, an upper-case activation), so nothing is written
+    that reads back differently.
+    """
+    keys = {arg: key for arg, (key, _) in _ARCH_KEYS.items()}
+    params = {"model::type": architecture, **{keys.get(k, k): v for k, v in arch_kwargs.items()},
+              **{_HPARAM_KEYS.get(k, k): v for k, v in hparams.items()}}
+    if architecture_from_params(params) != (architecture, dict(arch_kwargs)):
+        raise ValueError(f"{architecture} {dict(arch_kwargs)} cannot be written in the public layout: "
+                         f"its params.json would read back as {architecture_from_params(params)}")
+    return params
+
+
+def write_checkpoint(root: str, model_id: str, epoch: int, state_dict: Mapping[str, torch.Tensor],
+                     s3: storage.S3Options | None = None) -> str:
+    """Write ``<model_id>/checkpoint_{epoch:06d}/checkpoints`` and return its URI."""
+    buf = io.BytesIO()  # in memory: torch.save names the archive after a file, so a file would change the bytes
+    torch.save({k: v.detach().cpu().clone() for k, v in state_dict.items()}, buf)
+    uri = storage.join(root, model_id, f"checkpoint_{epoch:06d}", CHECKPOINT_FILE)
+    storage.write_bytes_atomic(uri, buf.getvalue(), s3)
+    return uri
+
+
+def finish_model(root: str, model_id: str, params: Mapping[str, Any], metrics: Mapping[int, Mapping[str, float]],
+                 s3: storage.S3Options | None = None) -> None:
+    """Write ``result.json`` (one line per epoch: ``training_iteration`` = epoch) and then ``params.json``."""
+    lines = [json.dumps({"training_iteration": int(e), **metrics[e]}, sort_keys=True) + "\n" for e in sorted(metrics)]
+    storage.write_bytes_atomic(storage.join(root, model_id, RESULTS), "".join(lines).encode(), s3)
+    storage.write_bytes_atomic(storage.join(root, model_id, PARAMS),
+                               json.dumps(dict(params), sort_keys=True, indent=1).encode(), s3)
+
+
+def read_metadata(root: str, s3: storage.S3Options | None = None) -> dict[str, Any]:
+    """The root's ``sane-ray-zoo.json`` (what generated the zoo), ``{}`` for a zoo without one."""
+    uri = storage.join(root, ZOO_MARKER)
+    if not storage.exists(uri, s3):
+        return {}
+    try:
+        meta = json.loads(storage.read_bytes(uri, s3))
+    except ValueError as e:
+        raise ZooError(f"{uri} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ZooError(f"{uri} is not a JSON object")
+    return meta
 
 
 def parse_results(text: str) -> dict[int, dict[str, Any]]:
@@ -144,7 +217,7 @@ def read_public(root: str, dirs: dict[str, ModelDir], s3: storage.S3Options | No
                           skipped)
         if rec is not None:
             models.append(rec)
-    return Zoo(uri=root, format="public", models=models, skipped=skipped)
+    return Zoo(uri=root, format="public", models=models, skipped=skipped, metadata=read_metadata(root, s3))
 
 
 class _Unusable(Exception):
