@@ -150,6 +150,7 @@ def test_layer_spread_is_per_layer_std():
     want = torch.stack([z[:, layer == i].std(1, unbiased=False).mean(-1) for i in range(3)], 1)
     torch.testing.assert_close(emb.layer_spread, want)
     torch.testing.assert_close(emb.mean, z.mean(1))
+    torch.testing.assert_close(emb.std, z.std(1, unbiased=False))
     assert emb.tokens is None
 
 

@@ -12,7 +12,7 @@ import pytest
 import zoo_builders as zb
 from sane_ray import storage
 from sane_ray.cli import main
-from sane_ray.probe.job import CONTROL, FULL, SANE, ProbeData, hyperparameter_targets
+from sane_ray.probe.job import CONTROL, FULL, MEAN_STD, SANE, ProbeData, hyperparameter_targets
 
 PRETRAIN = ["--preset", "tiny", "--workers", "1", "--epochs", "1", "--batch-size", "4",
             "--train.num_threads", "1", "--train.optim.lr", "1e-3", "--train.probe_every", "1"]
@@ -68,7 +68,7 @@ def test_probe_job_on_the_public_layout_with_its_own_run(public_run, capsys):
     # Public zoos have no metrics for epoch 0 (the initialization): those rows drop out of the Acc probe.
     assert main(["probe", "--run", run, "--out", out, "--folds", "3", "--max_flat_features", "1000"]) == 0
     assert f"{out}/results.md" in capsys.readouterr().out
-    _check_outputs(out, ["s(W)", SANE, CONTROL])  # 2,464 weights > 1000: W (and the full sequence) skipped
+    _check_outputs(out, ["s(W)", SANE, MEAN_STD, CONTROL])  # 2,464 weights > 1000: W (and the full sequence) skipped
     md = storage.read_bytes(storage.join(out, "results.md")).decode()
     assert "W skipped: 2,464 weights per model > max_flat_features 1,000" in md
     hp = _table(storage.join(out, "hyperparameters.csv"))
@@ -89,7 +89,7 @@ def test_probe_job_on_a_native_zoo_the_run_never_saw(public_run):
     zb.build_native_zoo(zoo, n_models=12, epochs=3)
     out = str(tmp / "probe-native")
     assert main(["probe", "--run", run, "--zoo", zoo, "--out", out, "--folds", "3"]) == 0
-    table = _check_outputs(out, ["W", "s(W)", SANE, FULL, CONTROL])
+    table = _check_outputs(out, ["W", "s(W)", SANE, MEAN_STD, FULL, CONTROL])
     # The fake zoo's accuracy rises with the epoch and the weights drift with it: s(W) sees that.
     assert table["Epoch"]["s(W)"] > 0.5
     res = json.loads(storage.read_bytes(storage.join(out, "results.json")))

@@ -10,7 +10,7 @@ single pass (padded like the training windows of short models), so haloing chang
 nothing there. ``halo=0`` gives plain non-overlapping windows (the last one shifted).
 
 From the stitched token latents z (B, N, d_z): the model embedding is their mean over
-the (all real) tokens, and the per-layer spread (paper eq. 8) is, per tokenized layer,
+the (all real) tokens, their std over tokens its second moment, and the per-layer spread (paper eq. 8) is, per tokenized layer,
 the population std over the layer's tokens of each latent dimension, averaged over
 dimensions: one scalar per layer index.
 
@@ -102,10 +102,16 @@ def encode_haloed(
 
 @dataclass
 class Embeddings:
-    """Per model: ``mean`` (B, d_z), ``layer_spread`` (B, L) and optionally the token latents (B, N, d_z)."""
+    """Per model: ``mean`` and ``std`` over tokens (B, d_z), ``layer_spread`` (B, L), optionally the token latents (B, N, d_z).
+
+    ``std`` (population std of each latent dimension over the model's tokens) is the spread
+    of the token surface around its centre of gravity ``mean``: a second moment the mean
+    alone drops (docs/probe.md measures what it adds to a linear probe).
+    """
 
     mean: torch.Tensor
     layer_spread: torch.Tensor
+    std: torch.Tensor
     tokens: torch.Tensor | None = None
 
 
@@ -117,7 +123,7 @@ def summarize(z: torch.Tensor, layer_index: torch.Tensor, keep_tokens: bool = Fa
     sums = z.new_zeros(z.shape[0], num_layers, z.shape[2]).index_add_(1, layer_index, z)
     dev = z - (sums / counts)[:, layer_index]
     var = z.new_zeros(sums.shape).index_add_(1, layer_index, dev * dev) / counts
-    return Embeddings(z.mean(1), var.sqrt().mean(-1), z if keep_tokens else None)
+    return Embeddings(z.mean(1), var.sqrt().mean(-1), z.std(1, correction=0), z if keep_tokens else None)
 
 
 def concat_tokens(parts: Sequence[Tokens]) -> Tokens:

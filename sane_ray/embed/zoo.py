@@ -175,7 +175,7 @@ def embed_batch(
         first = 0
         for model, split, good, _ in group:
             part = Embeddings(*(None if v is None else v[first : first + len(good)]
-                                for v in (emb.mean, emb.layer_spread, emb.tokens)))
+                                for v in (emb.mean, emb.layer_spread, emb.std, emb.tokens)))
             tables.append(_rows(model, split, [c.epoch for c, _ in good], part, [c.metrics for c, _ in good]))
             first += len(good)
     return pa.concat_tables(tables)

@@ -2,7 +2,8 @@
 
 For every checkpoint of the zoo (the epochs the run trained on, unless configured) the
 job computes, from the same preprocessed tokens: the flattened weights W, the weight
-statistics s(W), the SANE embedding (mean over tokens, haloed), SANE's full token
+statistics s(W), the SANE embedding (mean over tokens, haloed; and with the tokens' std
+beside it), SANE's full token
 sequence (Table 10, when small), and the embedding of an untrained SANE of the run's
 config seeded as the run was (the control: what pretraining adds). Linear probes then
 predict test accuracy, epoch and generalization gap (R^2 on the run's test split, so no
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 from sane_ray import storage
@@ -42,6 +44,7 @@ log = logging.getLogger("sane_ray.probe")
 
 TARGETS = {"Acc": "test_acc", "Epoch": "epoch", "Ggap": "ggap"}  # the paper's rows -> checkpoint values
 SANE, CONTROL, FULL = "SANE", "SANE (untrained)", "SANE (full sequence)"
+MEAN_STD = "SANE (mean, std)"  # the paper's mean token latent with the tokens' std beside it
 # Hyperparameter keys that identify a model or its run rather than describe its training.
 IDENTIFIERS = {"seed", "index", "split_seed", "epochs", "epochs_train", "task", "model_id"}
 MAX_CLASSES = 20  # a "category" with more distinct values is an identifier, not a hyperparameter
@@ -130,7 +133,8 @@ def collect(run: Run, control: Run | None, zoo: Zoo, split_of: dict[str, str], c
                 flat_ok = num_weights(toks.mask) <= cfg.max_flat_features
             emb = embed_tokens(run, toks, window_size=window, halo=halo, keep_tokens=True)
             full_ok = full_ok and emb.tokens[0].numel() <= cfg.max_flat_features
-            feats = {"s(W)": weight_statistics(toks.tokens, toks.layout)[0], SANE: emb.mean.cpu().numpy()}
+            feats = {"s(W)": weight_statistics(toks.tokens, toks.layout)[0], SANE: emb.mean.cpu().numpy(),
+                     MEAN_STD: torch.cat([emb.mean, emb.std], 1).cpu().numpy()}
             if flat_ok:
                 feats["W"] = flat_weights(toks.tokens, toks.mask)
             if full_ok:
@@ -161,7 +165,7 @@ def collect(run: Run, control: Run | None, zoo: Zoo, split_of: dict[str, str], c
 
 
 def _methods(data: ProbeData) -> list[str]:
-    order = ["W", "s(W)", SANE, FULL, CONTROL]
+    order = ["W", "s(W)", SANE, MEAN_STD, FULL, CONTROL]
     return [m for m in order if m in data.features]
 
 
