@@ -30,7 +30,7 @@ BASE = ["--workers", "1", "--epochs", "16", "--data.windows_per_model_epoch", "1
 
 VARIANTS: dict[str, list[str]] = {
     "base": [],
-    "width": ["--train.model.d_model", "256", "--train.model.d_z", "128"],
+    "width": ["--train.model.d_model", "256", "--train.model.d_z", "128"],  # = --preset digits_wide
     "d_z128": ["--train.model.d_z", "128"],
     "depth4": ["--train.model.n_layers", "4"],
     "window32": ["--data.window_size", "32"],

@@ -104,11 +104,24 @@ def paper_config() -> PretrainConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model=model, optim=optim))
 
 
-# Named starting points for ``--preset``: each model preset, and ``paper`` (the main job's
-# model with the reference's objective and optimizer).
+def digits_wide_config() -> PretrainConfig:
+    """The main job with a wider model (d_model 256, d_z 128) for embeddings that probe well.
+
+    On a 200-model digits zoo its mean embedding predicts test accuracy with R^2 0.66 against
+    0.51 for the main job's d_z 32 (``bench/bench_probe_ablation.py``, docs/probe.md), at about
+    twice the pretraining time, which is why it is not the default of the 10-minute main job.
+    """
+    cfg = PretrainConfig()
+    model = dataclasses.replace(cfg.train.model, d_model=256, d_z=128)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model=model))
+
+
+# Named starting points for ``--preset``: each model preset, ``paper`` (the main job's
+# model with the reference's objective and optimizer) and ``digits_wide`` (a wider main job).
 PRESETS: dict[str, Callable[[], PretrainConfig]] = {
     **{name: functools.partial(_model_preset_config, name) for name in MODEL_PRESETS},
     "paper": paper_config,
+    "digits_wide": digits_wide_config,
 }
 
 

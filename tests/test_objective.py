@@ -126,3 +126,17 @@ def test_validation_reports_the_reconstruction_under_both_normalizations(ray_clu
         fraction = mask.float().mean().item()
         assert np.isclose(metrics["val_reconstruction_all"], metrics["val_reconstruction"] * fraction, rtol=1e-5)
     assert real != all_
+
+
+def test_digits_wide_preset_widens_only_the_model(monkeypatch):
+    from sane_ray import pretrain
+
+    seen = []
+    monkeypatch.setattr(pretrain, "run_pretrain", seen.append)
+    assert main(["pretrain", "--preset", "digits_wide"]) == 0
+    assert main(["pretrain"]) == 0
+    wide, default = seen
+    assert (wide.train.model.d_model, wide.train.model.d_z) == (256, 128)
+    assert dataclasses.replace(wide.train.model, d_model=default.train.model.d_model,
+                               d_z=default.train.model.d_z) == default.train.model
+    assert (wide.data, wide.run, wide.train.optim) == (default.data, default.run, default.train.optim)
