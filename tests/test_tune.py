@@ -7,9 +7,11 @@ one trial at a time.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import yaml
@@ -41,8 +43,7 @@ def _sweep_file(path, zoo: str, space: dict, **top) -> str:
 
 
 def _rows(sweep_dir: str) -> list[dict[str, str]]:
-    with open(os.path.join(sweep_dir, "trials.csv")) as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(io.StringIO((Path(sweep_dir) / "trials.csv").read_text())))
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +76,17 @@ def test_asha_sweep_writes_tables_plot_and_best(asha_sweep, tiny_zoo):
         assert r["stopped_early"] == str(stopped) and r["status"] == ("stopped early" if stopped else "finished")
         assert r["data.token_size"] in ("16", "32") and 3.0e-4 <= float(r["train.optim.lr"]) <= 3.0e-3
     assert [r["base"] for r in rows].count("True") == 1  # the first trial is the base configuration
-    best = json.loads(open(os.path.join(sweep, "best.json")).read())
+    best = json.loads((Path(sweep) / "best.json").read_text())
     finished = [r for r in rows if r["status"] == "finished"]
     assert best["value"] == min(float(r["objective"]) for r in finished)
     assert best["checkpoint"].startswith(best["run_uri"]) and os.path.isdir(best["checkpoint"])
-    md = open(os.path.join(sweep, "trials.md")).read()
+    md = (Path(sweep) / "trials.md").read_text()
     assert md.splitlines()[2].startswith(f"| {best['trial_id']}")  # best first
-    assert open(os.path.join(sweep, "objective.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert f"Best: trial {best['trial_id']}" in open(os.path.join(sweep, "summary.md")).read()
+    assert (Path(sweep) / "objective.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"Best: trial {best['trial_id']}" in (Path(sweep) / "summary.md").read_text()
     # Shared preprocessing: each distinct token size was built once, before the trials, which reused it.
-    assert sorted(asha_sweep["builds"]).count(sorted(asha_sweep["builds"])[0]) == 1
-    assert len(asha_sweep["builds"]) == 2
-    assert len([d for d in os.listdir(tiny_zoo + ".canonical")]) == 2
+    assert len(set(asha_sweep["builds"])) == len(asha_sweep["builds"]) == 2
+    assert len(os.listdir(tiny_zoo + ".canonical")) == 2
 
 
 def test_best_config_reruns_with_pretrain_and_logs_to_mlflow(asha_sweep, monkeypatch):
@@ -95,7 +95,7 @@ def test_best_config_reruns_with_pretrain_and_logs_to_mlflow(asha_sweep, monkeyp
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks readers of a file store to opt in
     from mlflow.tracking import MlflowClient
 
-    best = json.loads(open(os.path.join(asha_sweep["dir"], "best.json")).read())
+    best = json.loads((Path(asha_sweep["dir"]) / "best.json").read_text())
     tmp = asha_sweep["tmp"]
     store = f"file://{tmp}/mlruns"
     argv = ["pretrain", "--config", best["config"], "--out", str(tmp / "runs"), "--epochs", "1",
@@ -112,7 +112,7 @@ def test_best_config_reruns_with_pretrain_and_logs_to_mlflow(asha_sweep, monkeyp
     assert [m.step for m in history] == [1]
     from sane_ray.train.report import read_metrics_csv
 
-    written = read_metrics_csv(open(tmp / "runs" / "asha-best" / "metrics.csv").read())
+    written = read_metrics_csv((tmp / "runs" / "asha-best" / "metrics.csv").read_text())
     assert history[0].value == pytest.approx(written[0]["val_loss"])
 
 

@@ -132,9 +132,15 @@ def check_sweep(cfg: SweepConfig) -> tuple[list[Dimension], PretrainConfig]:
     for setting in settings:
         run = prepare_run(with_values(base, setting))
         _check_splits(cfg, run.prepared)
-    for d in (d for d in dims if d.key not in settings[0]):
-        for value in d.corners():
-            prepare_run(with_values(base, {d.key: value}))
+    pipeline_log = logging.getLogger("sane_ray.data.pipeline")
+    level = pipeline_log.level
+    pipeline_log.setLevel(logging.WARNING)  # one "reusing the canonical zoo" line per corner says nothing new
+    try:
+        for d in (d for d in dims if d.key not in settings[0]):
+            for value in d.corners():
+                prepare_run(with_values(base, {d.key: value}))
+    finally:
+        pipeline_log.setLevel(level)
     return dims, base
 
 
@@ -246,7 +252,10 @@ def run_sweep(cfg: SweepConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]
     start = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - start
-    done = grid.num_terminated + grid.num_errors
+    # The state as saved, not the grid: on an interrupt Tune saves first and then stops (and marks
+    # terminated) the trials still running; the saved state keeps them resumable.
+    saved = tune.ExperimentAnalysis(path, storage_filesystem=fs).trials
+    done = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
     if done < cfg.samples:
         raise SweepInterruptedError(f"the sweep at {uri} stopped with {done} of {cfg.samples} trials finished; "
                                     "rerun the same command to resume it")
