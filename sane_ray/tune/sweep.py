@@ -216,8 +216,8 @@ def run_sweep(cfg: SweepConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]
         # A SearchGenerator: Tune ignores max_concurrent_trials for it, so it gets the limit itself.
         searcher = BasicVariantGenerator(points_to_evaluate=[point] if point else None, random_state=cfg.seed,
                                          max_concurrent=limit)
-    epochs = max(d.corners()[-1] for d in dims if d.key == "train.epochs") if any(
-        d.key == "train.epochs" for d in dims) else base.train.epochs
+    epoch_dim = next((d for d in dims if d.key == "train.epochs"), None)
+    epochs = max(epoch_dim.corners()) if epoch_dim else base.train.epochs
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(cfg.grace_period, epochs),
                                reduction_factor=cfg.reduction_factor)
                  if cfg.scheduler == "asha" else FIFOScheduler())
