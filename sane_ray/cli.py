@@ -60,6 +60,15 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from sane_ray.tune.config import SweepConfig
+    from sane_ray.tune.sweep import run_sweep
+
+    cfg = load_config(SweepConfig, args.config, overrides_from_args(args))
+    run_sweep(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sane-ray", description="SANE weight-space learning on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -85,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(pre, PretrainConfig, aliases=PRETRAIN_ALIASES)
     pre.set_defaults(func=_pretrain)
 
+    from sane_ray.tune.config import SWEEP_ALIASES, SweepConfig
+
+    tune = sub.add_parser("tune", help="sweep pretraining hyperparameters with Ray Tune (ASHA, random or optuna)")
+    add_config_arguments(tune, SweepConfig, aliases=SWEEP_ALIASES)
+    tune.set_defaults(func=_tune)
+
     from sane_ray.probe.config import ProbeConfig
 
     probe = sub.add_parser("probe", help="embed a zoo with a pretrained run and probe model properties")
@@ -98,12 +113,13 @@ def _expected_faults() -> tuple[tuple[type[BaseException], ...], tuple[type[Base
     from ray.train import TrainingFailedError
 
     from sane_ray.lease import LeaseHeldError
+    from sane_ray.tune.sweep import SweepInterruptedError
     from sane_ray.zoo.generate import ZooGenerationError
 
     # ZooExistsError is a FileExistsError; IntegrityError and ResumeError are ValueErrors.
     bad_input = (ConfigError, StorageError, ValueError, KeyError, FileNotFoundError, FileExistsError,
                  PermissionError, LeaseHeldError)
-    return bad_input, (ZooGenerationError, TrainingFailedError)
+    return bad_input, (ZooGenerationError, TrainingFailedError, SweepInterruptedError)
 
 
 def one_line(e: BaseException) -> str:

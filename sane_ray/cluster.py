@@ -48,7 +48,31 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory)
+    port = free_port()
+    point_state_api_at(port)
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
+             include_dashboard=True, dashboard_port=port)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def point_state_api_at(dashboard_port: int) -> None:
+    """Make Ray's State API in every process of the local cluster about to start use its dashboard.
+
+    Without an address the State API looks for a local cluster by its processes and fails when
+    another Ray cluster runs on the machine ("Found multiple active Ray instances"). Train V2's
+    placement-group cleaner uses it: there it dies, and the worker placement group of a trial
+    ASHA stops is never removed, so later trials wait for CPUs forever. The variable is set
+    before ``ray.init`` so the raylet, and every worker it starts, inherits it.
+    """
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
 
 
 def local_cpus(run: RunSettings, data: DataConfig) -> int:

@@ -46,6 +46,14 @@ def load_config(
     return from_dict(cls, data)
 
 
+def with_values(cfg: T, values: dict[str, Any]) -> T:
+    """A copy of config ``cfg`` with ``{"dotted.key": value}`` set, checked like a loaded file."""
+    data = to_dict(cfg)
+    for key, value in values.items():
+        _set_dotted(data, key, list(value) if isinstance(value, tuple) else value)
+    return from_dict(type(cfg), data)
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Parse a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a dict."""
     p = os.fspath(path)

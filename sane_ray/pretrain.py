@@ -13,15 +13,16 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from sane_ray import storage
 from sane_ray.cluster import check_capacity, check_node_types, ensure_ray_for, worker_resources
-from sane_ray.config import dump_config
+from sane_ray.config import dump_config, to_dict
 from sane_ray.data.config import DataConfig
 from sane_ray.model.config import PRESETS as MODEL_PRESETS
 from sane_ray.model.config import SaneConfig, preset
 from sane_ray.train.config import TrainConfig
+from sane_ray.train.tracking import TrackingConfig, check_tracking, flat_params
 
 log = logging.getLogger("sane_ray.pretrain")
 
@@ -55,6 +56,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(token_size=64, window_size=16))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(model=_digits_model(), epochs=40))
     run: RunSettings = field(default_factory=RunSettings)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def _digits_model() -> SaneConfig:
@@ -80,6 +82,7 @@ PRETRAIN_ALIASES = {
     "lr": "train.optim.lr",
     "window": "data.window_size",
     "token-size": "data.token_size",
+    "tracking": "tracking.backend",
 }
 
 
@@ -172,20 +175,30 @@ def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_pos
     return dataclasses.replace(model, d_t=token_size, window_size=window_size)
 
 
-def run_pretrain(cfg: PretrainConfig, on_epoch_end: Callable[[int, int], None] | None = None) -> Any:
-    """Run the whole job; returns Ray Train's ``Result`` (``result.return_value``: history).
+@dataclass
+class PreparedRun:
+    """A run checked against its zoo and cluster, its data prepared: what :func:`run_pretrain` trains."""
 
-    ``on_epoch_end(rank, epoch)`` runs on every worker after each epoch (logging, fault injection).
+    cfg: PretrainConfig  # resolved: zoo URI, model sizes, steps per epoch and probe data filled in
+    prepared: Any  # sane_ray.data.pipeline.PreparedData
+    out: str  # the runs directory (URI)
+    run_uri: str
+
+
+def prepare_run(cfg: PretrainConfig) -> PreparedRun:
+    """Check ``cfg`` against the zoo and the cluster, and build (or reuse) the canonical zoo.
+
+    Every mistake a user can make in the config fails here, before any worker starts.
     """
     from ray.data import DataContext
 
     from sane_ray.data.pipeline import prepare_data
     from sane_ray.data.stream import quiet_data_context
-    from sane_ray.embed.preprocess import run_export_files
-    from sane_ray.train.trainer import run_pretraining, steps_per_epoch
+    from sane_ray.train.trainer import steps_per_epoch
 
     check_run_settings(cfg.run)
     check_data_facts(cfg)
+    check_tracking(cfg.tracking)
     ensure_ray_for(cfg.run, cfg.data)
     quiet_data_context(DataContext.get_current(), cfg.data.progress_bars)
     check_capacity(cfg.run, cfg.data)
@@ -205,24 +218,42 @@ def run_pretrain(cfg: PretrainConfig, on_epoch_end: Callable[[int, int], None] |
         train.rows_per_rank(cfg.train.seed, cfg.run.workers) * cfg.run.workers, cfg.run.workers, cfg.train.batch_size)
     train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps, probe_data=prepared.cache_uri)
     resolved = dataclasses.replace(cfg, data=data_cfg, train=train_cfg)
-
     out = storage.parse_uri(cfg.run.out or default_runs_dir()).uri
-    run_uri = storage.join(out, cfg.run.name)
+    return PreparedRun(resolved, prepared, out, storage.join(out, cfg.run.name))
+
+
+def run_pretrain(
+    cfg: PretrainConfig, on_epoch_end: Callable[[int, int], None] | None = None, callbacks: Sequence[Any] = (),
+) -> Any:
+    """Run the whole job; returns Ray Train's ``Result`` (``result.return_value``: history).
+
+    ``on_epoch_end(rank, epoch)`` runs on every worker after each epoch (logging, fault injection);
+    ``callbacks`` are Ray Train callbacks (a sweep trial forwards reports to Tune with one).
+    """
+    from sane_ray.embed.preprocess import run_export_files
+    from sane_ray.train.trainer import run_pretraining
+
+    run = prepare_run(cfg)
+    resolved, prepared = run.cfg, run.prepared
     log.info("pretraining %s: %d workers, windows per pass %s, run dir %s",
-             data_cfg.zoo_uri, cfg.run.workers, prepared.num_windows, run_uri)
+             resolved.data.zoo_uri, cfg.run.workers, prepared.num_windows, run.run_uri)
     export_files = {"pretrain_config.yaml": dump_config(resolved).encode(), **run_export_files(prepared)}
     resources = worker_resources(cfg.run.cpus_per_worker, cfg.run.gpus_per_worker, node_types=cfg.run.node_types)
+    tracking = {"config": to_dict(cfg.tracking), "run_name": cfg.run.name, "run_uri": run.run_uri,
+                "params": flat_params(to_dict(resolved))}
     result = run_pretraining(
-        train_cfg,
+        resolved.train,
         {k: v for k, v in prepared.streams.items() if k in ("train", "val")},
-        storage_path=out,
+        storage_path=run.out,
         name=cfg.run.name,
         num_workers=cfg.run.workers,
         use_gpu=cfg.run.gpus_per_worker > 0,
         resources_per_worker=resources,
         export_files=export_files,
         on_epoch_end=on_epoch_end,
+        tracking=tracking,
+        callbacks=callbacks,
     )
-    log.info("done: model, loss curve and summary in %s", run_uri)
-    print(f"\nSANE pretraining finished. Results: {run_uri}/summary.md, {run_uri}/loss_curve.png")
+    log.info("done: model, loss curve and summary in %s", run.run_uri)
+    print(f"\nSANE pretraining finished. Results: {run.run_uri}/summary.md, {run.run_uri}/loss_curve.png")
     return result

@@ -7,7 +7,6 @@ afterwards inherit the endpoint and credentials exactly as on a real cluster.
 from __future__ import annotations
 
 import os
-import socket
 import time
 import uuid
 
@@ -54,12 +53,6 @@ def s3(s3_server):
     return {**s3_server, "bucket": bucket}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """One local Ray cluster for the whole session (logical CPUs oversubscribed on purpose:
@@ -67,12 +60,16 @@ def ray_cluster(s3_server):
     on a free port so `ray job submit` can reach the job server (:func:`ray_job_address`)."""
     import ray
 
+    from sane_ray.cluster import free_port, point_state_api_at
+
+    port = free_port()
+    point_state_api_at(port)  # Tune trials stopped by ASHA need the State API of this cluster
     ctx = ray.init(
         address="local",  # never join another cluster running on this machine
         num_cpus=6,
         object_store_memory=300 * 1024**2,
         include_dashboard=True,
-        dashboard_port=_free_port(),
+        dashboard_port=port,
         log_to_driver=False,
         configure_logging=False,
     )

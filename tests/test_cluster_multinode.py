@@ -45,7 +45,8 @@ def test_stages_run_on_their_node_types_and_training_survives_a_lost_node(s3, tm
     # A private Ray temp dir (short: socket paths are limited) holds the cluster's sessions and
     # its address file, so no other `ray.init()` on this machine connects to it by mistake.
     ray_tmp = tempfile.mkdtemp(prefix="sane-mn-", dir="/tmp")
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp,
+    # No RAY_API_SERVER_ADDRESS either: the session cluster's (tests/conftest.py) is not this one.
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_API_SERVER_ADDRESS": "", "RAY_TMPDIR": ray_tmp,
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, __file__, zoo, out, str(tmp_path), str(report)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -19,6 +19,8 @@ FSDP, optimizer and checkpoint format come from their own modules.
 - ``export_files``: extra ``{name: bytes}`` written next to the exported model
 - ``on_epoch_end``: optional ``callable(rank, epoch)`` run on every worker after each
   epoch's report (a hook for logging or fault injection)
+- ``tracking``: optional experiment-tracking spec (:func:`sane_ray.train.tracking.open_tracker`):
+  rank 0 logs the config once and every epoch's metrics
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from sane_ray.train.report import write_epoch_report
 from sane_ray.train.resume import prune, restore
 from sane_ray.train.runtime import Runtime, select_runtime
 from sane_ray.train.step import compute_loss, optimizer_step, to_device, zero_prediction_loss
+from sane_ray.train.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +85,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.epochs * steps_per_epoch)
     state = TrainState(model, optimizer, scheduler)
     restore(state, config.get("run_uri"), cfg.checkpoints_to_keep, config.get("s3"))
-    resumed_from = state.epoch
 
+    tracker = open_tracker(config.get("tracking")) if rank == 0 else None
+    try:
+        _run_epochs(model, state, cfg, config, runtime, device, rank, world, distributed, tracker)
+        _export(model, state, cfg, rank, distributed, config.get("run_uri"), config.get("export_files"))
+    except BaseException:
+        if tracker is not None:
+            tracker.close(ok=False)
+        raise
+    if tracker is not None:
+        tracker.close(ok=True)
+    return state.history
+
+
+def _run_epochs(
+    model: SaneModel,
+    state: TrainState,
+    cfg: TrainConfig,
+    config: dict[str, Any],
+    runtime: Runtime,
+    device: torch.device,
+    rank: int,
+    world: int,
+    distributed: bool,
+    tracker: Tracker | None,
+) -> None:
+    """Train from ``state.epoch`` to ``cfg.epochs``: report, checkpoint, write the epoch report, track."""
+    steps_per_epoch = int(config["steps_per_epoch"])
+    resumed_from = state.epoch
+    scheduler = state.scheduler
     train_data = _epoch_data(config, "train", cfg.seed, rank, world)
     val_data = _epoch_data(config, "val", cfg.seed, rank, world)
     gather = gather_rows if distributed else None
@@ -124,11 +155,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
             sys.stdout.flush()
             if config.get("run_uri"):
                 write_epoch_report(state.history, config["run_uri"])
+        if tracker is not None:
+            tracker.log(metrics, step=state.epoch)
         if on_epoch_end is not None:
             on_epoch_end(rank, state.epoch)
-
-    _export(model, state, cfg, rank, distributed, config.get("run_uri"), config.get("export_files"))
-    return state.history
 
 
 def _epoch_data(

@@ -10,7 +10,7 @@ in the batch format of docs/CONTRACTS.md. Re-running it with the same
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import ray.data
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig, TrainingFailedError
@@ -63,6 +63,8 @@ def run_pretraining(
     on_epoch_end: Callable[[int, int], None] | None = None,
     controller_failure_limit: int = -1,
     s3: storage.S3Options | None = None,
+    tracking: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> Result:
     """Pretrain SANE with ``num_workers`` FSDP2 workers; returns Ray's ``Result``.
 
@@ -76,6 +78,8 @@ def run_pretraining(
     is the per-epoch metric history. A run that exhausts its restarts raises ``PretrainingFailedError``.
     ``controller_failure_limit`` is Ray's (-1: retry scheduling forever; tests use 0).
     ``s3`` (default: the AWS variables) is resolved here and handed to the workers.
+    ``tracking``: the experiment-tracking spec rank 0 logs to (:mod:`sane_ray.train.tracking`);
+    ``callbacks``: Ray Train callbacks (a sweep's trial passes Tune's ``TuneReportCallback``).
     Raises :class:`~sane_ray.lease.LeaseHeldError` if another run writes the directory,
     :class:`~sane_ray.train.resume.ResumeError` if it holds checkpoints but none is usable.
     """
@@ -104,6 +108,7 @@ def run_pretraining(
             "s3": s3,
             "export_files": dict(export_files or {}),
             "on_epoch_end": on_epoch_end,
+            "tracking": dict(tracking) if tracking else None,
         },
         torch_config=TorchConfig(backend=runtime.backend),
         scaling_config=ScalingConfig(
@@ -121,6 +126,7 @@ def run_pretraining(
             # None: Ray deletes nothing; resume.prune keeps checkpoints_to_keep of all directories.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO goes to its log files only
+            callbacks=list(callbacks),
         ),
         datasets=fixed,
     )

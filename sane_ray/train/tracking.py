@@ -1,0 +1,123 @@
+"""Experiment tracking: a run's config and per-epoch metrics to MLflow or Weights & Biases.
+
+Off by default and installed as an extra (``pip install 'sane-ray[tracking]'`` for MLflow;
+``pip install wandb`` for W&B). Only rank 0 logs. The driver checks the backend imports
+(:func:`check_tracking`) before any worker starts; the train loop opens the tracker
+(:func:`open_tracker`), logs every epoch's metrics with the epoch as the step, and closes
+it at the end. A resumed run continues the same MLflow run (found by its run directory),
+so its history stays in one place.
+
+Defaults work offline: MLflow writes a local file store (``<cache>/mlruns``; MLflow 3
+keeps that backend in maintenance mode and asks for ``MLFLOW_ALLOW_FILE_STORE``, set here
+for file URIs), W&B runs in offline mode unless ``WANDB_MODE`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sane_ray import storage
+
+RUN_TAG = "sane_ray.run_uri"
+_PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
+
+
+@dataclass
+class TrackingConfig:
+    """Where a run's config and metrics are logged (``backend: none`` logs nothing)."""
+
+    backend: Literal["none", "mlflow", "wandb"] = "none"
+    # MLflow tracking URI, or W&B's local directory; "": <cache>/mlruns (MLflow), <cache>/wandb (W&B).
+    uri: str = ""
+    experiment: str = "sane-ray"  # MLflow experiment / W&B project
+
+
+def check_tracking(cfg: TrackingConfig) -> None:
+    """Refuse a backend whose package is not installed (before any worker starts)."""
+    package = _PACKAGES.get(cfg.backend)
+    if package and importlib.util.find_spec(package) is None:
+        hint = "pip install 'sane-ray[tracking]'" if package == "mlflow" else "pip install wandb"
+        raise ValueError(f"tracking.backend={cfg.backend} needs the {package} package: {hint}, or set tracking.backend=none")
+
+
+def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config dict as ``{"dotted.key": "value"}`` (what trackers store as parameters)."""
+    out: dict[str, str] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_params(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = str(v)
+    return out
+
+
+class _MlflowTracker:
+    def __init__(self, cfg: TrackingConfig, run_name: str, run_uri: str, params: dict[str, str]):
+        uri = cfg.uri or storage.join(storage.cache_dir(), "mlruns")
+        if "://" not in uri or uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            path = uri.removeprefix("file://").removeprefix("file:")
+            uri = "file://" + os.path.abspath(path)
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(cfg.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+        found = self.client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run_uri}'", max_results=1)
+        if found:  # a resumed run continues its MLflow run
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags={RUN_TAG: run_uri}).info.run_id
+            from mlflow.entities import Param
+
+            items = [Param(k, v[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow's batch limit
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))])
+
+    def close(self, ok: bool) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+
+
+class _WandbTracker:
+    def __init__(self, cfg: TrackingConfig, run_name: str, run_uri: str, params: dict[str, str]):
+        import wandb
+
+        directory = cfg.uri or storage.join(storage.cache_dir(), "wandb")
+        os.makedirs(directory, exist_ok=True)
+        self.run = wandb.init(project=cfg.experiment, name=run_name, config={**params, RUN_TAG: run_uri},
+                              dir=directory, mode=os.environ.get("WANDB_MODE", "offline"), reinit=True)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def close(self, ok: bool) -> None:
+        self.run.finish(exit_code=0 if ok else 1)
+
+
+Tracker = _MlflowTracker | _WandbTracker
+
+
+def open_tracker(spec: dict[str, Any] | None) -> Tracker | None:
+    """The tracker of a run's ``tracking`` spec (built by the pretraining job); None when off.
+
+    ``spec``: ``{"config": TrackingConfig as a dict, "run_name", "run_uri", "params"}``.
+    """
+    if not spec or spec["config"]["backend"] == "none":
+        return None
+    cfg = TrackingConfig(**spec["config"])
+    cls = _MlflowTracker if cfg.backend == "mlflow" else _WandbTracker
+    return cls(cfg, spec["run_name"], spec["run_uri"], spec["params"])

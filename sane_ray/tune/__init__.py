@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps of SANE pretraining with Ray Tune (docs/tune.md)."""

@@ -1,0 +1,53 @@
+"""A sweep's settings: the base pretraining run, the search space, and how trials are chosen and stopped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sane_ray.pretrain import PretrainConfig
+
+# objective name -> (the metric the train loop reports, Tune's mode)
+OBJECTIVES: dict[str, tuple[str, str]] = {"val_loss": ("val_loss", "min"), "probe_r2": ("val_probe_r2", "max")}
+
+
+@dataclass
+class SweepConfig:
+    """A hyperparameter sweep over pretraining runs (``sane-ray tune``, docs/tune.md)."""
+
+    # The base configuration (the keys of `jobs/pretrain.py --config`); each trial changes the space's keys.
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    space: dict[str, Any] = field(default_factory=dict)  # dotted key -> {choice|uniform|loguniform|randint: [...]}
+    name: str = "sane-sweep"
+    out: str = ""  # the sweep directory's parent; "": ~/.cache/sane-ray/sweeps
+    samples: int = 8  # trials
+    max_concurrent: int = 0  # trials at once; 0: as many as the cluster holds
+    scheduler: Literal["asha", "fifo"] = "asha"
+    search: Literal["random", "optuna"] = "random"
+    objective: Literal["val_loss", "probe_r2"] = "val_loss"
+    grace_period: int = 1  # ASHA: epochs every trial runs before it may be stopped
+    reduction_factor: int = 2  # ASHA: about 1/reduction_factor of the trials go on at each rung
+    trial_cpus: float = 0.25  # the Tune trial process (it only waits; its Train workers ask for their own CPUs)
+    seed: int = 0  # the searcher's draws
+    include_base: bool = True  # the first trial runs the base configuration (when it lies inside the space)
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "grace_period"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SweepConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_concurrent < 0:
+            raise ValueError(f"SweepConfig.max_concurrent must be >= 0, got {self.max_concurrent}")
+        if self.reduction_factor < 2:
+            raise ValueError(f"SweepConfig.reduction_factor must be >= 2, got {self.reduction_factor}")
+        if self.trial_cpus <= 0:
+            raise ValueError(f"SweepConfig.trial_cpus must be > 0, got {self.trial_cpus}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"SweepConfig.name must be a non-empty name without '/', got {self.name!r}")
+
+
+# Short flags beside the top-level keys' own (--name, --out, --samples, --scheduler, --search, --objective).
+SWEEP_ALIASES = {
+    "zoo": "pretrain.data.zoo_uri",
+    "max-concurrent": "max_concurrent",
+    "tracking": "pretrain.tracking.backend",
+}

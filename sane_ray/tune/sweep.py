@@ -1,0 +1,264 @@
+"""Hyperparameter sweeps: Ray Tune trials, each a full Ray Train pretraining run.
+
+:func:`run_sweep` checks everything it can before any trial starts (search space, objective,
+cluster capacity, every corner of the space against the zoo), builds the canonical zoo
+once per distinct preprocessing setting, and runs a ``Tuner`` whose trials call
+:func:`sane_ray.pretrain.run_pretrain` with Tune's ``TuneReportCallback`` (Tune + Train V2:
+the trial function launches a ``TorchTrainer`` and its reports reach the scheduler).
+ASHA stops weak trials at rungs of the ``epoch`` metric.
+
+The sweep directory ``<out>/<name>`` holds Tune's experiment state, the trials' run
+directories (``trials/<trial_id>``, each a normal pretraining run) and the results
+(:mod:`sane_ray.tune.results`). Rerunning the same sweep (same ``out`` and ``name``)
+restores it with ``Tuner.restore``: finished trials are kept, unfinished ones continue
+from their newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import ray
+
+from sane_ray import storage
+from sane_ray.cluster import LOCAL_OBJECT_STORE_BYTES, ensure_ray, local_cpus
+from sane_ray.config import ConfigError, dump_config, from_dict, to_dict, with_values
+from sane_ray.pretrain import PretrainConfig, prepare_run
+from sane_ray.tune.config import OBJECTIVES, SweepConfig
+from sane_ray.tune.results import write_results
+from sane_ray.tune.space import Dimension, parse_space, preprocessing_settings
+
+log = logging.getLogger(__name__)
+SWEEP_CONFIG = "sweep_config.yaml"
+TRIALS = "trials"
+
+
+class SweepInterruptedError(RuntimeError):
+    """The sweep stopped before every trial finished; rerunning it resumes."""
+
+
+def default_sweeps_dir() -> str:
+    return os.path.join(storage.cache_dir(), "sweeps")
+
+
+def sweep_uri(cfg: SweepConfig) -> str:
+    return storage.join(storage.parse_uri(cfg.out or default_sweeps_dir()).uri, cfg.name)
+
+
+def trial_need(cfg: SweepConfig) -> tuple[float, float]:
+    """(CPU, GPU) one trial holds: its Tune process, its Train workers and one data-stream task."""
+    run, data = cfg.pretrain.run, cfg.pretrain.data
+    return cfg.trial_cpus + run.workers * run.cpus_per_worker + data.stream_cpus, run.workers * run.gpus_per_worker
+
+
+def concurrency(cfg: SweepConfig) -> int:
+    """Trials at once: ``cfg.max_concurrent``, refused if the cluster cannot hold that many, or as many as fit."""
+    cpus_each, gpus_each = trial_need(cfg)
+    run = cfg.pretrain.run
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    fit = min(math.floor(cpus / cpus_each + 1e-9), math.floor(gpus / gpus_each + 1e-9) if gpus_each else 10**6)
+    if run.autoscaling:
+        return cfg.max_concurrent or max(fit, 1)
+    gpu_text = f" and {gpus_each:g} GPU" if gpus_each else ""
+    what = (f"{cpus_each:g} CPU ({cfg.trial_cpus:g} for the trial, {run.workers} worker(s) x {run.cpus_per_worker:g}, "
+            f"{cfg.pretrain.data.stream_cpus:g} for the data stream){gpu_text}")
+    if fit < 1 or cfg.max_concurrent > fit:
+        want = cfg.max_concurrent or 1
+        raise ValueError(
+            f"{want} concurrent trial(s) x {what} do not fit the cluster's {cpus:g} CPU and {gpus:g} GPU "
+            f"(it holds {fit}); lower max_concurrent, trial_cpus, pretrain.run.workers or "
+            "pretrain.data.stream_cpus, or set pretrain.run.autoscaling=true on an autoscaling cluster"
+        )
+    return min(cfg.max_concurrent or fit, cfg.samples)
+
+
+def _start_ray(cfg: SweepConfig) -> None:
+    """Attach to the cluster, or start a local one sized for ``max_concurrent`` trials (default 1)."""
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        ensure_ray()
+        return
+    run, want = cfg.pretrain.run, cfg.max_concurrent or 1
+    cores = run.local_cpus or os.cpu_count() or 1
+    if want * run.workers * run.cpus_per_worker > cores + 1e-9:
+        raise ValueError(f"{want} concurrent trial(s) x {run.workers} worker(s) x {run.cpus_per_worker:g} CPU exceed "
+                         f"this machine's {cores} CPU cores and no cluster is given (RAY_ADDRESS); "
+                         "lower max_concurrent or pretrain.run.workers, or run on a cluster")
+    cpus = max(local_cpus(run, cfg.pretrain.data), math.ceil(want * trial_need(cfg)[0]))
+    ensure_ray(num_cpus=cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+
+
+def check_objective(cfg: SweepConfig, dims: list[Dimension]) -> None:
+    """Refuse an objective that no trial would report, from the settings alone."""
+    if cfg.objective == "probe_r2":
+        probe = next((d for d in dims if d.key == "train.probe_every"), None)
+        every = probe.corners() if probe else [cfg.pretrain.train.probe_every]
+        if min(every) < 1:
+            raise ValueError("objective probe_r2 (val_probe_r2) is reported only with pretrain.train.probe_every >= 1 "
+                             "(1: every epoch, as ASHA compares trials at every rung)")
+
+
+def _check_splits(cfg: SweepConfig, prepared: Any) -> None:
+    """Refuse an objective that the zoo's split leaves without data."""
+    splits, zoo = prepared.splits, prepared.canonical.zoo_uri
+    if not splits.get("val"):
+        raise ValueError(f"objective {cfg.objective} is measured on validation models, but the split of {zoo} has "
+                         "none; raise the val share of pretrain.data.split_fractions")
+    if cfg.objective == "probe_r2" and len(splits.get("train", [])) < 2:
+        raise ValueError(f"objective probe_r2 needs at least 2 training models to fit the probe, {zoo} has "
+                         f"{len(splits.get('train', []))}")
+
+
+def check_sweep(cfg: SweepConfig) -> tuple[list[Dimension], PretrainConfig]:
+    """Every check that needs no trial, and the shared preprocessing; returns the space and the base run.
+
+    Each distinct preprocessing setting of the space is prepared once (built, or found in
+    the canonical cache); every option and both ends of every range are checked against
+    the zoo on the base configuration, one key at a time.
+    """
+    dims = parse_space(cfg.space, PretrainConfig)
+    base = cfg.pretrain
+    if not base.data.zoo_uri:
+        from sane_ray.zoo.generate import ensure_default_zoo
+
+        log.info("no zoo given: using the built-in digits zoo (generated on first use)")
+        base = with_values(base, {"data.zoo_uri": ensure_default_zoo(progress=True)})
+    settings = preprocessing_settings(dims)
+    for setting in settings:
+        run = prepare_run(with_values(base, setting))
+        _check_splits(cfg, run.prepared)
+    pipeline_log = logging.getLogger("sane_ray.data.pipeline")
+    level = pipeline_log.level
+    pipeline_log.setLevel(logging.WARNING)  # one "reusing the canonical zoo" line per corner says nothing new
+    try:
+        for d in (d for d in dims if d.key not in settings[0]):
+            for value in d.corners():
+                prepare_run(with_values(base, {d.key: value}))
+    finally:
+        pipeline_log.setLevel(level)
+    return dims, base
+
+
+def base_point(dims: list[Dimension], base: PretrainConfig) -> dict[str, Any] | None:
+    """The base configuration's values of the searched keys, or None if it lies outside the space."""
+    flat = to_dict(base)
+    point = {}
+    for d in dims:
+        value: Any = flat
+        for part in d.key.split("."):
+            value = value[part]
+        value = tuple(value) if isinstance(value, list) else value
+        if not d.contains(value):
+            return None
+        point[d.key] = value
+    return point
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], trials_uri: str) -> None:
+    """One trial, in a Tune trial process: the base run with the trial's values, reporting every epoch to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sane_ray.pretrain import run_pretrain
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = with_values(from_dict(PretrainConfig, base), {**params, "run.out": trials_uri, "run.name": trial_id})
+    run_pretrain(cfg, callbacks=[TuneReportCallback()])
+
+
+def _check_resume(uri: str, cfg: SweepConfig) -> None:
+    """Refuse to resume a sweep that was started with another config (Tune would mix the two)."""
+    path = storage.join(uri, SWEEP_CONFIG)
+    if not storage.exists(path):
+        return
+    import yaml
+
+    theirs = yaml.safe_load(storage.read_bytes(path)) or {}
+    ours = to_dict(cfg)
+    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if diff:
+        raise ConfigError(f"the sweep at {uri} was started with another config (differs in: {', '.join(diff)}); "
+                          "rerun it with the same config to resume, or give another name")
+
+
+def run_sweep(cfg: SweepConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run (or resume) the sweep and write its results; returns the best trial's row.
+
+    ``callbacks`` are extra Tune callbacks (progress, tests). Raises :class:`SweepInterruptedError`
+    when the sweep stops before every trial finished (rerun to resume).
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    check_objective(cfg, parse_space(cfg.space, PretrainConfig))  # before Ray starts: these fail at once
+    if cfg.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ValueError("search=optuna needs the optuna package: pip install 'sane-ray[optuna]', or use search=random")
+    _start_ray(cfg)
+    limit = concurrency(cfg)
+    dims, base = check_sweep(cfg)
+    metric, mode = OBJECTIVES[cfg.objective]
+    uri = sweep_uri(cfg)
+    fs, path = storage.pyarrow_fs(uri)
+    _check_resume(uri, cfg)
+
+    point = base_point(dims, base) if cfg.include_base else None
+    if cfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(points_to_evaluate=[point] if point else None, seed=cfg.seed)
+    else:
+        # A SearchGenerator: Tune ignores max_concurrent_trials for it, so it gets the limit itself.
+        searcher = BasicVariantGenerator(points_to_evaluate=[point] if point else None, random_state=cfg.seed,
+                                         max_concurrent=limit)
+    epoch_dim = next((d for d in dims if d.key == "train.epochs"), None)
+    epochs = max(epoch_dim.corners()) if epoch_dim else base.train.epochs
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(cfg.grace_period, epochs),
+                               reduction_factor=cfg.reduction_factor)
+                 if cfg.scheduler == "asha" else FIFOScheduler())
+    trials_uri = storage.join(uri, TRIALS)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=to_dict(base), trials_uri=trials_uri), {"CPU": cfg.trial_cpus})
+
+    storage.makedirs(uri)
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        log.info("resuming the sweep at %s: finished trials are kept", uri)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, storage_filesystem=fs)
+        # Restore brings back the callbacks pickled with the first run; this process's replace them
+        # (Tuner.restore takes no RunConfig; the run config is reachable on the local tuner only).
+        tuner._local_tuner.get_run_config().callbacks = list(callbacks)
+    else:
+        storage.write_bytes_atomic(storage.join(uri, SWEEP_CONFIG), dump_config(cfg).encode())
+        tuner = tune.Tuner(
+            trainable,
+            param_space={d.key: d.tune_domain() for d in dims},
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, num_samples=cfg.samples, search_alg=searcher, scheduler=scheduler,
+                max_concurrent_trials=limit if cfg.search == "optuna" else None,
+                trial_dirname_creator=lambda t: t.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name, storage_path=os.path.dirname(path.rstrip("/")), storage_filesystem=fs,
+                failure_config=tune.FailureConfig(max_failures=0), callbacks=list(callbacks), verbose=1,
+            ),
+        )
+    log.info("sweep %s: %d trials, %d at once, %s + %s, objective %s (%s)",
+             cfg.name, cfg.samples, limit, cfg.search, cfg.scheduler, metric, mode)
+    start = time.perf_counter()
+    grid = tuner.fit()
+    wall = time.perf_counter() - start
+    # The state as saved, not the grid: on an interrupt Tune saves first and then stops (and marks
+    # terminated) the trials still running; the saved state keeps them resumable.
+    saved = tune.ExperimentAnalysis(path, storage_filesystem=fs).trials
+    done = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
+    if done < cfg.samples:
+        raise SweepInterruptedError(f"the sweep at {uri} stopped with {done} of {cfg.samples} trials finished; "
+                                    "rerun the same command to resume it")
+    best = write_results(grid, cfg, dims, base, point, uri, trials_uri, wall)
+    print(f"\nSweep finished. Results: {uri}/summary.md, best config: {uri}/best_config.yaml")
+    return best
