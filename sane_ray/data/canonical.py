@@ -44,7 +44,12 @@ from sane_ray.data.splits import SPLITS, split_models
 from sane_ray.weights.align import align_model
 from sane_ray.weights.permutation import permutation_spec
 from sane_ray.weights.standardize import StandardizationStats
-from sane_ray.weights.tokenize import BnMode, TokenLayout, layout_from_state_dict, tokenize_stack
+from sane_ray.weights.tokenize import (
+    BnMode,
+    TokenLayout,
+    layout_from_state_dict,
+    tokenize_stack,
+)
 from sane_ray.zoo.checks import BadCheckpointError, reference_layout
 from sane_ray.zoo.reader import load_checkpoint, load_model_checkpoints
 from sane_ray.zoo.spec import METRICS, CheckpointRecord, ModelRecord, Skipped, Zoo

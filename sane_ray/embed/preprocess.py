@@ -35,7 +35,13 @@ from sane_ray.model.export import tensors_from_bytes, tensors_to_bytes
 from sane_ray.weights.align import align_model
 from sane_ray.weights.permutation import permutation_spec
 from sane_ray.weights.standardize import StandardizationStats
-from sane_ray.weights.tokenize import BnMode, TokenLayout, Tokens, bn_mode, tokenize_stack
+from sane_ray.weights.tokenize import (
+    BnMode,
+    TokenLayout,
+    Tokens,
+    bn_mode,
+    tokenize_stack,
+)
 
 if TYPE_CHECKING:
     from sane_ray.data.pipeline import PreparedData

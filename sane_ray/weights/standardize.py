@@ -27,7 +27,13 @@ from typing import Any
 
 import torch
 
-from sane_ray.weights.tokenize import BnMode, TokenLayout, bn_mode, layout_mask, split_keys
+from sane_ray.weights.tokenize import (
+    BnMode,
+    TokenLayout,
+    bn_mode,
+    layout_mask,
+    split_keys,
+)
 
 STATS_FORMAT = "sane-ray/standardization"
 STATS_VERSION = 1
