@@ -15,7 +15,7 @@ models with the run's zoo and the prompts (:mod:`sane_ray.sample.novelty`).
 Output under ``out``: ``candidates/`` and ``kept/`` (native zoos, manifests published last),
 ``candidates.parquet`` / ``candidates.csv`` (every candidate, ranked), ``curves.csv`` (test
 accuracy per fine-tuning epoch: sampled, prompts, scratch), ``finetune.png``,
-``sample_config.yaml`` and ``summary.md`` (written last).
+``sample_config.yaml``, ``summary.json`` and ``summary.md`` (written last).
 """
 
 from __future__ import annotations
@@ -305,6 +305,7 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
         storage.write_bytes_atomic(storage.join(out, "finetune.png"), report.curves_png(curves, cfg.task), s3)
         storage.write_bytes_atomic(storage.join(out, "sample_config.yaml"), dump_config(cfg).encode(), s3)
         summary = report.summarize(cfg, prompts, kdes, rows, kept, curves, novelty, sample_s)
+        storage.write_bytes_atomic(storage.join(out, "summary.json"), json.dumps(summary, indent=1).encode(), s3)
         storage.write_bytes_atomic(storage.join(out, "summary.md"), report.summary_markdown(summary).encode(), s3)
     log.info("sampled %d candidates in %.1fs (%.2f/s); results in %s", len(rows), sample_s, len(rows) / sample_s, out)
     print(f"sampling finished. Results: {out}/summary.md, {out}/candidates.csv, kept models: {out}/kept")
