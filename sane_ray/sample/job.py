@@ -44,8 +44,20 @@ from sane_ray.embed.run import Run, load_run
 from sane_ray.sample import report
 from sane_ray.sample.config import SampleConfig
 from sane_ray.sample.kde import TokenKDE
-from sane_ray.sample.models import bn_condition, check_positions, decode_states, default_state, evaluate_split, finetune
-from sane_ray.sample.prompts import PromptSet, load_prompts, prompt_latents, select_prompts
+from sane_ray.sample.models import (
+    bn_condition,
+    check_positions,
+    decode_states,
+    default_state,
+    evaluate_split,
+    finetune,
+)
+from sane_ray.sample.prompts import (
+    PromptSet,
+    load_prompts,
+    prompt_latents,
+    select_prompts,
+)
 from sane_ray.weights.standardize import StandardizationStats
 from sane_ray.weights.tokenize import TokenLayout
 from sane_ray.zoo.architectures import build_model

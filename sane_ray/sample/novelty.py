@@ -23,7 +23,15 @@ import ray
 import torch
 
 from sane_ray.embed.preprocess import preprocess
-from sane_ray.sample.job import NOISE, Context, _cached_run, _cached_task, _condition, _load_row, derive
+from sane_ray.sample.job import (
+    NOISE,
+    Context,
+    _cached_run,
+    _cached_task,
+    _condition,
+    _load_row,
+    derive,
+)
 from sane_ray.sample.models import evaluate_split
 from sane_ray.sample.prompts import PromptSet
 from sane_ray.weights.tokenize import detokenize, layout_mask

@@ -19,7 +19,12 @@ from typing import Any
 import torch
 
 from sane_ray.embed.encode import concat_tokens, encode_haloed, halo_plan
-from sane_ray.embed.preprocess import Preprocessing, own_stats, preprocess, stats_for_layout
+from sane_ray.embed.preprocess import (
+    Preprocessing,
+    own_stats,
+    preprocess,
+    stats_for_layout,
+)
 from sane_ray.embed.run import Run
 from sane_ray.weights.standardize import StandardizationStats
 from sane_ray.weights.tokenize import TokenLayout, Tokens, layout_from_state_dict

@@ -125,16 +125,16 @@ def summary_markdown(s: dict[str, Any]) -> str:
     lines = [
         f"# Sampling: {c['mode']} (anchor per {c['kde_anchor']}) on {c['task']}",
         "",
-        f"Run `{c['run']}`, prompts from `{c['prompts'] or 'the run zoo'}`, seed {c['seed']}; "
-        f"{c['candidates']} candidates per round, {c['bootstrap']} bootstrap round(s), keep {c['keep']}; "
-        f"haloed decoding {'on' if c['halo'] else 'off'}, BN-conditioning {'on' if c['bn_condition'] else 'off'}.",
+        (f"Run `{c['run']}`, prompts from `{c['prompts'] or 'the run zoo'}`, seed {c['seed']}; "
+         f"{c['candidates']} candidates per round, {c['bootstrap']} bootstrap round(s), keep {c['keep']}; "
+         f"haloed decoding {'on' if c['halo'] else 'off'}, BN-conditioning {'on' if c['bn_condition'] else 'off'}."),
         "",
         "Prompts: " + ", ".join(f"{p['name']} (val {p['val_acc']:.3f}, test {p['test_acc']:.3f})" for p in s["prompts"]),
         "",
-        f"KDE mean bandwidth per round: {', '.join(f'{b:.4g}' for b in s['bandwidth'])}. "
-        f"{s['candidates']} candidates in {s['sample_s']:.1f} s ({s['candidates_per_s']:.2f} candidates/s: draw, "
-        f"decode, BN-condition, score, write); test accuracy of all candidates {_pct(s['all_test_acc'])} %, "
-        f"validation accuracy of the kept ones {_pct(s['kept_val_acc'])} %.",
+        (f"KDE mean bandwidth per round: {', '.join(f'{b:.4g}' for b in s['bandwidth'])}. "
+         f"{s['candidates']} candidates in {s['sample_s']:.1f} s ({s['candidates_per_s']:.2f} candidates/s: draw, "
+         f"decode, BN-condition, score, write); test accuracy of all candidates {_pct(s['all_test_acc'])} %, "
+         f"validation accuracy of the kept ones {_pct(s['kept_val_acc'])} %."),
         "",
         "## Test accuracy (%) over fine-tuning epochs, mean ± std over models",
         "",
@@ -152,11 +152,11 @@ def summary_markdown(s: dict[str, Any]) -> str:
             "",
             "## Are they new models? (kept models, mean ± std)",
             "",
-            f"- L2 to the nearest checkpoint of the run's zoo (aligned weights): {n['nearest_zoo_l2'][0]:.3f} ± "
-            f"{n['nearest_zoo_l2'][1]:.3f}; to the nearest prompt {n['nearest_prompt_l2'][0]:.3f} ± "
-            f"{n['nearest_prompt_l2'][1]:.3f}; own weight norm {n['weight_norm'][0]:.3f}",
-            f"- highest IoU of misclassified test samples with a zoo checkpoint: {n['max_iou'][0]:.3f} ± "
-            f"{n['max_iou'][1]:.3f}",
+            (f"- L2 to the nearest checkpoint of the run's zoo (aligned weights): {n['nearest_zoo_l2'][0]:.3f} ± "
+             f"{n['nearest_zoo_l2'][1]:.3f}; to the nearest prompt {n['nearest_prompt_l2'][0]:.3f} ± "
+             f"{n['nearest_prompt_l2'][1]:.3f}; own weight norm {n['weight_norm'][0]:.3f}"),
+            (f"- highest IoU of misclassified test samples with a zoo checkpoint: {n['max_iou'][0]:.3f} ± "
+             f"{n['max_iou'][1]:.3f}"),
             f"- prompt + noise at the same distance: test accuracy {_pct(n['noise_baseline_test_acc'])} %",
             "",
             "| kept model | nearest zoo checkpoint | L2 | max IoU (with) | nearest prompt | L2 | prompt+noise test acc |",
@@ -166,6 +166,6 @@ def summary_markdown(s: dict[str, Any]) -> str:
             lines.append(f"| {mid} | {r.get('nearest_zoo', 'n/a')} | {r.get('nearest_zoo_l2', math.nan):.3f} | "
                          f"{r.get('max_iou', math.nan):.3f} ({r.get('max_iou_zoo', 'n/a')}) | {r['nearest_prompt']} | "
                          f"{r['nearest_prompt_l2']:.3f} | {100 * r['noise_baseline_test_acc']:.1f} |")
-    lines += ["", "Files: `candidates.csv` / `.parquet` (ranked), `curves.csv`, `finetune.png`, zoos `candidates/` "
-              "and `kept/` (`sane-ray zoo info`)."]
+    lines += ["", ("Files: `candidates.csv` / `.parquet` (ranked), `curves.csv`, `finetune.png`, zoos `candidates/` "
+                   "and `kept/` (`sane-ray zoo info`).")]
     return "\n".join(lines) + "\n"
