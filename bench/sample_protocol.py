@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--token-anchor", action="store_true", help="also run subsampling with one anchor per token")
     p.add_argument("--no-halo", action="store_true")
     p.add_argument("--no-bn-cond", action="store_true")
+    p.add_argument("--only", nargs="+", default=None, help="run only these variants (e.g. subsampling)")
     p.add_argument("--cpus", type=int, default=2)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -70,7 +71,10 @@ def main() -> None:
                         halo=not args.no_halo, bn_condition=not args.no_bn_cond)
     results: dict[str, list[list[float]]] = {}
     speed = []
-    for name, over in variants(args).items():
+    chosen = {k: v for k, v in variants(args).items() if args.only is None or k in args.only}
+    if not chosen:
+        raise SystemExit(f"--only matches no variant; known: {', '.join(variants(args))}")
+    for name, over in chosen.items():
         for seed in args.seeds:
             t0 = time.perf_counter()
             cfg = dataclasses.replace(base, **over, seed=seed, novelty=name == "subsampling",

@@ -9,6 +9,7 @@ import json
 import pyarrow.csv as pacsv
 import pytest
 import torch
+from zoo_builders import build_native_zoo
 
 from sane_ray.cli import main
 from sane_ray.data import DataConfig, prepare_data
@@ -21,9 +22,8 @@ from sane_ray.sample.job import run_sample
 from sane_ray.sample.kde import TokenKDE, rule_factor
 from sane_ray.sample.models import bn_condition, check_positions
 from sane_ray.weights.tokenize import layout_from_state_dict
-from sane_ray.zoo import native
 from sane_ray.zoo.architectures import build_model
-from sane_ray.zoo.reader import open_zoo
+from sane_ray.zoo.reader import load_checkpoint, open_zoo
 from sane_ray.zoo.tasks import get_task
 
 TOKEN_SIZE, WINDOW = 64, 16
@@ -89,28 +89,14 @@ def test_positions_beyond_the_run_tables_name_the_setting():
         check_positions(model, layout, "cnn_digits")
 
 
-def _bn_zoo(root: str, n: int = 5, epochs: int = 2) -> str:
-    rows = []
-    for i in range(n):
-        torch.manual_seed(200 + i)
-        net = build_model("cnn_digits_bn")
-        for epoch in range(epochs):
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.add_(0.05 * torch.randn_like(p))
-            rows.append(native.write_checkpoint(root, f"m{i:02d}", epoch, net.state_dict(),
-                                                {"val_acc": 0.1 * epoch + 0.01 * i, "test_acc": 0.1}, "cnn_digits_bn",
-                                                {}))
-    native.publish_manifest(root, rows)
-    return root
-
-
 @pytest.fixture(scope="module")
 def bn_run(tmp_path_factory, ray_cluster):
-    """A BatchNorm CNN zoo (BN kept aside) and an untrained SANE run exported from it."""
+    """A BatchNorm CNN zoo and an untrained SANE run exported from it, BN affine weights tokenized."""
     root = tmp_path_factory.mktemp("sample")
-    cfg = DataConfig(zoo_uri=_bn_zoo(str(root / "zoo")), cache_uri=str(root / "cache"), token_size=TOKEN_SIZE,
-                     window_size=WINDOW, split_seed=1, num_actors=1, actor_cpus=0.5, stream_cpus=0.5)
+    build_native_zoo(str(root / "zoo"), n_models=5, epochs=2, archs=("cnn_digits_bn",))
+    cfg = DataConfig(zoo_uri=str(root / "zoo"), cache_uri=str(root / "cache"), token_size=TOKEN_SIZE,
+                     window_size=WINDOW, split_seed=1, num_actors=1, actor_cpus=0.5, stream_cpus=0.5,
+                     include_bn="affine")
     prepared = prepare_data(cfg)
     model_cfg = model_for_data(dataclasses.replace(tiny(), d_model=32, d_z=8), TOKEN_SIZE, WINDOW,
                                prepared.max_positions)
@@ -142,6 +128,11 @@ def test_sample_job_is_reproducible_and_writes_readable_zoos(bn_run, capsys):
     assert sorted(m.model_id for m in kept_zoo.models) == sorted(r["model_id"] for r in kept)
     assert all(m.epochs == [0, 1] and m.architecture == "cnn_digits_bn" for m in kept_zoo.models)
     assert len(open_zoo(str(root / "out0" / "candidates")).models) == 8
+    # BN affine weights came from the tokens (include_bn "affine"), running statistics from conditioning
+    model = kept_zoo.models[0]
+    sd = load_checkpoint(model, model.checkpoints[0])
+    assert not torch.equal(sd["module_list.1.weight"], torch.ones(8))
+    assert not torch.equal(sd["module_list.1.running_var"], torch.ones(8))
     capsys.readouterr()
     assert main(["zoo", "info", "--json", str(root / "out0" / "kept")]) == 0
     info = json.loads(capsys.readouterr().out)
