@@ -9,14 +9,11 @@ import json
 import pyarrow.csv as pacsv
 import pytest
 import torch
-from zoo_builders import build_native_zoo
+from zoo_builders import build_native_zoo, export_untrained_run
 
 from sane_ray.cli import main
-from sane_ray.data import DataConfig, prepare_data
-from sane_ray.embed.preprocess import run_export_files
+from sane_ray.data import DataConfig
 from sane_ray.model import SaneModel, tiny
-from sane_ray.model.export import export_model
-from sane_ray.pretrain import model_for_data
 from sane_ray.sample.config import SampleConfig
 from sane_ray.sample.job import run_sample
 from sane_ray.sample.kde import TokenKDE, rule_factor
@@ -97,12 +94,8 @@ def bn_run(tmp_path_factory, ray_cluster):
     cfg = DataConfig(zoo_uri=str(root / "zoo"), cache_uri=str(root / "cache"), token_size=TOKEN_SIZE,
                      window_size=WINDOW, split_seed=1, num_actors=1, actor_cpus=0.5, stream_cpus=0.5,
                      include_bn="affine")
-    prepared = prepare_data(cfg)
-    model_cfg = model_for_data(dataclasses.replace(tiny(), d_model=32, d_z=8), TOKEN_SIZE, WINDOW,
-                               prepared.max_positions)
-    torch.manual_seed(0)
     run_uri = str(root / "run")
-    export_model(SaneModel(model_cfg).state_dict(), model_cfg, run_uri, run_export_files(prepared))
+    export_untrained_run(cfg, run_uri)
     return root, run_uri
 
 
