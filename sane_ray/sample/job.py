@@ -208,15 +208,15 @@ def _gpus(cfg: SampleConfig) -> float:
 
 
 def _collect(refs: list, what: str) -> list:
-    """Results of ``refs`` as they finish, logging progress about every tenth."""
-    out, pending, n, t0 = [], list(refs), len(refs), time.perf_counter()
+    """Results of ``refs`` in submission order (so sums over them do not depend on which task
+    finished first), logging progress about every tenth as they finish."""
+    pending, n, t0 = list(refs), len(refs), time.perf_counter()
     every = max(1, n // 10)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        out.extend(ray.get(done))
+        _, pending = ray.wait(pending, num_returns=1)
         if (n - len(pending)) % every == 0 or not pending:
             log.info("%s: %d/%d tasks done in %.1fs", what, n - len(pending), n, time.perf_counter() - t0)
-    return out
+    return ray.get(refs)
 
 
 def _prompt_source(p: Any) -> dict[str, Any]:
