@@ -69,6 +69,26 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from sane_ray.sample.config import SampleConfig
+    from sane_ray.sample.job import run_sample
+
+    overrides = overrides_from_args(args)
+    overrides += ["bn_condition=false"] if args.no_bn_cond else []
+    overrides += ["halo=false"] if args.no_halo else []
+    run_sample(load_config(SampleConfig, args.config, overrides))
+    return 0
+
+
+# Short flags of the sampling job (every key also has its --key flag).
+SAMPLE_ALIASES = {
+    "finetune-epochs": "finetune_epochs",
+    "prompt-models": "prompt_models",
+    "prompt-epoch": "prompt_epoch",
+    "prompt-best-k": "prompt_best_k",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sane-ray", description="SANE weight-space learning on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -105,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     probe = sub.add_parser("probe", help="embed a zoo with a pretrained run and probe model properties")
     add_config_arguments(probe, ProbeConfig, aliases={})
     probe.set_defaults(func=_probe)
+
+    from sane_ray.sample.config import SampleConfig
+
+    sample = sub.add_parser("sample", help="sample new models from a pretrained run (KDE / Gaussian prior), rank them")
+    add_config_arguments(sample, SampleConfig, aliases=SAMPLE_ALIASES)
+    sample.add_argument("--no-bn-cond", action="store_true", help="same as --bn_condition false")
+    sample.add_argument("--no-halo", action="store_true", help="same as --halo false (plain decoding windows)")
+    sample.set_defaults(func=_sample)
     return parser
 
 

@@ -39,7 +39,7 @@ def test_random_permute_preserves_function_for_a_stack(arch, kw):
 
 
 @pytest.mark.parametrize("arch,kw", ARCHS, ids=IDS)
-@pytest.mark.parametrize("include_bn", [False, True], ids=["no-bn", "bn"])
+@pytest.mark.parametrize("include_bn", [False, "affine", True], ids=["no-bn", "bn-affine", "bn"])
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), token_size=st.sampled_from([3, 16, 64, 289]), window=st.data())
 def test_token_gather_equals_tokenizing_the_permuted_model(arch, kw, include_bn, seed, token_size, window):

@@ -8,17 +8,29 @@ import logging
 import numpy as np
 import pytest
 import torch
+from zoo_builders import export_untrained_run
 
-from sane_ray.data import DataConfig, prepare_data
+from sane_ray.data import DataConfig
 from sane_ray.data.shards import iter_checkpoints
-from sane_ray.embed import embed_checkpoints, embed_tokens, halo_plan, load_run, preprocess
+from sane_ray.embed import (
+    embed_checkpoints,
+    embed_tokens,
+    halo_plan,
+    load_run,
+    preprocess,
+)
 from sane_ray.embed.encode import concat_tokens, summarize
-from sane_ray.embed.preprocess import own_stats, run_export_files
+from sane_ray.embed.preprocess import own_stats
 from sane_ray.embed.run import untrained_control
-from sane_ray.embed.zoo import EmbedConfig, embed_models, embed_zoo, embedding_matrix, read_embeddings
+from sane_ray.embed.zoo import (
+    EmbedConfig,
+    embed_models,
+    embed_zoo,
+    embedding_matrix,
+    read_embeddings,
+)
 from sane_ray.model import SaneModel, tiny
 from sane_ray.model.export import ExportError, export_model
-from sane_ray.pretrain import model_for_data
 from sane_ray.zoo import native
 from sane_ray.zoo.architectures import build_model
 from sane_ray.zoo.reader import load_model_checkpoints, open_zoo
@@ -49,12 +61,8 @@ def run_setup(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("embed")
     cfg = DataConfig(zoo_uri=_write_zoo(str(root / "zoo"), 7), cache_uri=str(root / "cache"), token_size=TOKEN_SIZE,
                      window_size=WINDOW, split_seed=3, num_actors=1, actor_cpus=0.5, stream_cpus=0.5)
-    prepared = prepare_data(cfg)
-    model_cfg = model_for_data(dataclasses.replace(tiny(), d_model=32, d_z=8), TOKEN_SIZE, WINDOW,
-                               prepared.max_positions)
-    torch.manual_seed(0)
     run_uri = str(root / "run")
-    export_model(SaneModel(model_cfg).state_dict(), model_cfg, run_uri, run_export_files(prepared))
+    prepared = export_untrained_run(cfg, run_uri)
     return prepared, run_uri
 
 

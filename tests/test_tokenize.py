@@ -160,6 +160,15 @@ def test_bn_is_aside_by_default_and_three_layers_when_included():
         "conv.weight", "bn.weight", "bn.running_mean", "bn.running_var", "ln.weight"]
     assert t_bn.layout.num_tokens == 4 * 2 + 4 * 3 + 4
     assert t_bn.pos[:, 1].max() == 4
+    t_affine = tokenize(sd, 10, include_bn="affine")
+    assert list(t_affine.bn_state) == ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
+    assert [(s.key, s.bias_key) for s in t_affine.layout.layers] == [
+        ("conv.weight", None), ("bn.weight", "bn.bias"), ("ln.weight", "ln.bias")]
+    back = detokenize(t_affine.tokens, t_affine.layout, bn_state=t_affine.bn_state)
+    assert list(back) == list(sd) and all(torch.equal(back[k].to(sd[k].dtype), sd[k]) for k in sd)
+    assert TokenLayout.from_json(t_affine.layout.to_json()) == t_affine.layout
+    with pytest.raises(ValueError, match="include_bn must be one of"):
+        tokenize(sd, 10, include_bn="running")
 
 
 def test_unpaired_and_scalar_tensors_are_their_own_layers():

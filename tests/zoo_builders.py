@@ -129,3 +129,22 @@ def put(root: str, rel: str, data: bytes, s3: storage.S3Options | None = None) -
 def remove(root: str, rel: str, s3: storage.S3Options | None = None) -> None:
     fs, path = storage.open_uri(storage.join(root, rel), s3)
     fs.rm(path)
+
+
+def export_untrained_run(cfg: Any, run_uri: str) -> Any:
+    """Prepare ``cfg`` (a DataConfig) and export an untrained tiny SANE for it at ``run_uri``:
+    a run whose preprocessing is real and whose model is a seeded initialization. Returns the prepared data."""
+    import dataclasses
+
+    from sane_ray.data import prepare_data
+    from sane_ray.embed.preprocess import run_export_files
+    from sane_ray.model import SaneModel, tiny
+    from sane_ray.model.export import export_model
+    from sane_ray.pretrain import model_for_data
+
+    prepared = prepare_data(cfg)
+    model_cfg = model_for_data(dataclasses.replace(tiny(), d_model=32, d_z=8), cfg.token_size, cfg.window_size,
+                               prepared.max_positions)
+    torch.manual_seed(0)
+    export_model(SaneModel(model_cfg).state_dict(), model_cfg, run_uri, run_export_files(prepared))
+    return prepared

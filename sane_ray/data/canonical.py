@@ -44,7 +44,12 @@ from sane_ray.data.splits import SPLITS, split_models
 from sane_ray.weights.align import align_model
 from sane_ray.weights.permutation import permutation_spec
 from sane_ray.weights.standardize import StandardizationStats
-from sane_ray.weights.tokenize import TokenLayout, layout_from_state_dict, tokenize_stack
+from sane_ray.weights.tokenize import (
+    BnMode,
+    TokenLayout,
+    layout_from_state_dict,
+    tokenize_stack,
+)
 from sane_ray.zoo.checks import BadCheckpointError, reference_layout
 from sane_ray.zoo.reader import load_checkpoint, load_model_checkpoints
 from sane_ray.zoo.spec import METRICS, CheckpointRecord, ModelRecord, Skipped, Zoo
@@ -96,7 +101,7 @@ class LayoutGroup:
 
 
 def architecture_layout(
-    architecture: str, arch_kwargs: dict[str, Any], token_size: int, include_bn: bool
+    architecture: str, arch_kwargs: dict[str, Any], token_size: int, include_bn: BnMode
 ) -> tuple[str, str]:
     """(layout id, layout JSON) of an architecture, from shapes alone."""
     shapes = {k: shape for k, (shape, _) in reference_layout(architecture, arch_kwargs).items()}
@@ -105,7 +110,7 @@ def architecture_layout(
 
 
 def group_models(
-    models: list[ModelRecord], token_size: int, include_bn: bool
+    models: list[ModelRecord], token_size: int, include_bn: BnMode
 ) -> tuple[dict[str, str], dict[str, LayoutGroup]]:
     """Layout id of every model, and the groups."""
     of_model: dict[str, str] = {}
@@ -310,7 +315,7 @@ def model_from_json(text: str) -> tuple[ModelRecord, dict[str, Any]]:
 
 
 def _model_stats(
-    batch: dict[str, np.ndarray], include_bn: bool, max_abs: float, s3: storage.S3Options
+    batch: dict[str, np.ndarray], include_bn: BnMode, max_abs: float, s3: storage.S3Options
 ) -> dict[str, np.ndarray]:
     """Stats pass: the per-layer moments of each model's usable checkpoints."""
     out: dict[str, list[str]] = {"model_id": [], "layout_id": [], "stats": []}
@@ -332,7 +337,7 @@ class CanonicalJob:
 
     out_uri: str
     token_size: int
-    include_bn: bool
+    include_bn: BnMode
     align: bool
     align_max_sweeps: int
     align_seed: int

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from sane_ray.weights.tokenize import BnMode, bn_mode
 from sane_ray.zoo.checks import DEFAULT_MAX_ABS
 
 # Fields whose values change the canonical tokenized zoo (and thus its cache key).
@@ -32,7 +33,9 @@ class DataConfig:
 
     # ---- preprocessing (part of the cache key)
     token_size: int = 289
-    include_bn: bool = False
+    # BatchNorm tokenization (sane_ray.weights.tokenize.BN_MODES): false = kept aside (the paper),
+    # affine = BN weights tokenized and running statistics aside, true = everything tokenized.
+    include_bn: BnMode = False
     epochs: list[int] | None = None  # checkpoints to use; None: every stored epoch
     skip_epoch_zero: bool = False  # leave out the initialization checkpoints
     align: bool = True  # weight-match every model to the reference (git re-basin)
@@ -65,6 +68,7 @@ class DataConfig:
         self.split_fractions = tuple(float(f) for f in self.split_fractions)  # type: ignore[assignment]
         if isinstance(self.token_size, bool) or not isinstance(self.token_size, int) or self.token_size < 1:
             raise ValueError(f"DataConfig.token_size must be an integer >= 1, got {self.token_size!r}")
+        self.include_bn = bn_mode(self.include_bn)
         if self.window_size < 1:
             raise ValueError(f"DataConfig.window_size must be >= 1, got {self.window_size}")
         if self.windows_per_model_epoch is not None and self.windows_per_model_epoch < 1:

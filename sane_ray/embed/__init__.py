@@ -10,21 +10,36 @@
   :func:`embedding_matrix` turns its ``embedding`` / ``layer_spread`` column into an array.
 """
 
-from sane_ray.embed.encode import Embeddings, embed_checkpoints, embed_tokens, halo_plan
+from sane_ray.embed.encode import (
+    Embeddings,
+    decode_haloed,
+    embed_checkpoints,
+    embed_tokens,
+    encode_haloed,
+    halo_plan,
+)
 from sane_ray.embed.preprocess import Preprocessing, preprocess
 from sane_ray.embed.run import Run, load_run
-from sane_ray.embed.zoo import EmbedConfig, embed_models, embed_zoo, embedding_matrix, read_embeddings
+from sane_ray.embed.zoo import (
+    EmbedConfig,
+    embed_models,
+    embed_zoo,
+    embedding_matrix,
+    read_embeddings,
+)
 
 __all__ = [
     "EmbedConfig",
     "Embeddings",
     "Preprocessing",
     "Run",
+    "decode_haloed",
     "embed_checkpoints",
     "embed_models",
     "embed_tokens",
     "embed_zoo",
     "embedding_matrix",
+    "encode_haloed",
     "halo_plan",
     "load_run",
     "preprocess",

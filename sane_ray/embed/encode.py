@@ -1,4 +1,5 @@
-"""Whole-model embeddings with haloing (paper Algorithm 2), batched over many models in torch.
+"""Whole-model embeddings with haloing (paper Algorithm 2), batched over many models in torch;
+the same passes decode sampled latents (:func:`decode_haloed`, Algorithm 3).
 
 A model of N tokens is cut into content windows of ``window_size - 2 * halo`` tokens;
 each is encoded inside a pass of exactly ``window_size`` tokens that adds ``halo`` tokens
@@ -21,8 +22,9 @@ windows or tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -67,6 +69,41 @@ def halo_plan(num_tokens: int, window_size: int, halo: int | None = None) -> Hal
 
 
 @torch.no_grad()  # not inference_mode: the pretraining probe signal encodes with the FSDP-wrapped training model
+def _haloed(
+    stack: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    pos: torch.Tensor,
+    plan: HaloPlan,
+    pad_position: Sequence[int],
+    width_out: int,
+    device: torch.device,
+    batch_windows: int,
+) -> torch.Tensor:
+    """Run ``stack(x_window, pos_window, valid)`` (the encoder or the decoder) over the passes of
+    ``plan`` for x (B, N, width_in) and stitch the content rows into (B, N, width_out)."""
+    b, n, _ = x.shape
+    if n != plan.num_tokens:
+        raise ValueError(f"the plan covers {plan.num_tokens} tokens, the models have {n}")
+    x, pos = x.to(device), pos.to(device)
+    starts, lo, hi = plan.starts.to(device), plan.lo.to(device), plan.hi.to(device)
+    w, ws = len(starts), plan.window_size
+    pad = torch.tensor(list(pad_position), dtype=torch.int64, device=device)
+    offsets = torch.arange(ws, device=device)
+    out = torch.empty(b, n, width_out, device=device)
+    for first in range(0, b * w, batch_windows):
+        k = torch.arange(first, min(first + batch_windows, b * w), device=device)
+        row, win = k // w, k % w
+        idx = starts[win, None] + offsets  # (K, ws) token index of each slot
+        valid = idx < n
+        safe = idx.clamp(max=n - 1)
+        xw = torch.where(valid[..., None], x[row[:, None], safe], 0.0)
+        p = torch.where(valid[..., None], pos[safe], pad)
+        y = stack(xw, p, valid)
+        keep = (idx >= lo[win, None]) & (idx < hi[win, None])
+        out[row[:, None].expand_as(idx)[keep], idx[keep]] = y[keep].float()
+    return out
+
+
 def encode_haloed(
     model: SaneModel,
     tokens: torch.Tensor,
@@ -77,27 +114,22 @@ def encode_haloed(
 ) -> torch.Tensor:
     """Latents (B, N, d_z) of tokens (B, N, d_t) at positions (N, 3), encoded pass by pass per ``plan``."""
     device = next(model.parameters()).device
-    b, n, _ = tokens.shape
-    if n != plan.num_tokens:
-        raise ValueError(f"the plan covers {plan.num_tokens} tokens, the models have {n}")
-    tokens, pos = tokens.to(device), pos.to(device)
-    starts, lo, hi = plan.starts.to(device), plan.lo.to(device), plan.hi.to(device)
-    w, ws = len(starts), plan.window_size
-    pad = torch.tensor(list(pad_position), dtype=torch.int64, device=device)
-    offsets = torch.arange(ws, device=device)
-    out = torch.empty(b, n, model.cfg.d_z, device=device)
-    for first in range(0, b * w, batch_windows):
-        k = torch.arange(first, min(first + batch_windows, b * w), device=device)
-        row, win = k // w, k % w
-        idx = starts[win, None] + offsets  # (K, ws) token index of each slot
-        valid = idx < n
-        safe = idx.clamp(max=n - 1)
-        x = torch.where(valid[..., None], tokens[row[:, None], safe], 0.0)
-        p = torch.where(valid[..., None], pos[safe], pad)
-        z = model.encode(x, p, valid)
-        keep = (idx >= lo[win, None]) & (idx < hi[win, None])
-        out[row[:, None].expand_as(idx)[keep], idx[keep]] = z[keep].float()
-    return out
+    return _haloed(model.encode, tokens, pos, plan, pad_position, model.cfg.d_z, device, batch_windows)
+
+
+def decode_haloed(
+    model: SaneModel,
+    latents: torch.Tensor,
+    pos: torch.Tensor,
+    plan: HaloPlan,
+    pad_position: Sequence[int],
+    batch_windows: int = 256,
+) -> torch.Tensor:
+    """Tokens (B, N, d_t) decoded from latents (B, N, d_z) with the same passes as :func:`encode_haloed`:
+    each content window is decoded inside its halo context and only the content is kept
+    (the decoder half of the paper's haloing, used by sampling)."""
+    device = next(model.parameters()).device
+    return _haloed(model.decode, latents, pos, plan, pad_position, model.cfg.d_t, device, batch_windows)
 
 
 @dataclass

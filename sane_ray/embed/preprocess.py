@@ -35,7 +35,13 @@ from sane_ray.model.export import tensors_from_bytes, tensors_to_bytes
 from sane_ray.weights.align import align_model
 from sane_ray.weights.permutation import permutation_spec
 from sane_ray.weights.standardize import StandardizationStats
-from sane_ray.weights.tokenize import TokenLayout, Tokens, tokenize_stack
+from sane_ray.weights.tokenize import (
+    BnMode,
+    TokenLayout,
+    Tokens,
+    bn_mode,
+    tokenize_stack,
+)
 
 if TYPE_CHECKING:
     from sane_ray.data.pipeline import PreparedData
@@ -68,7 +74,7 @@ class Preprocessing:
     """How a run turned checkpoints into tokens (see the module doc); ``references`` hold raw weights."""
 
     token_size: int
-    include_bn: bool
+    include_bn: BnMode
     window_size: int
     pad_position: tuple[int, int, int]
     align: bool
@@ -137,7 +143,7 @@ class Preprocessing:
                 for lid, d in doc["layouts"].items()
             }
             prep = dict(
-                token_size=int(doc["token_size"]), include_bn=bool(doc["include_bn"]),
+                token_size=int(doc["token_size"]), include_bn=bn_mode(doc["include_bn"]),
                 window_size=int(doc["window_size"]), pad_position=tuple(int(v) for v in doc["pad_position"]),
                 align=bool(doc["align"]), align_max_sweeps=int(doc["align_max_sweeps"]),
                 align_seed=int(doc["align_seed"]),

@@ -27,7 +27,13 @@ from typing import Any
 
 import torch
 
-from sane_ray.weights.tokenize import TokenLayout, layout_mask, split_keys
+from sane_ray.weights.tokenize import (
+    BnMode,
+    TokenLayout,
+    bn_mode,
+    layout_mask,
+    split_keys,
+)
 
 STATS_FORMAT = "sane-ray/standardization"
 STATS_VERSION = 1
@@ -67,10 +73,10 @@ class Moments:
 class StandardizationStats:
     """Per-layer mean/std, accumulated one model at a time; apply and invert on state dicts or tokens."""
 
-    def __init__(self, include_bn: bool = False, std_floor: float = 1e-6, layers: Mapping[str, Moments] | None = None):
+    def __init__(self, include_bn: BnMode = False, std_floor: float = 1e-6, layers: Mapping[str, Moments] | None = None):
         if not std_floor > 0:
             raise ValueError(f"std_floor must be > 0, got {std_floor!r}")
-        self.include_bn = include_bn
+        self.include_bn = bn_mode(include_bn)
         self.std_floor = float(std_floor)
         self.layers: dict[str, Moments] = dict(layers or {})
 
@@ -89,7 +95,7 @@ class StandardizationStats:
 
     @classmethod
     def from_models(
-        cls, models: Iterable[Mapping[str, torch.Tensor]], include_bn: bool = False, std_floor: float = 1e-6
+        cls, models: Iterable[Mapping[str, torch.Tensor]], include_bn: BnMode = False, std_floor: float = 1e-6
     ) -> StandardizationStats:
         """Stats of a stream of state dicts (e.g. the training split, read one at a time)."""
         stats = cls(include_bn, std_floor)
@@ -188,7 +194,7 @@ class StandardizationStats:
                 f"format={data.get('format')!r}, version={data.get('version')!r}"
             )
         layers = {k: Moments(int(v["count"]), float(v["mean"]), float(v["m2"])) for k, v in data["layers"].items()}
-        return cls(bool(data["include_bn"]), float(data["std_floor"]), layers)
+        return cls(bn_mode(data["include_bn"]), float(data["std_floor"]), layers)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

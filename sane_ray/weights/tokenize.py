@@ -10,13 +10,17 @@ tensor, with no per-row or per-element work.
 
 What becomes a token (:func:`split_keys`):
 
-* BatchNorm layers are the key prefixes that own ``running_mean``/``running_var``. By
-  default their ``weight``, ``bias`` and running statistics are kept aside (returned in
-  ``Tokens.bn_state``), as in the paper, which restores them by BN-conditioning. With
-  ``include_bn=True`` the BN ``weight`` (+ ``bias`` column) is one layer and
-  ``running_mean`` and ``running_var`` are one layer each (3 tokens per channel when
-  ``d_t >= 2``: 53,704 tokens for a 100-class CIFAR ResNet-18 at ``d_t = 288``, the
-  paper's ~54k; 39,304 without BN).
+* BatchNorm layers are the key prefixes that own ``running_mean``/``running_var``. The
+  BN mode ``include_bn`` (:data:`BN_MODES`; this module owns it, the data config sets it)
+  says which of their tensors are tokens:
+
+  - ``False`` (default, the paper): ``weight``, ``bias`` and running statistics are kept
+    aside (returned in ``Tokens.bn_state``); sampling restores them by BN-conditioning.
+  - ``"affine"``: the BN ``weight`` (+ ``bias`` column) is one layer; the running
+    statistics stay aside (BN-conditioning sets them, so they need no representation).
+  - ``True`` (the reference's ResNets): the affine layer, and ``running_mean`` and
+    ``running_var`` one layer each (3 tokens per channel when ``d_t >= 2``: 53,704 tokens
+    for a 100-class CIFAR ResNet-18 at ``d_t = 288``, the paper's ~54k; 39,304 without BN).
 * ``num_batches_tracked`` is never a token: it is always kept aside.
 * Every other floating tensor is tokenized, including 1-d weights without running
   statistics (LayerNorm, GroupNorm): they are learned parameters that BN-conditioning
@@ -35,12 +39,15 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 
 BN_RUNNING_STATS = ("running_mean", "running_var")
 BN_MEMBERS = ("weight", "bias", *BN_RUNNING_STATS, "num_batches_tracked")
+# How BatchNorm is tokenized (see the module doc): excluded, affine weights only, everything.
+BnMode = Literal[False, "affine", True]
+BN_MODES: tuple[BnMode, ...] = (False, "affine", True)
 LAYOUT_FORMAT = "sane-ray/token-layout"
 LAYOUT_VERSION = 1
 
@@ -71,15 +78,25 @@ def _split_name(key: str) -> tuple[str, str]:
     return head, name
 
 
-def split_keys(shapes: Mapping[str, tuple[int, ...]], include_bn: bool = False) -> KeySplit:
+def bn_mode(value: Any) -> BnMode:
+    """``value`` checked as a BN mode (:data:`BN_MODES`); the error names the setting and the choices."""
+    if value is False or value is True or value == "affine":
+        return value
+    raise ValueError(f"include_bn must be one of false (BN kept aside), affine (BN weights tokenized, running "
+                     f"statistics aside) or true (everything tokenized), got {value!r}")
+
+
+def split_keys(shapes: Mapping[str, tuple[int, ...]], include_bn: BnMode = False) -> KeySplit:
     """Decide, from key names and shapes only, which tensors are tokens and how they pair."""
+    mode = bn_mode(include_bn)
     bn_prefixes = {_split_name(k)[0] for k in shapes if _split_name(k)[1] in BN_RUNNING_STATS}
+    kept_out = {False: BN_MEMBERS, "affine": BN_RUNNING_STATS, True: ()}[mode]
 
     def is_aside(key: str) -> bool:
         head, name = _split_name(key)
         if name == "num_batches_tracked":
             return True
-        return not include_bn and head in bn_prefixes and name in BN_MEMBERS
+        return head in bn_prefixes and name in kept_out
 
     aside = tuple(k for k in shapes if is_aside(k))
     tokenized = [k for k in shapes if not is_aside(k)]
@@ -139,7 +156,7 @@ class TokenLayout:
     """
 
     token_size: int
-    include_bn: bool
+    include_bn: BnMode
     layers: tuple[LayerSpec, ...]
     aside: tuple[tuple[str, tuple[int, ...]], ...]
     keys: tuple[str, ...]
@@ -174,7 +191,7 @@ class TokenLayout:
             )
         groups = [(d["key"], tuple(d["shape"]), d["bias_key"]) for d in data["layers"]]
         aside = [(d["key"], tuple(d["shape"])) for d in data["aside"]]
-        return _build_layout(int(data["token_size"]), bool(data["include_bn"]), groups, aside, data["keys"])
+        return _build_layout(int(data["token_size"]), bn_mode(data["include_bn"]), groups, aside, data["keys"])
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -192,7 +209,7 @@ def _check_token_size(token_size: int) -> int:
 
 def _build_layout(
     token_size: int,
-    include_bn: bool,
+    include_bn: BnMode,
     groups: Sequence[tuple[str, tuple[int, ...], str | None]],
     aside: Sequence[tuple[str, tuple[int, ...]]],
     keys: Sequence[str],
@@ -210,7 +227,7 @@ def _build_layout(
 
 
 def layout_from_state_dict(
-    state_dict: Mapping[str, ShapeLike], token_size: int, include_bn: bool = False
+    state_dict: Mapping[str, ShapeLike], token_size: int, include_bn: BnMode = False
 ) -> TokenLayout:
     """The token layout of a state dict; values may be tensors (any device, even meta) or shapes."""
     _check_token_size(token_size)
@@ -310,7 +327,7 @@ def _empty_tokens(layout: TokenLayout, batch: int, like: Mapping[str, torch.Tens
     return torch.empty(batch, layout.num_tokens, layout.token_size, device=device)
 
 
-def tokenize(state_dict: Mapping[str, torch.Tensor], token_size: int, include_bn: bool = False) -> Tokens:
+def tokenize(state_dict: Mapping[str, torch.Tensor], token_size: int, include_bn: BnMode = False) -> Tokens:
     """Tokenize one model: tokens float32 (N, d_t), mask, positions, layout and aside tensors."""
     layout = layout_from_state_dict(state_dict, token_size, include_bn)
     _check_tensors(state_dict, layout, (), "state dict")
@@ -326,7 +343,7 @@ def tokenize(state_dict: Mapping[str, torch.Tensor], token_size: int, include_bn
 def tokenize_stack(
     models: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor],
     token_size: int,
-    include_bn: bool = False,
+    include_bn: BnMode = False,
 ) -> Tokens:
     """Tokenize many models of one architecture at once: tokens (B, N, d_t).
 
@@ -365,7 +382,7 @@ def tokenize_stack(
 # ---------------------------------------------------------------- detokenize
 
 
-def _as_layout(layout: TokenLayout | Mapping[str, ShapeLike], token_size: int, include_bn: bool) -> TokenLayout:
+def _as_layout(layout: TokenLayout | Mapping[str, ShapeLike], token_size: int, include_bn: BnMode) -> TokenLayout:
     """A layout, or the layout of a reference state dict."""
     return layout if isinstance(layout, TokenLayout) else layout_from_state_dict(layout, token_size, include_bn)
 
@@ -405,7 +422,7 @@ def detokenize(
     tokens: torch.Tensor,
     layout: TokenLayout | Mapping[str, ShapeLike],
     *,
-    include_bn: bool = False,
+    include_bn: BnMode = False,
     bn_state: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rebuild a state dict (float32, layout key order) from tokens (N, d_t), dropping padding.
@@ -423,7 +440,7 @@ def detokenize_stack(
     tokens: torch.Tensor,
     layout: TokenLayout | Mapping[str, ShapeLike],
     *,
-    include_bn: bool = False,
+    include_bn: BnMode = False,
     bn_state: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Like :func:`detokenize` for tokens (B, N, d_t): every tensor gets a leading B dimension."""

@@ -83,22 +83,24 @@ def cnn_cifar_public(activation: str = "tanh", num_classes: int = 10, in_channel
 
 def cnn_digits(
     activation: str = "relu", dropout: float = 0.0, num_classes: int = 10, in_channels: int = 1,
-    batchnorm: bool = False,
+    batchnorm: bool = False, channels: int = 8, hidden: int = 16,
 ) -> SequentialNet:
-    """A small CNN for 8x8 digits: conv(8)-pool-conv(8)-pool-fc(16)-fc(classes).
+    """A small CNN for 8x8 digits: conv(channels)-pool-conv(channels)-pool-fc(hidden)-fc(classes).
 
     With ``batchnorm`` a BatchNorm2d follows each conv, so BN-conditioning can be exercised.
     Dropout modules are always present (p may be 0) so state-dict keys do not depend on it.
+    ``cnn_digits_wide`` (16 channels, 32 hidden) has the same keys and longer token sequences:
+    the transfer target of sampling.
     """
     act = lambda: make_activation(activation)  # noqa: E731
     bn = (lambda c: [nn.BatchNorm2d(c)]) if batchnorm else (lambda c: [])
     return SequentialNet([
-        nn.Conv2d(in_channels, 8, 3, padding=1), *bn(8), act(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), *bn(8), act(), nn.MaxPool2d(2),
+        nn.Conv2d(in_channels, channels, 3, padding=1), *bn(channels), act(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, channels, 3, padding=1), *bn(channels), act(), nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Dropout(dropout),
-        nn.Linear(32, 16), act(), nn.Dropout(dropout),
-        nn.Linear(16, num_classes),
+        nn.Linear(channels * 4, hidden), act(), nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
     ])
 
 
@@ -194,6 +196,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("cnn_cifar_public", cnn_cifar_public, (3, 32, 32), "sequential"),
         Architecture("cnn_digits", cnn_digits, (1, 8, 8), "sequential"),
         Architecture("cnn_digits_bn", lambda **kw: cnn_digits(batchnorm=True, **kw), (1, 8, 8), "sequential"),
+        Architecture("cnn_digits_wide", lambda **kw: cnn_digits(channels=16, hidden=32, **kw), (1, 8, 8), "sequential"),
         Architecture("mlp_digits", mlp_digits, (1, 8, 8), "sequential"),
         Architecture("resnet18", resnet18, (3, 32, 32), "resnet"),
         Architecture("resnet34", resnet34, (3, 32, 32), "resnet"),

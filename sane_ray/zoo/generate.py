@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 # Bump when training changes in a way that changes checkpoints: cached zoos then regenerate.
 GENERATOR_VERSION = 2
-DIGITS_ARCHITECTURES = ("cnn_digits", "cnn_digits_bn", "mlp_digits")
+DIGITS_ARCHITECTURES = ("cnn_digits", "cnn_digits_bn", "cnn_digits_wide", "mlp_digits")
 # Where a zoo's checkpoints live under its root: a fresh zoo in the first, an overwrite in the other one.
 _PREFIXES = ("models", "next")
 ZooFormat = Literal["native", "public"]

@@ -1,0 +1,83 @@
+"""Settings of the sampling job (``sane-ray sample`` / ``jobs/sample.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("kde", "gauss")
+BANDWIDTH_RULES = ("scott", "silverman")
+ANCHORS = ("token", "model")  # KDE anchor per token (the paper) or one per candidate (sane_ray.sample.kde)
+
+
+@dataclass
+class SampleConfig:
+    """Which run samples which architecture for which task, how, and where the results go.
+
+    The target architecture is the prompts' (a prompt zoo of another architecture samples that
+    one: the run's position tables must cover its tokens). Every random draw derives from ``seed``.
+    """
+
+    run: str = ""  # an exported pretraining run (its directory)
+    prompts: str = ""  # zoo URI of the prompt models; "": the run's own zoo
+    task: str = "digits"  # target task (sane_ray.zoo.tasks): BN-conditioning, scoring, fine-tuning
+    out: str = ""  # "": <run>/sample
+    # ---- prompts: each model's last epoch unless prompt_epoch; optionally only some models / the best k
+    prompt_models: list[str] | None = None
+    prompt_epoch: int | None = None
+    prompt_best_k: int = 5  # the k prompts with the best validation accuracy (0: all selected models)
+    # ---- distribution
+    mode: str = "kde"  # kde: per-token KDE over the prompts' token latents; gauss: N(0, gauss_std^2), no prompts
+    bandwidth: float = 0.0  # KDE bandwidth in latent units; 0: per token and dimension by bandwidth_rule
+    bandwidth_rule: str = "silverman"  # scott or silverman (on the prompts' spread per token and dimension)
+    kde_anchor: str = "token"  # token: each token picks its own prompt; model: one prompt per candidate
+    gauss_std: float = 1.0
+    candidates: int = 50  # drawn per round (K)
+    keep: int = 10  # kept by validation accuracy (m); keep == candidates: no subsampling
+    bootstrap: int = 0  # extra rounds, each refitting the KDE on the kept candidates' latents
+    # ---- decoding and BatchNorm
+    halo: bool = True  # haloed decoding (false: plain windows, the paper's naive sampling)
+    window_size: int = 0  # decoding pass length; 0: the run's training window
+    bn_condition: bool = True  # BN running statistics from forward passes on the task's training data
+    bn_batches: int = 50
+    bn_batch_size: int = 32
+    # ---- fine-tuning and comparisons (kept models, prompts, and as many models trained from scratch)
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-3
+    finetune_batch_size: int = 32
+    novelty: bool = True  # nearest zoo model, misclassification overlap, prompt-plus-noise baseline
+    # ---- execution
+    seed: int = 0
+    candidates_per_task: int = 10
+    cpus_per_task: float = 1.0
+    gpus_per_task: float = -1.0  # -1: a quarter GPU when the cluster has GPUs, else 0
+    node_types: bool = False  # place tasks on sane_cpu_node / sane_gpu_node nodes (sane_ray.cluster)
+    local_cpus: int = 0  # logical CPUs of a local cluster started by this job (0: Ray's default)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"SampleConfig.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.bandwidth_rule not in BANDWIDTH_RULES:
+            raise ValueError(f"SampleConfig.bandwidth_rule must be one of {', '.join(BANDWIDTH_RULES)}, "
+                             f"got {self.bandwidth_rule!r}")
+        if self.kde_anchor not in ANCHORS:
+            raise ValueError(f"SampleConfig.kde_anchor must be one of {', '.join(ANCHORS)}, got {self.kde_anchor!r}")
+        for name in ("candidates", "keep", "candidates_per_task", "bn_batches", "bn_batch_size",
+                     "finetune_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SampleConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("bootstrap", "finetune_epochs", "prompt_best_k", "window_size", "local_cpus"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SampleConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep > self.candidates:
+            raise ValueError(f"SampleConfig.keep={self.keep} exceeds candidates={self.candidates}")
+        if self.bootstrap and self.keep < 2 and self.bandwidth <= 0:
+            raise ValueError("SampleConfig.bootstrap refits a KDE on the kept candidates: with keep < 2 set "
+                             "SampleConfig.bandwidth > 0 (no spread to estimate it from)")
+        if self.bandwidth < 0 or self.gauss_std <= 0 or self.finetune_lr <= 0 or self.cpus_per_task <= 0:
+            raise ValueError("SampleConfig.bandwidth must be >= 0 and gauss_std, finetune_lr, cpus_per_task > 0")
+        if self.gpus_per_task < 0 and self.gpus_per_task != -1:
+            raise ValueError(f"SampleConfig.gpus_per_task must be >= 0 or -1 (auto), got {self.gpus_per_task}")
+        if self.prompt_epoch is not None and self.prompt_epoch < 0:
+            raise ValueError(f"SampleConfig.prompt_epoch must be >= 0, got {self.prompt_epoch}")
+        if self.prompt_models is not None and not self.prompt_models:
+            raise ValueError("SampleConfig.prompt_models must be None or a non-empty list of model ids")

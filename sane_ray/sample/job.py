@@ -1,0 +1,324 @@
+"""The sampling job (paper Algorithm 3) as a Ray batch job: prompts -> KDE -> candidates -> ranking.
+
+The driver selects and embeds the prompts, fits the per-token distribution and hands it to
+Ray tasks through the object store. Each task draws its candidates' latents (every
+candidate from its own seed), decodes them with haloing, rebuilds the target's state
+dicts, BN-conditions and scores them on the task's validation and test splits, and writes
+each candidate as a checkpoint of the ``candidates`` zoo before returning its manifest row:
+the driver holds metric rows, never the candidates' weights. After each round the best
+``keep`` of all candidates so far are kept; a bootstrap round refits the KDE on the kept
+candidates' latents (re-drawn from their seeds). Then one task per kept model, prompt and
+model trained from scratch fine-tunes it for ``finetune_epochs`` (test accuracy per epoch;
+the kept models' epochs go to the ``kept`` zoo), and a novelty task compares the kept
+models with the run's zoo and the prompts (:mod:`sane_ray.sample.novelty`).
+
+Output under ``out``: ``candidates/`` and ``kept/`` (native zoos, manifests published last),
+``candidates.parquet`` / ``candidates.csv`` (every candidate, ranked), ``curves.csv`` (test
+accuracy per fine-tuning epoch: sampled, prompts, scratch), ``finetune.png``,
+``sample_config.yaml``, ``summary.json`` and ``summary.md`` (written last).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from sane_ray import lease, storage
+from sane_ray.cluster import ensure_ray, remote_args
+from sane_ray.config import dump_config
+from sane_ray.embed.run import Run, load_run
+from sane_ray.sample import report
+from sane_ray.sample.config import SampleConfig
+from sane_ray.sample.kde import TokenKDE
+from sane_ray.sample.models import (
+    bn_condition,
+    check_positions,
+    decode_states,
+    default_state,
+    evaluate_split,
+    finetune,
+)
+from sane_ray.sample.prompts import (
+    PromptSet,
+    load_prompts,
+    prompt_latents,
+    select_prompts,
+)
+from sane_ray.weights.standardize import StandardizationStats
+from sane_ray.weights.tokenize import TokenLayout
+from sane_ray.zoo.architectures import build_model
+from sane_ray.zoo.checks import DEFAULT_MAX_ABS
+from sane_ray.zoo.native import publish_manifest, write_checkpoint
+from sane_ray.zoo.reader import load_checkpoint, open_zoo
+from sane_ray.zoo.spec import CheckpointRecord, ModelRecord
+from sane_ray.zoo.tasks import Task, get_task
+
+log = logging.getLogger("sane_ray.sample")
+
+# Streams of the seed: every random draw is derive(cfg.seed, STREAM, ...).
+DRAW, INIT, BN, FINETUNE, SCRATCH, NOISE = range(1, 7)
+SPLITS = ("train", "val", "test")
+GROUPS = ("sampled", "prompt", "scratch")  # fine-tuned: kept candidates, the prompts, models trained from scratch
+
+
+def derive(seed: int, *keys: int) -> int:
+    """A 63-bit seed from ``seed`` and integer keys (independent streams per purpose and index)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every task needs, fixed on the driver (shipped once through the object store)."""
+
+    run_uri: str
+    architecture: str
+    arch_kwargs: dict[str, Any]
+    layout_json: str
+    stats_json: str
+    task: str
+    seed: int
+    window_size: int
+    halo: int | None
+    bn_condition: bool
+    bn_batches: int
+    bn_batch_size: int
+    mode: str
+    candidates_uri: str
+    kept_uri: str
+    finetune_epochs: int
+    finetune_lr: float
+    finetune_batch_size: int
+    threads: int
+    s3: storage.S3Options
+
+    @functools.cached_property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.from_json(self.layout_json)
+
+    @functools.cached_property
+    def stats(self) -> StandardizationStats:
+        return StandardizationStats.from_json(self.stats_json)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_run(uri: str) -> Run:
+    return load_run(uri)  # on the task's GPU when Ray gave it one
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_task(name: str) -> Task:
+    return get_task(name)
+
+
+def _metrics(net: torch.nn.Module, task: Task) -> dict[str, float]:
+    out = {}
+    for split in SPLITS:
+        out[f"{split}_acc"], out[f"{split}_loss"], _ = evaluate_split(net, task.split(split))
+    return out
+
+
+def _condition(ctx: Context, net: torch.nn.Module, task: Task, seed: int) -> None:
+    if ctx.bn_condition:
+        bn_condition(net, task.train, ctx.bn_batches, ctx.bn_batch_size, torch.Generator().manual_seed(seed))
+
+
+def candidate_id(round_: int, index: int) -> str:
+    return f"r{round_}-c{index:04d}"
+
+
+def make_candidates(ctx: Context, kde: TokenKDE, round_: int, indices: list[int]) -> list[dict[str, Any]]:
+    """Draw, decode, BN-condition, score and write candidates ``indices`` of round ``round_``; their manifest rows."""
+    torch.set_num_threads(ctx.threads)
+    run, task = _cached_run(ctx.run_uri), _cached_task(ctx.task)
+    draw_seeds = [derive(ctx.seed, DRAW, round_, i) for i in indices]
+    latents = kde.sample(draw_seeds, threads=1)
+    states = decode_states(run.model, latents.to(run.device), ctx.layout, ctx.stats, run.preprocessing.pad_position,
+                           ctx.window_size, ctx.halo, ctx.architecture, ctx.arch_kwargs,
+                           [derive(ctx.seed, INIT, round_, i) for i in indices])
+    rows = []
+    for i, draw_seed, sd in zip(indices, draw_seeds, states):
+        net = build_model(ctx.architecture, **ctx.arch_kwargs)
+        net.load_state_dict(sd)
+        _condition(ctx, net, task, derive(ctx.seed, BN, round_, i))
+        hparams = {"round": round_, "index": i, "draw_seed": draw_seed, "mode": ctx.mode, "task": ctx.task}
+        rows.append(write_checkpoint(ctx.candidates_uri, candidate_id(round_, i), 0, net.state_dict(),
+                                     _metrics(net, task), ctx.architecture, ctx.arch_kwargs, hparams, ctx.s3))
+    return rows
+
+
+def _load_row(row: dict[str, Any], root: str) -> dict[str, torch.Tensor]:
+    model = ModelRecord(row["model_id"], row["architecture"], json.loads(row["arch_kwargs"]))
+    ckpt = CheckpointRecord(row["model_id"], row["epoch"], storage.join(root, row["path"]), sha256=row["sha256"])
+    return load_checkpoint(model, ckpt, max_abs=math.inf)
+
+
+def finetune_one(ctx: Context, group: str, name: str, source: dict[str, Any], index: int) -> dict[str, Any]:
+    """Fine-tune one model (``group`` sampled / prompt / scratch) for ``ctx.finetune_epochs``; test
+    accuracy per epoch, and for a sampled model the manifest rows of its checkpoints in the kept zoo."""
+    torch.set_num_threads(ctx.threads)
+    task = _cached_task(ctx.task)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive(ctx.seed, FINETUNE, GROUPS.index(group), index))
+        if group == "scratch":
+            sd = default_state(ctx.architecture, ctx.arch_kwargs, derive(ctx.seed, SCRATCH, index))
+        elif group == "sampled":
+            sd = _load_row(source, ctx.candidates_uri)
+        else:
+            sd = load_checkpoint(ModelRecord(**source["model"]), CheckpointRecord(**source["checkpoint"]),
+                                 max_abs=DEFAULT_MAX_ABS)
+        net = build_model(ctx.architecture, **ctx.arch_kwargs)
+        net.load_state_dict(sd)
+        rows: list[dict[str, Any]] = []
+
+        def save(epoch: int, model: torch.nn.Module) -> None:
+            if group == "sampled":
+                hp = {**json.loads(source["hparams"]), "finetune_lr": ctx.finetune_lr, "finetune_epochs": epoch}
+                rows.append(write_checkpoint(ctx.kept_uri, name, epoch, model.state_dict(), _metrics(model, task),
+                                             ctx.architecture, ctx.arch_kwargs, hp, ctx.s3))
+
+        save(0, net)
+        accs = finetune(net, task.train, task.test, ctx.finetune_epochs, ctx.finetune_lr, ctx.finetune_batch_size,
+                        derive(ctx.seed, FINETUNE, GROUPS.index(group), index, 1), save)
+    return {"group": group, "model_id": name, "test_acc": accs, "rows": rows}
+
+
+def _score(row: dict[str, Any]) -> tuple:
+    """Ranking key: validation accuracy, then validation loss, then draw order."""
+    return (-row["val_acc"], row["val_loss"], row["hparams_round"], row["hparams_index"])
+
+
+def _gpus(cfg: SampleConfig) -> float:
+    if cfg.gpus_per_task >= 0:
+        return cfg.gpus_per_task
+    return 0.25 if ray.cluster_resources().get("GPU", 0.0) >= 1 else 0.0
+
+
+def _collect(refs: list, what: str) -> list:
+    """Results of ``refs`` in submission order (so sums over them do not depend on which task
+    finished first), logging progress about every tenth as they finish."""
+    pending, n, t0 = list(refs), len(refs), time.perf_counter()
+    every = max(1, n // 10)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=1)
+        if (n - len(pending)) % every == 0 or not pending:
+            log.info("%s: %d/%d tasks done in %.1fs", what, n - len(pending), n, time.perf_counter() - t0)
+    return ray.get(refs)
+
+
+def _prompt_source(p: Any) -> dict[str, Any]:
+    return {"model": {"model_id": p.model.model_id, "architecture": p.model.architecture,
+                      "arch_kwargs": p.model.arch_kwargs, "hparams": p.model.hparams},
+            "checkpoint": {"model_id": p.checkpoint.model_id, "epoch": p.checkpoint.epoch, "uri": p.checkpoint.uri,
+                           "metrics": p.checkpoint.metrics, "sha256": p.checkpoint.sha256}}
+
+
+def _write_table(out: str, name: str, table: pa.Table, s3: storage.S3Options) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(storage.join(out, f"{name}.parquet"), buf.getvalue(), s3)
+    buf = io.BytesIO()
+    pacsv.write_csv(table, buf)
+    storage.write_bytes_atomic(storage.join(out, f"{name}.csv"), buf.getvalue(), s3)
+
+
+def _distribution(cfg: SampleConfig, run: Run, prompt_set: PromptSet, window: int, halo: int | None) -> TokenKDE:
+    if cfg.mode == "gauss":
+        return TokenKDE.gaussian(prompt_set.layout.num_tokens, run.model.cfg.d_z, cfg.gauss_std)
+    latents = prompt_latents(run, prompt_set, window, halo)
+    return TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, cfg.kde_anchor)
+
+
+def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[str, Any]:
+    """Run the job (see the module doc); returns the summary numbers (also in ``summary.md``)."""
+    from sane_ray.sample.novelty import novelty_rows
+
+    if not cfg.run:
+        raise ValueError("SampleConfig.run is empty: give the exported pretraining run (--run URI)")
+    s3 = (s3 or storage.S3Options()).resolved()
+    out = storage.parse_uri(cfg.out or storage.join(cfg.run, "sample"), s3).uri
+    get_task(cfg.task)  # an unknown task fails here, naming the known ones
+    run = load_run(cfg.run, device="cpu")
+    prompt_zoo_uri = cfg.prompts or (run.canonical.zoo_uri if run.canonical is not None else "")
+    if not prompt_zoo_uri:
+        raise ValueError(f"the run {cfg.run} records no zoo: give the prompt models (--prompts URI)")
+    max_abs = float(run.canonical.settings["max_abs_weight"]) if run.canonical is not None else DEFAULT_MAX_ABS
+    prompts = select_prompts(open_zoo(prompt_zoo_uri, s3=s3), cfg.prompt_models, cfg.prompt_epoch, cfg.prompt_best_k)
+    prompt_set = load_prompts(run, prompts, max_abs)
+    arch, kwargs = prompt_set.architecture, prompt_set.arch_kwargs
+    check_positions(run.model, prompt_set.layout, arch)
+    window = cfg.window_size or run.preprocessing.window_size
+    halo = None if cfg.halo else 0
+    log.info("sampling %s %s for task %s from %d prompts (%s) with %s", arch, kwargs, cfg.task, len(prompts),
+             ", ".join(p.name for p in prompts), cfg.mode)
+
+    ensure_ray(num_cpus=cfg.local_cpus or None)
+    gpus = _gpus(cfg)
+    opts = remote_args("gpu" if gpus else "cpu", cfg.cpus_per_task, gpus, node_types=cfg.node_types)
+    ctx = Context(
+        run_uri=run.uri, architecture=arch, arch_kwargs=kwargs, layout_json=prompt_set.layout.to_json(),
+        stats_json=prompt_set.stats.to_json(), task=cfg.task, seed=cfg.seed, window_size=window, halo=halo,
+        bn_condition=cfg.bn_condition, bn_batches=cfg.bn_batches, bn_batch_size=cfg.bn_batch_size, mode=cfg.mode,
+        candidates_uri=storage.join(out, "candidates"), kept_uri=storage.join(out, "kept"),
+        finetune_epochs=cfg.finetune_epochs, finetune_lr=cfg.finetune_lr,
+        finetune_batch_size=cfg.finetune_batch_size, threads=max(1, int(cfg.cpus_per_task)), s3=s3,
+    )
+    make = ray.remote(make_candidates).options(**opts)
+    tune = ray.remote(finetune_one).options(**opts)
+    with lease.acquire(out, "sample", s3):
+        storage.makedirs(out, s3)
+        ctx_ref = ray.put(ctx)
+        kde = _distribution(cfg, run, prompt_set, window, halo)
+        kdes, rows = [kde], []
+        t0 = time.perf_counter()
+        for round_ in range(cfg.bootstrap + 1):
+            kde_ref = ray.put(kdes[round_])
+            chunks = [list(range(i, min(i + cfg.candidates_per_task, cfg.candidates)))
+                      for i in range(0, cfg.candidates, cfg.candidates_per_task)]
+            for part in _collect([make.remote(ctx_ref, kde_ref, round_, c) for c in chunks], f"round {round_}"):
+                rows.extend({**r, **{f"hparams_{k}": v for k, v in json.loads(r["hparams"]).items()
+                                     if k in ("round", "index")}} for r in part)
+            rows.sort(key=_score)
+            kept = rows[: cfg.keep]
+            log.info("round %d: best val acc %.3f, kept mean val acc %.3f", round_, kept[0]["val_acc"],
+                     float(np.mean([r["val_acc"] for r in kept])))
+            if round_ < cfg.bootstrap:
+                latents = torch.cat([kdes[r["hparams_round"]].sample([json.loads(r["hparams"])["draw_seed"]])
+                                     for r in kept])
+                kdes.append(TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, cfg.kde_anchor))
+        sample_s = time.perf_counter() - t0
+        publish_manifest(ctx.candidates_uri, [{k: v for k, v in r.items() if not k.startswith("hparams_")}
+                                              for r in rows], metadata={"sample": dataclasses.asdict(cfg)}, s3=s3)
+
+        jobs = [("sampled", r["model_id"], r, i) for i, r in enumerate(kept)]
+        jobs += [("prompt", p.name, _prompt_source(p), i) for i, p in enumerate(prompts)]
+        jobs += [("scratch", f"scratch-{i:02d}", {}, i) for i in range(cfg.keep)]
+        curves = _collect([tune.remote(ctx_ref, *j) for j in jobs], "fine-tuning")
+        publish_manifest(ctx.kept_uri, [row for c in curves for row in c["rows"]],
+                         metadata={"sample": dataclasses.asdict(cfg)}, s3=s3)
+        novelty = novelty_rows(ctx, run, prompt_set, kept, opts) if cfg.novelty else {}
+
+        table = report.candidate_table(rows, cfg.keep, curves, novelty)
+        _write_table(out, "candidates", table, s3)
+        _write_table(out, "curves", report.curve_table(curves), s3)
+        storage.write_bytes_atomic(storage.join(out, "finetune.png"), report.curves_png(curves, cfg.task), s3)
+        storage.write_bytes_atomic(storage.join(out, "sample_config.yaml"), dump_config(cfg).encode(), s3)
+        summary = report.summarize(cfg, prompts, kdes, rows, kept, curves, novelty, sample_s)
+        storage.write_bytes_atomic(storage.join(out, "summary.json"), json.dumps(summary, indent=1).encode(), s3)
+        storage.write_bytes_atomic(storage.join(out, "summary.md"), report.summary_markdown(summary).encode(), s3)
+    log.info("sampled %d candidates in %.1fs (%.2f/s); results in %s", len(rows), sample_s, len(rows) / sample_s, out)
+    print(f"sampling finished. Results: {out}/summary.md, {out}/candidates.csv, kept models: {out}/kept")
+    return summary

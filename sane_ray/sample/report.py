@@ -1,0 +1,171 @@
+"""Tables, plot and Markdown summary of a sampling run (no Ray, no storage)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sane_ray.sample.config import SampleConfig
+
+GROUP_LABELS = {"sampled": "sampled (kept)", "prompt": "fine-tuned prompts", "scratch": "from scratch"}
+NOVELTY_COLUMNS = (
+    ("nearest_zoo", pa.string()), ("nearest_zoo_l2", pa.float64()), ("max_iou", pa.float64()),
+    ("max_iou_zoo", pa.string()), ("nearest_prompt", pa.string()), ("nearest_prompt_l2", pa.float64()),
+    ("noise_baseline_test_acc", pa.float64()), ("weight_norm", pa.float64()),
+)
+
+
+def candidate_table(rows: list[dict[str, Any]], keep: int, curves: list[dict[str, Any]],
+                    novelty: dict[str, dict[str, Any]]) -> pa.Table:
+    """Every candidate, ranked (``rows`` are sorted by score); kept ones with fine-tuning and novelty columns."""
+    ft = {c["model_id"]: c["test_acc"] for c in curves if c["group"] == "sampled"}
+    epochs = max((len(v) for v in ft.values()), default=1) - 1
+    cols: dict[str, list] = {k: [] for k in (
+        "rank", "model_id", "round", "index", "draw_seed", "kept", "val_acc", "val_loss", "test_acc", "test_loss",
+        "train_acc", "path")}
+    for e in range(1, epochs + 1):
+        cols[f"finetuned_test_acc_{e}"] = []
+    for name, _ in NOVELTY_COLUMNS:
+        cols[name] = []
+    for rank, r in enumerate(rows, 1):
+        hp = json.loads(r["hparams"])
+        for k, v in (("rank", rank), ("model_id", r["model_id"]), ("round", hp["round"]), ("index", hp["index"]),
+                     ("draw_seed", str(hp["draw_seed"])), ("kept", rank <= keep), ("val_acc", r["val_acc"]),
+                     ("val_loss", r["val_loss"]), ("test_acc", r["test_acc"]), ("test_loss", r["test_loss"]),
+                     ("train_acc", r["train_acc"]), ("path", r["path"])):
+            cols[k].append(v)
+        accs = ft.get(r["model_id"], [])
+        for e in range(1, epochs + 1):
+            cols[f"finetuned_test_acc_{e}"].append(accs[e] if e < len(accs) else None)
+        nov = novelty.get(r["model_id"], {})
+        for name, _ in NOVELTY_COLUMNS:
+            cols[name].append(nov.get(name))
+    schema = {name: t for name, t in NOVELTY_COLUMNS}
+    return pa.table({k: pa.array(v, type=schema.get(k)) for k, v in cols.items()})
+
+
+def curve_table(curves: list[dict[str, Any]]) -> pa.Table:
+    """Long format: group, model id, fine-tuning epoch (0 = before), test accuracy."""
+    rows = [(c["group"], c["model_id"], e, a) for c in curves for e, a in enumerate(c["test_acc"])]
+    return pa.table({"group": [r[0] for r in rows], "model_id": [r[1] for r in rows],
+                     "epoch": [r[2] for r in rows], "test_acc": [r[3] for r in rows]})
+
+
+def group_curves(curves: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Group -> (models, epochs + 1) test accuracies."""
+    out: dict[str, list[list[float]]] = {}
+    for c in curves:
+        out.setdefault(c["group"], []).append(c["test_acc"])
+    return {g: np.asarray(v, dtype=np.float64) for g, v in out.items()}
+
+
+def curves_png(curves: list[dict[str, Any]], task: str) -> bytes:
+    """Test accuracy over fine-tuning epochs: mean and std band per group."""
+    fig = Figure(figsize=(5.5, 3.6), tight_layout=True)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for group, acc in group_curves(curves).items():
+        epochs = np.arange(acc.shape[1])
+        mean, std = acc.mean(0), acc.std(0)
+        ax.plot(epochs, mean, marker="o", label=f"{GROUP_LABELS.get(group, group)} (n={len(acc)})")
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_ylabel(f"test accuracy ({task})")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
+    return (float(v.mean()), float(v.std())) if len(v) else (math.nan, math.nan)
+
+
+def summarize(cfg: SampleConfig, prompts: list[Any], kdes: list[Any], rows: list[dict[str, Any]],
+              kept: list[dict[str, Any]], curves: list[dict[str, Any]], novelty: dict[str, dict[str, Any]],
+              sample_s: float) -> dict[str, Any]:
+    """The run's headline numbers (JSON-ready)."""
+    groups = group_curves(curves)
+    return {
+        "config": {k: getattr(cfg, k) for k in ("run", "prompts", "task", "mode", "kde_anchor", "bandwidth", "candidates", "keep", "bootstrap",
+                                                "finetune_epochs", "halo", "bn_condition", "seed")},
+        "prompts": [{"name": p.name, "val_acc": p.checkpoint.metrics.get("val_acc"),
+                     "test_acc": p.checkpoint.metrics.get("test_acc")} for p in prompts],
+        "bandwidth": [k.mean_bandwidth() for k in kdes],
+        "candidates": len(rows),
+        "candidates_per_s": len(rows) / sample_s if sample_s > 0 else math.nan,
+        "sample_s": sample_s,
+        "all_test_acc": _mean_std([r["test_acc"] for r in rows]),
+        "kept_val_acc": _mean_std([r["val_acc"] for r in kept]),
+        "curves": {g: {"mean": a.mean(0).tolist(), "std": a.std(0).tolist(), "n": len(a)} for g, a in groups.items()},
+        "novelty": {k: _mean_std([n.get(k, math.nan) for n in novelty.values()])
+                    for k in ("nearest_zoo_l2", "max_iou", "nearest_prompt_l2", "noise_baseline_test_acc",
+                              "weight_norm")} if novelty else {},
+        "novelty_rows": novelty,
+    }
+
+
+def _pct(ms: tuple[float, float]) -> str:
+    m, s = ms
+    return "n/a" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    c = s["config"]
+    lines = [
+        f"# Sampling: {c['mode']} (anchor per {c['kde_anchor']}) on {c['task']}",
+        "",
+        (f"Run `{c['run']}`, prompts from `{c['prompts'] or 'the run zoo'}`, seed {c['seed']}; "
+         f"{c['candidates']} candidates per round, {c['bootstrap']} bootstrap round(s), keep {c['keep']}; "
+         f"haloed decoding {'on' if c['halo'] else 'off'}, BN-conditioning {'on' if c['bn_condition'] else 'off'}."),
+        "",
+        "Prompts: " + ", ".join(f"{p['name']} (val {p['val_acc']:.3f}, test {p['test_acc']:.3f})" for p in s["prompts"]),
+        "",
+        (f"KDE mean bandwidth per round: {', '.join(f'{b:.4g}' for b in s['bandwidth'])}. "
+         f"{s['candidates']} candidates in {s['sample_s']:.1f} s ({s['candidates_per_s']:.2f} candidates/s: draw, "
+         f"decode, BN-condition, score, write); test accuracy of all candidates {_pct(s['all_test_acc'])} %, "
+         f"validation accuracy of the kept ones {_pct(s['kept_val_acc'])} %."),
+        "",
+        "## Test accuracy (%) over fine-tuning epochs, mean ± std over models",
+        "",
+    ]
+    curves = s["curves"]
+    width = max(len(v["mean"]) for v in curves.values())
+    lines.append("| group | n | " + " | ".join(f"epoch {e}" for e in range(width)) + " |")
+    lines.append("|---|---|" + "---|" * width)
+    for g, v in curves.items():
+        cells = [f"{100 * m:.1f} ± {100 * sd:.1f}" for m, sd in zip(v["mean"], v["std"])]
+        lines.append(f"| {GROUP_LABELS.get(g, g)} | {v['n']} | " + " | ".join(cells) + " |")
+    if s["novelty"]:
+        n = s["novelty"]
+        lines += [
+            "",
+            "## Are they new models? (kept models, mean ± std)",
+            "",
+            (f"- L2 to the nearest checkpoint of the run's zoo (aligned weights): {n['nearest_zoo_l2'][0]:.3f} ± "
+             f"{n['nearest_zoo_l2'][1]:.3f}; to the nearest prompt {n['nearest_prompt_l2'][0]:.3f} ± "
+             f"{n['nearest_prompt_l2'][1]:.3f}; own weight norm {n['weight_norm'][0]:.3f}"),
+            (f"- highest IoU of misclassified test samples with a zoo checkpoint: {n['max_iou'][0]:.3f} ± "
+             f"{n['max_iou'][1]:.3f}"),
+            f"- prompt + noise at the same distance: test accuracy {_pct(n['noise_baseline_test_acc'])} %",
+            "",
+            "| kept model | nearest zoo checkpoint | L2 | max IoU (with) | nearest prompt | L2 | prompt+noise test acc |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for mid, r in s["novelty_rows"].items():
+            lines.append(f"| {mid} | {r.get('nearest_zoo', 'n/a')} | {r.get('nearest_zoo_l2', math.nan):.3f} | "
+                         f"{r.get('max_iou', math.nan):.3f} ({r.get('max_iou_zoo', 'n/a')}) | {r['nearest_prompt']} | "
+                         f"{r['nearest_prompt_l2']:.3f} | {100 * r['noise_baseline_test_acc']:.1f} |")
+    lines += ["", ("Files: `candidates.csv` / `.parquet` (ranked), `curves.csv`, `finetune.png`, zoos `candidates/` "
+                   "and `kept/` (`sane-ray zoo info`).")]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,146 @@
+"""Sampling: independent per-token KDE draws, BN-conditioning, and the job end to end on Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import pyarrow.csv as pacsv
+import pytest
+import torch
+from zoo_builders import build_native_zoo, export_untrained_run
+
+from sane_ray.cli import main
+from sane_ray.data import DataConfig
+from sane_ray.model import SaneModel, tiny
+from sane_ray.sample.config import SampleConfig
+from sane_ray.sample.job import run_sample
+from sane_ray.sample.kde import TokenKDE, rule_factor
+from sane_ray.sample.models import bn_condition, check_positions
+from sane_ray.weights.tokenize import layout_from_state_dict
+from sane_ray.zoo.architectures import build_model
+from sane_ray.zoo.reader import load_checkpoint, open_zoo
+from sane_ray.zoo.tasks import get_task
+
+TOKEN_SIZE, WINDOW = 64, 16
+
+
+def test_kde_picks_anchor_and_noise_independently_per_token():
+    n, d = 4000, 256
+    anchors = torch.stack([torch.zeros(n, d), torch.full((n, d), 100.0)])
+    draw = TokenKDE(anchors, 1.0).sample([7])[0]
+    picked = (draw.mean(1) > 50).float()  # which anchor each token came from
+    assert 0.45 < float(picked.mean()) < 0.55  # tokens of ONE candidate come from both prompts
+    assert abs(float(torch.corrcoef(torch.stack([picked[:-1], picked[1:]]))[0, 1])) < 0.1
+    noise = draw - anchors[picked.long(), torch.arange(n)]
+    assert abs(float(noise.mean())) < 0.05 and 0.95 < float(noise.std()) < 1.05
+    # no shared noise pattern: token noises are uncorrelated with each other
+    corr = torch.corrcoef(noise[:200])
+    assert float((corr - torch.eye(200)).abs().max()) < 0.5  # the reference: 1 for every pair
+    assert float((corr - torch.eye(200)).abs().mean()) < 0.1
+
+    one = TokenKDE(anchors, 1.0, anchor="model").sample([7, 8])
+    for row in one:  # one anchor per candidate, the noise still per token
+        assert len(set((row.mean(1) > 50).tolist())) == 1
+        assert float((row - row[0]).abs().mean()) > 0.5
+
+
+def test_kde_draws_depend_on_the_candidate_seed_alone():
+    anchors = torch.randn(3, 50, 4)
+    kde = TokenKDE.fit(anchors, "scott")
+    a = kde.sample([1, 2, 3, 4], threads=1)
+    b = kde.sample([1, 2, 3, 4], threads=3)
+    assert torch.equal(a, b)
+    assert torch.equal(kde.sample([3])[0], a[2])
+    assert not torch.equal(a[0], a[1])
+    std = anchors.std(0)
+    assert torch.allclose(kde.bandwidth, std * rule_factor("scott", 3, 4))
+    with pytest.raises(ValueError, match="bandwidth"):
+        TokenKDE.fit(anchors[:1])
+    gauss = TokenKDE.gaussian(2000, 4, 0.5).sample([0])[0]
+    assert abs(float(gauss.std()) - 0.5) < 0.02 and abs(float(gauss.mean())) < 0.02
+
+
+def test_bn_conditioning_changes_only_running_statistics():
+    torch.manual_seed(0)
+    net = build_model("cnn_digits_bn")
+    net.eval()
+    task = get_task("digits")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert bn_condition(net, task.train, batches=3, batch_size=64, generator=torch.Generator().manual_seed(1)) == 2
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    stats = {k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert changed and changed <= stats
+    assert any(k.endswith("running_mean") for k in changed) and any(k.endswith("running_var") for k in changed)
+    assert not net.training
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn_condition(build_model("cnn_digits"), task.train, 2, 8, torch.Generator()) == 0
+
+
+def test_positions_beyond_the_run_tables_name_the_setting():
+    model = SaneModel(dataclasses.replace(tiny(), d_t=TOKEN_SIZE, max_positions=(40, 64, 256)))
+    layout = layout_from_state_dict(build_model("cnn_digits").state_dict(), TOKEN_SIZE)
+    with pytest.raises(ValueError, match=r"train.model.max_positions=\[40, 64, 256\]"):
+        check_positions(model, layout, "cnn_digits")
+
+
+@pytest.fixture(scope="module")
+def bn_run(tmp_path_factory, ray_cluster):
+    """A BatchNorm CNN zoo and an untrained SANE run exported from it, BN affine weights tokenized."""
+    root = tmp_path_factory.mktemp("sample")
+    build_native_zoo(str(root / "zoo"), n_models=5, epochs=2, archs=("cnn_digits_bn",))
+    cfg = DataConfig(zoo_uri=str(root / "zoo"), cache_uri=str(root / "cache"), token_size=TOKEN_SIZE,
+                     window_size=WINDOW, split_seed=1, num_actors=1, actor_cpus=0.5, stream_cpus=0.5,
+                     include_bn="affine")
+    run_uri = str(root / "run")
+    export_untrained_run(cfg, run_uri)
+    return root, run_uri
+
+
+def _csv(path: str) -> list[dict]:
+    with open(path, "rb") as f:
+        return pacsv.read_csv(io.BytesIO(f.read())).to_pylist()
+
+
+def test_sample_job_is_reproducible_and_writes_readable_zoos(bn_run, capsys):
+    root, run_uri = bn_run
+    cfg = SampleConfig(run=run_uri, task="digits", candidates=4, keep=2, bootstrap=1, finetune_epochs=1,
+                       prompt_best_k=3, bn_batches=2, candidates_per_task=2, cpus_per_task=0.5, seed=5)
+    summaries = [run_sample(dataclasses.replace(cfg, out=str(root / f"out{i}"))) for i in range(2)]
+    first, second = (_csv(str(root / f"out{i}" / "candidates.csv")) for i in range(2))
+    assert len(first) == 8 and [r["kept"] for r in first].count(True) == 2
+    assert first == second  # same seed: same candidates, scores, fine-tuning and novelty
+    assert summaries[0]["curves"] == summaries[1]["curves"]
+    assert {r["round"] for r in first} == {0, 1}
+    kept = [r for r in first if r["kept"]]
+    assert all(r["nearest_zoo"] and r["max_iou"] >= 0 and r["noise_baseline_test_acc"] >= 0 for r in kept)
+
+    kept_zoo = open_zoo(str(root / "out0" / "kept"), verify=True)
+    assert sorted(m.model_id for m in kept_zoo.models) == sorted(r["model_id"] for r in kept)
+    assert all(m.epochs == [0, 1] and m.architecture == "cnn_digits_bn" for m in kept_zoo.models)
+    assert len(open_zoo(str(root / "out0" / "candidates")).models) == 8
+    # BN affine weights came from the tokens (include_bn "affine"), running statistics from conditioning
+    model = kept_zoo.models[0]
+    sd = load_checkpoint(model, model.checkpoints[0])
+    assert not torch.equal(sd["module_list.1.weight"], torch.ones(8))
+    assert not torch.equal(sd["module_list.1.running_var"], torch.ones(8))
+    capsys.readouterr()
+    assert main(["zoo", "info", "--json", str(root / "out0" / "kept")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "native" and info["models"] == 2
+    curves = _csv(str(root / "out0" / "curves.csv"))
+    assert {r["group"] for r in curves} == {"sampled", "prompt", "scratch"}
+    assert (root / "out0" / "summary.md").read_text().startswith("# Sampling")
+    other = run_sample(dataclasses.replace(cfg, seed=6, bootstrap=0, finetune_epochs=0, novelty=False,
+                                           out=str(root / "out2")))
+    assert other["curves"]["sampled"]["mean"] != summaries[0]["curves"]["sampled"]["mean"]
+
+
+def test_sample_cli_refuses_bad_settings(bn_run, capsys):
+    _, run_uri = bn_run
+    assert main(["sample", "--run", run_uri, "--keep", "9", "--candidates", "4"]) == 2
+    assert "keep=9 exceeds candidates=4" in capsys.readouterr().err
+    assert main(["sample", "--run", run_uri, "--task", "cifar"]) == 2
+    assert "unknown task" in capsys.readouterr().err
