@@ -27,9 +27,13 @@ class SampleConfig:
     prompt_best_k: int = 5  # the k prompts with the best validation accuracy (0: all selected models)
     # ---- distribution
     mode: str = "kde"  # kde: per-token KDE over the prompts' token latents; gauss: N(0, gauss_std^2), no prompts
-    bandwidth: float = 0.0  # KDE bandwidth in latent units; 0: per token and dimension by bandwidth_rule
+    # KDE bandwidth in latent units; 0: per token and dimension by bandwidth_rule. 0.05 was picked on
+    # validation accuracy on the digits zoo (docs/sampling.md); the rules give ~0.2 there, too wide.
+    bandwidth: float = 0.05
     bandwidth_rule: str = "silverman"  # scott or silverman (on the prompts' spread per token and dimension)
-    kde_anchor: str = "token"  # token: each token picks its own prompt; model: one prompt per candidate
+    # model: one prompt per candidate, noise drawn per token and entry; token: every token also picks
+    # its own prompt (mixes prompts row by row: near-chance networks on the digits zoo, docs/sampling.md)
+    kde_anchor: str = "model"
     gauss_std: float = 1.0
     candidates: int = 50  # drawn per round (K)
     keep: int = 10  # kept by validation accuracy (m); keep == candidates: no subsampling
