@@ -123,8 +123,12 @@ def _terms(
 
 
 def _check_finite(group: str, a: torch.Tensor, terms: Sequence[_Term]) -> None:
-    """Non-finite weights make ``A`` non-finite; only then search for the key to name."""
-    if torch.isfinite(a).all():
+    """Non-finite weights make ``A`` non-finite; only then search for the key to name.
+
+    ``a`` is float64: its sum overflows only if an entry is non-finite (one reduction
+    instead of a full-size mask).
+    """
+    if torch.isfinite(a.sum()):
         return
     for term in terms:
         for what, t in (("reference state dict", term.ref), ("state dict", term.model)):
@@ -189,8 +193,8 @@ def match_weights(
             a = torch.zeros(n, n, dtype=torch.float32)
             for i, term in enumerate(terms[group]):
                 a += contribution(group, i, term)
-            _check_finite(group, a, terms[group])
             a64 = a.double()
+            _check_finite(group, a64, terms[group])
             new, duals[group] = max_assignment(a64, duals.get(group))
             rows = torch.arange(n)
             gain = float(a64[rows, new].sum() - a64[rows, perms[group]].sum())

@@ -16,6 +16,8 @@ optimum whenever it is unique, so results equal the dense solver's except at exa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,9 +83,26 @@ def _sparse_candidate(a: torch.Tensor, prior: Duals, k: int) -> torch.Tensor | N
     return torch.from_numpy(out)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The proof runs dozens of sub-millisecond O(n^2) ops: on a busy machine each thread
+    barrier costs more than a second thread saves (10x slower with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def max_assignment(a: torch.Tensor, prior: Duals | None = None) -> tuple[torch.Tensor, Duals | None]:
     """Columns of a maximum-weight assignment of square float64 ``a`` (row ``i`` -> ``cols[i]``),
     and duals for warm-starting the next, similar problem (None where no proof was found)."""
+    with _one_thread():
+        return _max_assignment(a, prior)
+
+
+def _max_assignment(a: torch.Tensor, prior: Duals | None) -> tuple[torch.Tensor, Duals | None]:
     n = a.shape[0]
     if prior is not None and n >= WARM_MIN_UNITS:
         cand = _sparse_candidate(a, prior, min(CANDIDATES, n))
