@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,6 +51,8 @@ def outside_ray(cfg, precision: str, fsdp: bool, steps: int, epochs: int, noise_
     from sane_ray.train.step import compute_loss, optimizer_step
     from sane_ray.train.synthetic import synthetic_batch
 
+    # as in the train loop: the step never modifies the FSDP module's output views in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     runtime = Runtime("cpu", "gloo", dtype, torch.float32)
     torch.manual_seed(cfg.seed)
@@ -73,7 +76,7 @@ def outside_ray(cfg, precision: str, fsdp: bool, steps: int, epochs: int, noise_
             for batch in batches:
                 parts = compute_loss(model, batch, cfg.model, runtime, None, noise, autocast=not fsdp)
                 optimizer_step(parts.total, model, optimizer, scheduler, cfg.optim.grad_clip)
-                losses.append(float(parts.total))
+                losses.append(float(parts.total.detach()))
             rates.append(tokens / (time.perf_counter() - t0))
     finally:
         if fsdp:
