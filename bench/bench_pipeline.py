@@ -179,7 +179,9 @@ def measure(zoo: str, passes: int, num_cpus: int, batch_size: int, token_size: i
 
 def _run(args: list[str]) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, __file__, *args], check=False, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:2])} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return out.stdout.strip().splitlines()[-1]
 
 
