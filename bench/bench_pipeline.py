@@ -13,9 +13,18 @@ fresh process with its own Ray cluster:
   worker): peak of the summed PSS (shared object-store pages counted once), peak driver
   RSS and the largest single worker RSS, for the build and the stream separately.
 
+With ``--arch resnet18`` it measures one zoo of CIFAR ResNet-18s instead (``--models``
+models x ``--epochs`` + 1 checkpoints: seeded default initializations plus a random walk
+of the parameters, ``tests/zoo_builders.py``; alignment and tokenization cost depend on
+shapes, not on training), at token size 288 and window 256, and adds windows/s per CPU,
+bytes per window, and how many CPUs one GPU needs at the ``resnet`` preset. The GPU's
+consumption is a FLOP *estimate* (``gpu_check.flops_per_token`` at ``--gpu-mfu`` of an
+H100 SXM's dense bf16 peak) unless ``--gpu-tokens-per-s`` gives a measured figure.
+
 Example::
 
     python bench/bench_pipeline.py --models 20 --factor 10 --epochs 5 --passes 5
+    python bench/bench_pipeline.py --arch resnet18 --models 4 --epochs 2 --passes 3
 """
 
 from __future__ import annotations
@@ -106,7 +115,7 @@ class MemorySampler:
 # ---------------------------------------------------------------- one measurement (child process)
 
 
-def measure(zoo: str, passes: int, num_cpus: int, batch_size: int) -> dict:
+def measure(zoo: str, passes: int, num_cpus: int, batch_size: int, token_size: int, window: int) -> dict:
     import ray
 
     from sane_ray.data import DataConfig, prepare_data
@@ -119,7 +128,9 @@ def measure(zoo: str, passes: int, num_cpus: int, batch_size: int) -> dict:
     baseline = mem.sample()
     mem.reset()
     with tempfile.TemporaryDirectory() as cache:
-        cfg = DataConfig(zoo_uri=zoo, cache_uri=cache, token_size=289, window_size=32)
+        # a handful of ResNets: all of them train (no validation or test split to fill)
+        splits = {"split_fractions": (1.0, 0.0, 0.0)} if token_size == 288 else {}
+        cfg = DataConfig(zoo_uri=zoo, cache_uri=cache, token_size=token_size, window_size=window, **splits)
         t0 = time.perf_counter()
         data = prepare_data(cfg)
         build_s = time.perf_counter() - t0
@@ -127,7 +138,7 @@ def measure(zoo: str, passes: int, num_cpus: int, batch_size: int) -> dict:
         mem.reset()
 
         stream = data.streams["train"]
-        per_pass = []
+        per_pass, window_bytes = [], []
         for epoch in range(passes):
             counts = [0, 0]
             shards = [stream.dataset(0, epoch, rank=r, world=2) for r in range(2)]
@@ -135,6 +146,8 @@ def measure(zoo: str, passes: int, num_cpus: int, batch_size: int) -> dict:
             def consume(i: int) -> None:
                 for b in shards[i].iter_torch_batches(batch_size=batch_size):
                     counts[i] += len(b["x_i"])
+                    if not window_bytes:
+                        window_bytes.append(sum(v.numel() * v.element_size() for v in b.values()) / len(b["x_i"]))
 
             t0 = time.perf_counter()
             threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
@@ -154,6 +167,8 @@ def measure(zoo: str, passes: int, num_cpus: int, batch_size: int) -> dict:
         "build_s": build_s,
         "windows_per_s": sum(n for n, _ in steady) / sum(t for _, t in steady),
         "first_pass_s": per_pass[0][1],
+        "bytes_per_window": window_bytes[0],
+        "num_cpus": num_cpus,
         "windows_per_s_by_pass": [n / s for n, s in per_pass],
         "baseline_pss_mib": baseline,
         "build": build_mem,
@@ -166,8 +181,47 @@ def measure(zoo: str, passes: int, num_cpus: int, batch_size: int) -> dict:
 
 def _run(args: list[str]) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, __file__, *args], check=False, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:2])} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return out.stdout.strip().splitlines()[-1]
+
+
+def ensure_resnet_zoo(models: int, epochs: int) -> str:
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import zoo_builders
+
+    from sane_ray.storage import cache_dir
+    from sane_ray.zoo.native import MANIFEST
+
+    out = os.path.join(cache_dir(), "bench", f"resnet18-walk-{models}x{epochs}")
+    if not os.path.exists(os.path.join(out, MANIFEST)):  # published last: a half-built zoo is rebuilt
+        zoo_builders.build_native_zoo(out, n_models=models, epochs=epochs, archs=("resnet18",))
+    return out
+
+
+def gpu_need(res: dict, args: argparse.Namespace) -> None:
+    """CPUs one training GPU needs at the `resnet` preset, from this stream's windows/s per CPU."""
+    from gpu_check import flops_per_token, peak_bf16_tflops
+
+    from sane_ray.model import preset
+
+    cfg = preset("resnet")
+    if args.gpu_tokens_per_s:
+        tokens_per_s, how = args.gpu_tokens_per_s, "measured (--gpu-tokens-per-s)"
+    else:
+        peak = peak_bf16_tflops("NVIDIA H100 80GB HBM3")
+        tokens_per_s = args.gpu_mfu * peak * 1e12 / flops_per_token(cfg, cfg.window_size)
+        how = (f"ESTIMATE: {flops_per_token(cfg, cfg.window_size) / 1e9:.2f} GFLOP/token, "
+               f"{args.gpu_mfu:.0%} MFU of {peak:g} TFLOP/s (H100 SXM dense bf16)")
+    gpu_windows = tokens_per_s / (2 * cfg.window_size)  # both views of a window go through the model
+    per_cpu = res["windows_per_s"] / res["num_cpus"]
+    print(f"  windows/s per CPU {per_cpu:.1f} (stream {res['windows_per_s']:.1f} windows/s over {res['num_cpus']} CPUs "
+          f"of Ray; the machine has {os.cpu_count()} cores, so this is per core-share), "
+          f"{res['bytes_per_window'] / 1e6:.2f} MB per window")
+    print(f"  one GPU at the resnet preset: {tokens_per_s:,.0f} tokens/s = {gpu_windows:.1f} windows/s [{how}]")
+    print(f"  -> CPUs per GPU {gpu_windows / per_cpu:.1f}; "
+          f"{gpu_windows * res['bytes_per_window'] / 1e6:.0f} MB/s into the GPU")
 
 
 def ensure_zoo(models: int, epochs: int, seed: int) -> str:
@@ -193,6 +247,9 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--num-cpus", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--arch", default="cnn_digits", choices=["cnn_digits", "resnet18"])
+    ap.add_argument("--gpu-mfu", type=float, default=0.4, help="assumed MFU for the GPU estimate")
+    ap.add_argument("--gpu-tokens-per-s", type=float, help="a measured GPU figure (bench/gpu_check.py)")
     ap.add_argument("--generate", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -200,8 +257,25 @@ def main() -> None:
     if args.generate:
         print(ensure_zoo(args.generate, args.epochs, args.seed))
         return
+    token_size, window = (288, 256) if args.arch == "resnet18" else (289, 32)
     if args.measure:
-        print(json.dumps(measure(args.measure, args.passes, args.num_cpus, args.batch_size)))
+        print(json.dumps(measure(args.measure, args.passes, args.num_cpus, args.batch_size, token_size, window)))
+        return
+    if args.arch == "resnet18":
+        zoo = ensure_resnet_zoo(args.models, args.epochs)
+        print(f"zoo {args.models} ResNet-18s x {args.epochs + 1} checkpoints (random walk): {zoo}; load "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+        res = json.loads(_run(["--measure", zoo, "--passes", str(args.passes), "--num-cpus", str(args.num_cpus),
+                               "--batch-size", str(args.batch_size), "--arch", args.arch]))
+        print(f"  models {res['models']}, training windows/pass {res['train_windows_per_pass']}, build "
+              f"{res['build_s']:.1f} s, stream {res['windows_per_s']:.1f} windows/s (per pass: "
+              + " ".join(f"{w:.1f}" for w in res["windows_per_s_by_pass"]) + ")")
+        for name in ("build", "stream"):
+            m = res[name]
+            print(f"  peak {name:6s}: tree PSS {m['pss_mib']:6.0f} MiB, driver RSS {m['driver_rss_mib']:5.0f} MiB, "
+                  f"largest worker RSS {m['max_worker_rss_mib']:5.0f} MiB")
+        gpu_need(res, args)
+        print(f"1-min load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
         return
 
     results = []

@@ -60,14 +60,21 @@ def test_permuted_copy_is_recovered_exactly(arch, kw, seed):
     assert distance(ref, recovered) < 1e-5
 
 
-@pytest.mark.parametrize("arch,kw", [("cnn_digits_bn", {}), ("resnet18", {"width": 8})], ids=["cnn_bn", "resnet18"])
-def test_same_iterates_as_the_textbook_loop(arch, kw, monkeypatch):
-    """Cached and low-rank-corrected contributions must not change the descent (checked over seeds)."""
+@pytest.mark.parametrize(
+    "arch,kw,seeds",
+    [("cnn_digits_bn", {}, 4), ("resnet18", {"width": 8}, 4), ("resnet18", {"width": 32, "num_classes": 100}, 2)],
+    ids=["cnn_bn", "resnet18", "resnet18_100_classes"],
+)
+def test_same_iterates_as_the_textbook_loop(arch, kw, seeds, monkeypatch):
+    """Cached and low-rank-corrected contributions and warm-started assignments must not
+    change the descent (checked over seeds; BN weights and running stats perturbed)."""
     spec = permutation_spec(arch, **kw)
-    corrections = []
+    corrections, warm = [], []
     original = align._Term.delta
     monkeypatch.setattr(align._Term, "delta", lambda self, *a: corrections.append(1) or original(self, *a))
-    for seed in range(4):
+    original_assign = align.max_assignment
+    monkeypatch.setattr(align, "max_assignment", lambda a, prior: warm.append(prior is not None) or original_assign(a, prior))
+    for seed in range(seeds):
         ref, sd = trained_like(arch, kw, 10 * seed).state_dict(), trained_like(arch, kw, 10 * seed + 1).state_dict()
         got = match_weights(spec, ref, sd, seed=seed)
         want, sweeps = reference_matching(spec, ref, sd, seed=seed)
@@ -75,6 +82,8 @@ def test_same_iterates_as_the_textbook_loop(arch, kw, monkeypatch):
         assert all(torch.equal(got.perms[g], want[g]) for g in spec.group_sizes)
     if arch == "resnet18":
         assert corrections, "the low-rank correction path was never exercised"
+    if kw.get("width", 0) >= 32:
+        assert any(warm), "no assignment was warm-started"
 
 
 def test_full_width_resnet18_alignment():

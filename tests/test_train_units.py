@@ -12,7 +12,7 @@ from sane_ray.model import SaneModel, tiny
 from sane_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sane_ray.train.config import OptimConfig, TrainConfig
 from sane_ray.train.optim import build_optimizer
-from sane_ray.train.runtime import select_runtime
+from sane_ray.train.runtime import cpu_has_bf16, select_runtime
 from sane_ray.train.step import compute_loss, optimizer_step, to_device
 
 CPU = select_runtime(use_gpu=False)
@@ -29,7 +29,13 @@ def _batch(cfg, b=4, seed=0):
 
 
 def test_select_runtime():
-    assert (CPU.device_type, CPU.backend, CPU.param_dtype, CPU.mixed) == ("cpu", "gloo", torch.float32, False)
+    assert (CPU.device_type, CPU.backend, CPU.reduce_dtype) == ("cpu", "gloo", torch.float32)
+    assert CPU.param_dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    native = select_runtime(use_gpu=False, cpu_bf16=True)
+    assert (native.param_dtype, native.reduce_dtype, native.mixed) == (torch.bfloat16, torch.float32, True)
+    emulated = select_runtime(use_gpu=False, cpu_bf16=False)
+    assert (emulated.param_dtype, emulated.mixed) == (torch.float32, False)
+    assert select_runtime(use_gpu=False, mixed_precision=False, cpu_bf16=True).param_dtype == torch.float32
     gpu = select_runtime(use_gpu=True)
     assert (gpu.device_type, gpu.backend, gpu.param_dtype, gpu.reduce_dtype) == ("cuda", "nccl", torch.bfloat16, torch.float32)
     assert select_runtime(use_gpu=True, mixed_precision=False).param_dtype == torch.float32

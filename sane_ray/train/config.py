@@ -52,7 +52,7 @@ class TrainConfig:
     max_failures: int = 3  # worker-group restarts from the last checkpoint (tests that inject faults set 0)
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads per worker; 0 keeps the default
-    mixed_precision: bool = True  # bf16 compute with fp32 reduction on CUDA; CPU always fp32
+    mixed_precision: bool = True  # bf16 compute, fp32 reduction: CUDA, and CPUs with native bf16
     # Every N epochs (and at the last) report val_probe_r2, the validation R^2 of a test-accuracy
     # probe on the current embeddings (sane_ray.probe.signal); 0 disables it.
     probe_every: int = 0
