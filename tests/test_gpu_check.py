@@ -14,6 +14,7 @@ import torch
 
 from sane_ray.model import SaneModel, attention, tiny
 from sane_ray.model.linear import Linear
+from sane_ray.train.runtime import cpu_has_bf16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
@@ -40,8 +41,9 @@ def test_bf16_peak_by_device_name(gpu_check, name, peak):
 
 def test_selection_follows_the_training_jobs_choices(gpu_check, monkeypatch):
     cpu = gpu_check.make_plan(None, sdpa_flash=False)
+    cpu_dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32  # as the training job picks on this CPU
     assert (cpu.runtime.device_type, cpu.runtime.backend, cpu.runtime.param_dtype, cpu.attention) == (
-        "cpu", "gloo", torch.float32, "sdpa")
+        "cpu", "gloo", cpu_dtype, "sdpa")
     monkeypatch.setattr(attention, "flash_attn_available", lambda: False)
     h200 = gpu_check.make_plan("NVIDIA H200", sdpa_flash=True)
     assert (h200.runtime.backend, h200.runtime.param_dtype, h200.runtime.reduce_dtype) == (

@@ -15,7 +15,7 @@ from sane_ray.train.runtime import select_runtime
 from sane_ray.train.step import compute_loss
 from sane_ray.weights.augment import multiplicative_noise
 
-CPU = select_runtime(use_gpu=False)
+CPU = select_runtime(use_gpu=False, cpu_bf16=False)  # fp32: compared with fp32 references
 CFG = dataclasses.replace(tiny(), window_size=6)
 
 
