@@ -33,7 +33,7 @@ def _maxrss_mib() -> float:
 
 def bench_kde(prompts: int, tokens: int, dim: int, candidates: int, repeats: int, threads: int) -> None:
     torch.manual_seed(0)
-    kde = TokenKDE.fit(torch.randn(prompts, tokens, dim), "silverman")
+    kde = TokenKDE.fit(torch.randn(prompts, tokens, dim), "silverman", anchor="token")
     seeds = list(range(candidates))
     before = _maxrss_mib()
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ TOKEN_SIZE, WINDOW = 64, 16
 def test_kde_picks_anchor_and_noise_independently_per_token():
     n, d = 4000, 256
     anchors = torch.stack([torch.zeros(n, d), torch.full((n, d), 100.0)])
-    draw = TokenKDE(anchors, 1.0).sample([7])[0]
+    draw = TokenKDE(anchors, 1.0, anchor="token").sample([7])[0]
     picked = (draw.mean(1) > 50).float()  # which anchor each token came from
     assert 0.45 < float(picked.mean()) < 0.55  # tokens of ONE candidate come from both prompts
     assert abs(float(torch.corrcoef(torch.stack([picked[:-1], picked[1:]]))[0, 1])) < 0.1
@@ -48,7 +48,7 @@ def test_kde_picks_anchor_and_noise_independently_per_token():
 
 def test_kde_draws_depend_on_the_candidate_seed_alone():
     anchors = torch.randn(3, 50, 4)
-    kde = TokenKDE.fit(anchors, "scott")
+    kde = TokenKDE.fit(anchors, "scott", anchor="token")
     a = kde.sample([1, 2, 3, 4], threads=1)
     b = kde.sample([1, 2, 3, 4], threads=3)
     assert torch.equal(a, b)
@@ -57,7 +57,7 @@ def test_kde_draws_depend_on_the_candidate_seed_alone():
     std = anchors.std(0)
     assert torch.allclose(kde.bandwidth, std * rule_factor("scott", 3, 4))
     with pytest.raises(ValueError, match="bandwidth"):
-        TokenKDE.fit(anchors[:1])
+        TokenKDE.fit(anchors[:1], anchor="token")
     gauss = TokenKDE.gaussian(2000, 4, 0.5).sample([0])[0]
     assert abs(float(gauss.std()) - 0.5) < 0.02 and abs(float(gauss.mean())) < 0.02
 

@@ -239,7 +239,7 @@ def _distribution(cfg: SampleConfig, run: Run, prompt_set: PromptSet, window: in
     if cfg.mode == "gauss":
         return TokenKDE.gaussian(prompt_set.layout.num_tokens, run.model.cfg.d_z, cfg.gauss_std)
     latents = prompt_latents(run, prompt_set, window, halo)
-    return TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, cfg.kde_anchor)
+    return TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, anchor=cfg.kde_anchor)
 
 
 def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[str, Any]:
@@ -298,7 +298,7 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
             if round_ < cfg.bootstrap:
                 latents = torch.cat([kdes[r["hparams_round"]].sample([json.loads(r["hparams"])["draw_seed"]])
                                      for r in kept])
-                kdes.append(TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, cfg.kde_anchor))
+                kdes.append(TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, anchor=cfg.kde_anchor))
         sample_s = time.perf_counter() - t0
         publish_manifest(ctx.candidates_uri, [{k: v for k, v in r.items() if not k.startswith("hparams_")}
                                               for r in rows], metadata={"sample": dataclasses.asdict(cfg)}, s3=s3)

@@ -42,9 +42,11 @@ def rule_factor(rule: str, count: int, dim: int) -> float:
 
 
 class TokenKDE:
-    """A Gaussian KDE per token position; ``bandwidth`` is a float or float32 (N, d) (per token and dim)."""
+    """A Gaussian KDE per token position; ``bandwidth`` is a float or float32 (N, d) (per token and dim).
 
-    def __init__(self, anchors: torch.Tensor, bandwidth: float | torch.Tensor, anchor: str = "token"):
+    ``anchor`` has no default here: its default lives in ``SampleConfig.kde_anchor``."""
+
+    def __init__(self, anchors: torch.Tensor, bandwidth: float | torch.Tensor, *, anchor: str):
         if anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {anchor!r}")
         self.anchor = anchor
@@ -60,23 +62,23 @@ class TokenKDE:
         self.bandwidth = bandwidth
 
     @classmethod
-    def fit(cls, anchors: torch.Tensor, rule: str = "silverman", bandwidth: float = 0.0,
-            anchor: str = "token") -> TokenKDE:
+    def fit(cls, anchors: torch.Tensor, rule: str = "silverman", bandwidth: float = 0.0, *,
+            anchor: str) -> TokenKDE:
         """A KDE over ``anchors`` (P, N, d): a fixed ``bandwidth`` > 0, else ``rule`` applied to the
         anchors' std (ddof 1) per token and latent dimension (a constant entry gets a tiny floor)."""
         if bandwidth > 0:
-            return cls(anchors, float(bandwidth), anchor)
+            return cls(anchors, float(bandwidth), anchor=anchor)
         p = anchors.shape[0]
         if p < 2:
             raise ValueError(f"a bandwidth rule needs at least 2 anchors, got {p}; set bandwidth > 0 "
                              "(sample.bandwidth) or give more prompts")
         std = anchors.to(torch.float32).std(dim=0, correction=1)
-        return cls(anchors, (std * rule_factor(rule, p, anchors.shape[2])).clamp_(min=1e-6), anchor)
+        return cls(anchors, (std * rule_factor(rule, p, anchors.shape[2])).clamp_(min=1e-6), anchor=anchor)
 
     @classmethod
     def gaussian(cls, num_tokens: int, dim: int, std: float) -> TokenKDE:
         """The Gaussian prior N(0, std^2) per latent entry (one zero anchor)."""
-        return cls(torch.zeros(1, num_tokens, dim), float(std))
+        return cls(torch.zeros(1, num_tokens, dim), float(std), anchor="model")  # one anchor: either mode
 
     @property
     def num_tokens(self) -> int:
