@@ -15,8 +15,8 @@ docs/sampling.md), one anchor per candidate does not.
 
 Every candidate has its own seed, so a candidate is the same whichever task draws it, in
 whatever batch; :meth:`TokenKDE.sample` writes straight into one float32 output (noise is
-generated in place, scaled in place, and the picked anchors are added from a reused
-per-candidate buffer), so a draw of K candidates needs the output plus one sequence.
+generated in place a cache-sized chunk at a time and the picked anchors are added in the
+same pass), so a draw of K candidates needs the output plus one chunk per thread.
 
 The Gaussian prior (the paper's SANE_GAUSS, for small models without prompts) is the same
 object with one all-zero anchor and bandwidth ``gauss_std``: N(0, gauss_std^2) per entry.
@@ -30,6 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from sane_ray.sample.config import ANCHORS, BANDWIDTH_RULES
+
+# Noise is generated and shifted in chunks of this many floats: they stay in cache between
+# the two passes, and torch's normal fill runs ~1.8x faster on cache-sized tensors (440 vs
+# 240 M normals/s per core here) than on one 20 MB candidate at once.
+NOISE_CHUNK = 32768
 
 
 def rule_factor(rule: str, count: int, dim: int) -> float:
@@ -114,16 +119,25 @@ class TokenKDE:
     def _draw(self, seeds: Sequence[int], out: torch.Tensor, rows: range) -> None:
         p, n, d = self.anchors.shape
         flat = self.anchors.view(p * n, d)
-        position = torch.arange(n)
-        picked = torch.empty(n, d) if p > 1 else None
+        step = max(1, NOISE_CHUNK // d)  # tokens per chunk
+        picked = torch.empty(step, d) if p > 1 and self.anchor == "token" else None
+        per_token = isinstance(self.bandwidth, torch.Tensor)
         for i in rows:
             gen = torch.Generator().manual_seed(int(seeds[i]))
             row = out[i]
-            row.normal_(generator=gen).mul_(self.bandwidth)
-            if picked is None:
-                row.add_(self.anchors[0])
-            elif self.anchor == "model":
-                row.add_(self.anchors[int(torch.randint(p, (1,), generator=gen))])
+            if picked is not None:  # one anchor per token: flat row index of (anchor, position)
+                index = torch.randint(p, (n,), generator=gen).mul_(n).add_(torch.arange(n))
             else:
-                index = torch.randint(p, (n,), generator=gen).mul_(n).add_(position)
-                row.add_(torch.index_select(flat, 0, index, out=picked))
+                base = self.anchors[int(torch.randint(p, (1,), generator=gen)) if p > 1 else 0]
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                chunk = row[start:stop]
+                chunk.normal_(generator=gen)
+                if picked is not None:
+                    anchor = torch.index_select(flat, 0, index[start:stop], out=picked[: stop - start])
+                else:
+                    anchor = base[start:stop]
+                if per_token:
+                    torch.addcmul(anchor, chunk, self.bandwidth[start:stop], out=chunk)
+                else:
+                    torch.add(anchor, chunk, alpha=self.bandwidth, out=chunk)
