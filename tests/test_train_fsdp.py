@@ -45,6 +45,47 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone() for n, p in model.named_parameters()}
 
 
+def _dcp_round_trip(model: SaneModel, world: int, out_dir: str) -> dict:
+    """One optimizer step, then a DCP round trip into a differently initialized FSDP2 model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opt, sched = build_optimizer(model, OptimConfig(lr=1e-2), total_steps=10)
+    opt.step()
+    sched.step()
+    state = TrainState(model, opt, sched, epoch=1, history=[{"epoch": 1.0}])
+    ckpt = os.path.join(out_dir, "ckpt")
+    save_checkpoint(state, ckpt)
+    torch.manual_seed(123)
+    other = SaneModel(CFG)
+    apply_fsdp(other, data_parallel_mesh("cpu", world))
+    other_opt, other_sched = build_optimizer(other, OptimConfig(lr=1e-2), total_steps=10)
+    restored = TrainState(other, other_opt, other_sched)
+    load_checkpoint(restored, ckpt)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {
+        "after_step": get_model_state_dict(model, options=opts),
+        "restored": get_model_state_dict(other, options=opts),
+        "restored_epoch": restored.epoch,
+        "restored_history": restored.history,
+        "restored_lr": other_sched.get_last_lr(),
+        "lr": sched.get_last_lr(),
+    }
+
+
+def _one_rank_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """A one-worker Ray Train run's process group: the checkpoint is saved without
+    coordination (sane_ray.train.checkpoint) and loaded with it."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        torch.set_num_threads(1)
+        model = _fresh_model()
+        apply_fsdp(model, data_parallel_mesh("cpu", 1))
+        compute_loss(model, _batch(WORLD * LOCAL_B), CFG, select_runtime(use_gpu=False)).total.backward()
+        torch.save(_dcp_round_trip(model, 1, out_dir), os.path.join(out_dir, "rank0.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -59,28 +100,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             model.zero_grad(set_to_none=True)
             compute_loss(model, local, CFG, runtime, gather=gather).total.backward()
             out[name] = _grads(model)
-        # one optimizer step, then a DCP round trip into a differently initialized model
-        opt, sched = build_optimizer(model, OptimConfig(lr=1e-2), total_steps=10)
-        opt.step()
-        sched.step()
-        state = TrainState(model, opt, sched, epoch=1, history=[{"epoch": 1.0}])
-        ckpt = os.path.join(out_dir, "ckpt")
-        save_checkpoint(state, ckpt)
-        torch.manual_seed(123)
-        other = SaneModel(CFG)
-        apply_fsdp(other, data_parallel_mesh("cpu", WORLD))
-        other_opt, other_sched = build_optimizer(other, OptimConfig(lr=1e-2), total_steps=10)
-        restored = TrainState(other, other_opt, other_sched)
-        load_checkpoint(restored, ckpt)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        out["after_step"] = get_model_state_dict(model, options=opts)
-        out["restored"] = get_model_state_dict(other, options=opts)
-        out["restored_epoch"] = restored.epoch
-        out["restored_history"] = restored.history
-        out["restored_lr"] = other_sched.get_last_lr()
-        out["lr"] = sched.get_last_lr()
+        out.update(_dcp_round_trip(model, WORLD, out_dir))
         if rank == 0:
             torch.save(out, os.path.join(out_dir, "rank0.pt"))
     finally:
@@ -91,6 +111,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def fsdp_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp")
     mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
+    return torch.load(d / "rank0.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp1")
+    mp.spawn(_one_rank_worker, args=(str(d / "init"), str(d)), nprocs=1, join=True)
     return torch.load(d / "rank0.pt", weights_only=False)
 
 
@@ -123,7 +150,9 @@ def test_gathered_contrastive_gradients_equal_the_global_batch(fsdp_run):
     assert not torch.allclose(fsdp_run["local"]["head.fc1.weight"], expected["head.fc1.weight"], atol=1e-6)
 
 
-def test_dcp_round_trip_under_fsdp(fsdp_run):
+@pytest.mark.parametrize("run", ["fsdp_run", "one_rank_run"])
+def test_dcp_round_trip_under_fsdp(run, request):
+    fsdp_run = request.getfixturevalue(run)
     after, restored = fsdp_run["after_step"], fsdp_run["restored"]
     assert after.keys() == _fresh_model().state_dict().keys()
     for name, t in after.items():
