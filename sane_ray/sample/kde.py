@@ -122,11 +122,12 @@ class TokenKDE:
         step = max(1, NOISE_CHUNK // d)  # tokens per chunk
         picked = torch.empty(step, d) if p > 1 and self.anchor == "token" else None
         per_token = isinstance(self.bandwidth, torch.Tensor)
+        position = torch.arange(n)
         for i in rows:
             gen = torch.Generator().manual_seed(int(seeds[i]))
             row = out[i]
             if picked is not None:  # one anchor per token: flat row index of (anchor, position)
-                index = torch.randint(p, (n,), generator=gen).mul_(n).add_(torch.arange(n))
+                index = torch.randint(p, (n,), generator=gen).mul_(n).add_(position)
             else:
                 base = self.anchors[int(torch.randint(p, (1,), generator=gen)) if p > 1 else 0]
             for start in range(0, n, step):
