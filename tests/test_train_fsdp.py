@@ -84,6 +84,7 @@ def _one_rank_worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.save(_dcp_round_trip(model, 1, out_dir), os.path.join(out_dir, "rank0.pt"))
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown, where a joinable gloo thread now and then aborts
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -105,6 +106,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             torch.save(out, os.path.join(out_dir, "rank0.pt"))
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown, where a joinable gloo thread now and then aborts
 
 
 @pytest.fixture(scope="module")
