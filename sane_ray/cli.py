@@ -141,13 +141,14 @@ def _expected_faults() -> tuple[tuple[type[BaseException], ...], tuple[type[Base
     from ray.train import TrainingFailedError
 
     from sane_ray.lease import LeaseHeldError
+    from sane_ray.sample.job import SamplingFailedError
     from sane_ray.tune.sweep import SweepInterruptedError
     from sane_ray.zoo.generate import ZooGenerationError
 
     # ZooExistsError is a FileExistsError; IntegrityError and ResumeError are ValueErrors.
     bad_input = (ConfigError, StorageError, ValueError, KeyError, FileNotFoundError, FileExistsError,
                  PermissionError, LeaseHeldError)
-    return bad_input, (ZooGenerationError, TrainingFailedError, SweepInterruptedError)
+    return bad_input, (ZooGenerationError, TrainingFailedError, SweepInterruptedError, SamplingFailedError)
 
 
 def one_line(e: BaseException) -> str:

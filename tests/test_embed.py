@@ -20,7 +20,7 @@ from sane_ray.embed import (
     preprocess,
 )
 from sane_ray.embed.encode import concat_tokens, summarize
-from sane_ray.embed.preprocess import own_stats
+from sane_ray.embed.preprocess import model_tokens, own_stats, run_max_abs
 from sane_ray.embed.run import untrained_control
 from sane_ray.embed.zoo import (
     EmbedConfig,
@@ -30,6 +30,10 @@ from sane_ray.embed.zoo import (
     read_embeddings,
 )
 from sane_ray.model import SaneModel, tiny
+from sane_ray.probe.config import ProbeConfig
+from sane_ray.probe.features import flat_weights
+from sane_ray.probe.job import collect
+from sane_ray.sample.prompts import Prompt, load_prompts
 from sane_ray.model.export import ExportError, export_model
 from sane_ray.zoo import native
 from sane_ray.zoo.architectures import build_model
@@ -88,6 +92,32 @@ def test_preprocess_equals_canonical_tokens(run_setup):
             assert not torch.equal(raw.tokens, toks.tokens)
     one = preprocess(run, good[-1][1], "cnn_digits")  # one state dict -> (N, d_t)
     assert torch.equal(one.tokens, toks.tokens[-1])
+
+
+def test_one_checkpoint_gets_the_same_tokens_on_every_path(run_setup):
+    """Probe, zoo embedding and sampling preprocess a zoo checkpoint through one function: the tokens
+    the run trained on, bit for bit, whether the checkpoint comes alone or with its other epochs."""
+    prepared, run_uri = run_setup
+    run = load_run(run_uri, device="cpu")
+    trained_on = {(c.model_id, c.epoch): c.tokens for c in iter_checkpoints(prepared.canonical)}
+    zoo = open_zoo(prepared.canonical.zoo_uri)
+    ref_id = next(iter(prepared.canonical.groups.values())).reference[0]
+    model = next(m for m in zoo.models if m.model_id != ref_id)
+    first = model.checkpoints[0]  # not the model's anchor (its last epoch): alone it used to align on itself
+    want = trained_on[(model.model_id, first.epoch)]
+    whole, alone = model_tokens(run, model), model_tokens(run, model, [first.epoch])
+    assert len(whole.good) == len(model.checkpoints) and [c.epoch for c, _ in alone.good] == [first.epoch]
+    assert torch.equal(whole.tokens.tokens[0], want) and torch.equal(alone.tokens.tokens[0], want)
+    prompts = load_prompts(run, [Prompt(model, first)], run_max_abs(run))  # sampling
+    assert torch.equal(prompts.tokens.tokens[0], want)
+    probed = collect(run, None, zoo, ProbeConfig(run=run_uri, epochs=[first.epoch], folds=0, control=False))
+    row = probed.model_id.index(model.model_id)
+    np.testing.assert_array_equal(probed.matrix("W")[row], flat_weights(want[None], alone.tokens.mask)[0])
+    by_epoch = {}  # zoo embedding, with and without the other epochs
+    for epochs in (None, [first.epoch]):
+        table = embed_models(run, [model], cfg=EmbedConfig(epochs=epochs))
+        by_epoch[epochs is None] = embedding_matrix(table)[table.column("epoch").to_pylist().index(first.epoch)]
+    np.testing.assert_allclose(by_epoch[True], by_epoch[False], rtol=0, atol=1e-6)
 
 
 def test_unknown_architecture_uses_own_statistics(run_setup, caplog):

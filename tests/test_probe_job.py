@@ -13,6 +13,7 @@ import zoo_builders as zb
 from sane_ray import storage
 from sane_ray.cli import main
 from sane_ray.probe.job import CONTROL, FULL, MEAN_STD, SANE, ProbeData, hyperparameter_targets
+from sane_ray.zoo import native
 
 PRETRAIN = ["--preset", "tiny", "--workers", "1", "--epochs", "1", "--batch-size", "4",
             "--train.num_threads", "1", "--train.optim.lr", "1e-3", "--train.probe_every", "1"]
@@ -93,7 +94,46 @@ def test_probe_job_on_a_native_zoo_the_run_never_saw(public_run):
     # The fake zoo's accuracy rises with the epoch and the weights drift with it: s(W) sees that.
     assert table["Epoch"]["s(W)"] > 0.5
     res = json.loads(storage.read_bytes(storage.join(out, "results.json")))
-    assert res["split"].startswith("a fresh split by model (0.7/0.15/0.15, seed 0)")
+    # None of these models is the run's: split afresh with the run's fractions and split seed.
+    assert res["split"].startswith("a fresh split by model (0.7/0.15/0.15, the run's split seed 42)")
+    assert res["test_models_pretrained"] == 0
+
+
+def _models_csv(out: str) -> dict[str, dict[str, str]]:
+    return {r["model_id"]: r for r in csv.DictReader(io.StringIO(storage.read_bytes(storage.join(out, "models.csv")).decode()))}
+
+
+def test_probe_never_tests_a_model_the_run_trained_on(ray_cluster, tmp_path):
+    """The run's split owns the models it covers: a superset zoo's extra models and a model the
+    pretraining dropped (no usable checkpoint) join only the test side, never reshuffle the rest."""
+    zoo, bigger, runs = str(tmp_path / "zoo"), str(tmp_path / "bigger"), str(tmp_path / "runs")
+    zb.build_native_zoo(zoo, n_models=10, epochs=2)
+    for epoch in range(3):  # every checkpoint of m009 truncated: pretraining drops the model
+        path = tmp_path / "zoo" / native.checkpoint_path("m009", epoch)
+        path.write_bytes(path.read_bytes()[:100])
+    zb.build_native_zoo(bigger, n_models=14, epochs=2)  # m000..m009 as above (same seeds), m010..m013 new
+    assert main(["pretrain", "--zoo", zoo, "--out", runs, "--name", "d", *PRETRAIN]) == 0
+    run = f"{runs}/d"
+    splits = json.loads(storage.read_bytes(storage.join(run, "canonical.json")))["splits"]
+    run_split = {m: s for s, ids in splits.items() for m in ids}
+    assert "m009" not in run_split and len(run_split) == 9
+    for name, uri, unseen in (("own", zoo, set()), ("superset", bigger, {"m009", "m010", "m011", "m012", "m013"})):
+        out = str(tmp_path / f"probe-{name}")
+        assert main(["probe", "--run", run, "--zoo", uri, "--out", out, "--folds", "0", "--control", "false"]) == 0
+        models = _models_csv(out)
+        assert set(models) == set(run_split) | unseen  # own zoo: m009 has no usable checkpoint, so it is left out
+        for mid, r in models.items():
+            assert r["pretrained"] == str(run_split.get(mid) == "train").lower(), r
+            assert r["split"] == (run_split.get(mid) or "test"), r  # the run's split, or test for unseen models
+            assert r["run_split"] == run_split.get(mid, "")
+        res = json.loads(storage.read_bytes(storage.join(out, "results.json")))
+        assert res["test_models_pretrained"] == 0
+        md = storage.read_bytes(storage.join(out, "results.md")).decode()
+        assert "Test models seen in pretraining: **0** of" in md
+        if unseen:
+            assert res["split"] == "the run's own split; 5 model(s) the run never split joined the test split"
+        else:
+            assert res["split"] == "the run's own split" and "m009: left out" in md
 
 
 # make-zoo's hyperparameter names -> the public layout's (sane_ray.zoo.public)

@@ -9,6 +9,7 @@ windows are drawn from it, so changing them reuses the cache.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,14 @@ class DataConfig:
         return out
 
     def uses_epoch(self, epoch: int) -> bool:
-        if self.skip_epoch_zero and epoch == 0:
-            return False
-        return self.epochs is None or epoch in self.epochs
+        return epoch_filter({"epochs": self.epochs, "skip_epoch_zero": self.skip_epoch_zero})(epoch)
+
+
+def epoch_filter(settings: Mapping[str, Any] | None) -> Callable[[int], bool]:
+    """Which epochs a run trained on, from its canonical settings (:meth:`DataConfig.canonical_settings`,
+    recorded in every run's export): the one rule every reader of a run's epochs applies.
+    None or {} (no record): every epoch."""
+    s = settings or {}
+    wanted = None if s.get("epochs") is None else frozenset(int(e) for e in s["epochs"])
+    skip_zero = bool(s.get("skip_epoch_zero"))
+    return lambda epoch: not (skip_zero and epoch == 0) and (wanted is None or epoch in wanted)

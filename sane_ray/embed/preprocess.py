@@ -16,6 +16,12 @@ tokens the run trained on. An architecture the run never saw is tokenized on its
 layout; its layers take the run's statistics where a run layout has a layer of the same
 key and shape, the others statistics of the models being embedded (logged once); it is
 not aligned (the run has no reference of it).
+
+:func:`model_tokens` is the one way to preprocess checkpoints of a zoo model (probe, zoo
+embedding, sampling prompts and novelty all call it): it aligns them with the permutation
+found on the model's *anchor*, its last usable checkpoint among the epochs the run trained
+on (the canonical build's rule), so a checkpoint's tokens are the same whether it is
+passed alone or with any other epochs of its model.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +37,7 @@ import torch
 from sane_ray import storage
 from sane_ray.data.canonical import MANIFEST as CANONICAL_MANIFEST
 from sane_ray.data.canonical import CanonicalZoo, architecture_layout
+from sane_ray.data.config import epoch_filter
 from sane_ray.model.export import tensors_from_bytes, tensors_to_bytes
 from sane_ray.weights.align import align_model
 from sane_ray.weights.permutation import permutation_spec
@@ -42,6 +49,9 @@ from sane_ray.weights.tokenize import (
     bn_mode,
     tokenize_stack,
 )
+from sane_ray.zoo.checks import DEFAULT_MAX_ABS, BadCheckpointError, skip
+from sane_ray.zoo.reader import load_checkpoint, load_model_checkpoints
+from sane_ray.zoo.spec import CheckpointRecord, ModelRecord, Skipped
 
 if TYPE_CHECKING:
     from sane_ray.data.pipeline import PreparedData
@@ -92,7 +102,7 @@ class Preprocessing:
         s3: storage.S3Options | None = None,
     ) -> Preprocessing:
         """The preprocessing of a canonical zoo (loads each layout's reference checkpoint from the zoo)."""
-        from sane_ray.zoo.reader import load_checkpoint, open_zoo
+        from sane_ray.zoo.reader import open_zoo
 
         s = canonical.settings
         zoo = open_zoo(canonical.zoo_uri, s3=s3)
@@ -196,6 +206,35 @@ def own_stats(
     return stats
 
 
+def population_stats(
+    run: Any, models: Iterable[ModelRecord], s3: storage.S3Options | None = None, max_abs: float = DEFAULT_MAX_ABS,
+) -> dict[str, StandardizationStats]:
+    """Per layout the run lacks (an architecture it never saw): statistics over every usable
+    checkpoint of ``models`` of that layout, streamed one model at a time. They standardize the
+    layers the run's statistics do not cover (:func:`stats_for_layout`); a job computes them once
+    for the population it embeds and records them with its results. Empty when the run knows
+    every layout of ``models`` (nothing is read then)."""
+    prep: Preprocessing = getattr(run, "preprocessing", run)
+    by_layout: dict[str, list[ModelRecord]] = {}
+    for m in models:
+        lid = prep.layout_id(m.architecture, m.arch_kwargs)
+        if lid not in prep.layouts:
+            by_layout.setdefault(lid, []).append(m)
+    out = {}
+    for lid, group in by_layout.items():
+        loaded = ([sd for _, sd in load_model_checkpoints(m, s3=s3, max_abs=max_abs)[0]] for m in group)
+        stats = own_stats(prep, group[0].architecture, group[0].arch_kwargs, loaded)
+        if stats is not None:
+            out[lid] = stats
+    return out
+
+
+def uncovered_layers(prep: Preprocessing, layout: TokenLayout) -> list[str]:
+    """Layers of ``layout`` that no layout of the run holds with the same key and shape."""
+    known = {(s.key, s.shape, s.bias_key) for p in prep.layouts.values() for s in p.layout.layers}
+    return [s.key for s in layout.layers if (s.key, s.shape, s.bias_key) not in known]
+
+
 _logged: set[tuple[str, str]] = set()
 
 
@@ -229,15 +268,17 @@ def preprocess(
     architecture: str,
     arch_kwargs: Mapping[str, Any] | None = None,
     fallback_stats: StandardizationStats | None = None,
+    anchor: Mapping[str, torch.Tensor] | None = None,
 ) -> Tokens:
     """Tokens, mask and positions of raw checkpoints exactly as ``run`` trained on them.
 
     ``run`` is a :class:`~sane_ray.embed.run.Run` (or its :class:`Preprocessing`).
     ``checkpoints`` is one state dict (tokens (N, d_t)) or the checkpoints of *one* model
     in epoch order (tokens (B, N, d_t)): like the run, they are all aligned with the
-    permutation found on the last one. For an architecture the run does not know,
-    ``fallback_stats`` (statistics of all the models being embedded, e.g. from
-    :func:`own_stats`; default: of ``checkpoints`` alone) standardize uncovered layers.
+    permutation found on ``anchor`` (default: the last of them; zoo models go through
+    :func:`model_tokens`, which passes the model's anchor). For an architecture the run
+    does not know, ``fallback_stats`` (statistics of all the models being embedded, e.g.
+    from :func:`own_stats`; default: of ``checkpoints`` alone) standardize uncovered layers.
     """
     prep: Preprocessing = getattr(run, "preprocessing", run)
     single = isinstance(checkpoints, Mapping)
@@ -247,9 +288,10 @@ def preprocess(
     kwargs = dict(arch_kwargs or {})
     lid = prep.layout_id(architecture, kwargs)
     known = prep.layouts.get(lid)
-    if known is not None and prep.align and not _is_reference(states[-1], prep.references[lid]):
+    anchor = states[-1] if anchor is None else anchor
+    if known is not None and prep.align and not _is_reference(anchor, prep.references[lid]):
         spec = permutation_spec(architecture, **kwargs)
-        states, _ = align_model(spec, prep.references[lid], states, prep.align_max_sweeps, prep.align_seed)
+        states, _ = align_model(spec, prep.references[lid], states, prep.align_max_sweeps, prep.align_seed, anchor)
     toks = tokenize_stack(states, prep.token_size, prep.include_bn)
     if known is not None:
         stats = known.stats
@@ -262,3 +304,81 @@ def preprocess(
     if single:
         return Tokens(tokens[0], toks.mask, toks.pos, toks.layout, {k: v[0] for k, v in toks.bn_state.items()})
     return Tokens(tokens, toks.mask, toks.pos, toks.layout, toks.bn_state)
+
+
+def run_settings(run: Any) -> dict[str, Any]:
+    """The canonical settings (epochs, ``max_abs_weight``, ...) of a run or of its canonical manifest;
+    {} for a run without a manifest or a bare :class:`Preprocessing`."""
+    canonical = getattr(run, "canonical", run)
+    return dict(canonical.settings) if isinstance(canonical, CanonicalZoo) else {}
+
+
+def run_max_abs(run: Any) -> float:
+    """The largest |weight| the run accepted (checkpoints above it are skipped as diverged): the one
+    fallback for every reader of a run's zoo."""
+    return float(run_settings(run).get("max_abs_weight", DEFAULT_MAX_ABS))
+
+
+@dataclass
+class ModelTokens:
+    """A zoo model's selected checkpoints, preprocessed as the run would (:func:`model_tokens`)."""
+
+    model: ModelRecord
+    good: list[tuple[CheckpointRecord, dict[str, torch.Tensor]]]  # usable, epoch order, raw weights
+    skipped: list[Skipped] = field(default_factory=list)
+    tokens: Tokens | None = None  # (B, N, d_t), one row per ``good``; None when nothing was usable
+
+
+def anchor_checkpoint(
+    run: Any, model: ModelRecord, loaded: Mapping[int, Mapping[str, torch.Tensor]], bad: set[int],
+    s3: storage.S3Options | None, max_abs: float,
+) -> Mapping[str, torch.Tensor] | None:
+    """The checkpoint whose permutation aligns every checkpoint of ``model``: its last usable one
+    among the epochs the run trained on (what the canonical build aligns on), else its last usable
+    one at all. ``loaded``/``bad``: epochs already read (good / unusable), so nothing is read twice."""
+    uses = epoch_filter(run_settings(run))
+    newest_first = sorted(model.checkpoints, key=lambda c: (uses(c.epoch), c.epoch), reverse=True)
+    for ckpt in newest_first:
+        if ckpt.epoch in loaded:
+            return loaded[ckpt.epoch]
+        if ckpt.epoch in bad:
+            continue
+        try:
+            return load_checkpoint(model, ckpt, s3=s3, max_abs=max_abs)
+        except BadCheckpointError:
+            bad.add(ckpt.epoch)
+    return None
+
+
+def model_tokens(
+    run: Any, model: ModelRecord, epochs: Iterable[int] | None = None, *,
+    s3: storage.S3Options | None = None, max_abs: float | None = None,
+    fallback_stats: StandardizationStats | None = None,
+) -> ModelTokens:
+    """The usable checkpoints of ``model`` at ``epochs`` (default: the epochs the run trained on) and
+    their tokens: the one preprocessing path for zoo models (see the module doc).
+
+    ``max_abs`` defaults to the run's; ``fallback_stats`` are the population's statistics for
+    layers the run's statistics do not cover (:func:`own_stats`), passed on to :func:`preprocess`.
+    """
+    max_abs = run_max_abs(run) if max_abs is None else max_abs
+    if epochs is None:
+        uses = epoch_filter(run_settings(run))
+        chosen = [c for c in model.checkpoints if uses(c.epoch)]
+    else:
+        wanted = set(epochs)
+        chosen = [c for c in model.checkpoints if c.epoch in wanted]
+    good: list[tuple[CheckpointRecord, dict[str, torch.Tensor]]] = []
+    skipped: list[Skipped] = []
+    bad: set[int] = set()
+    for ckpt in chosen:
+        try:
+            good.append((ckpt, load_checkpoint(model, ckpt, s3=s3, max_abs=max_abs)))
+        except BadCheckpointError as e:
+            skipped.append(skip(e.path, e.reason))
+            bad.add(ckpt.epoch)
+    if not good:
+        return ModelTokens(model, good, skipped)
+    anchor = anchor_checkpoint(run, model, {c.epoch: sd for c, sd in good}, bad, s3, max_abs)
+    toks = preprocess(run, [sd for _, sd in good], model.architecture, model.arch_kwargs, fallback_stats, anchor)
+    return ModelTokens(model, good, skipped, toks)

@@ -36,14 +36,14 @@ import ray
 import torch
 
 from sane_ray import storage
-from sane_ray.data.canonical import model_from_json, model_to_json
+from sane_ray.data.canonical import CanonicalZoo, model_from_json, model_to_json
 from sane_ray.embed.encode import Embeddings, concat_tokens, embed_tokens
-from sane_ray.embed.preprocess import Preprocessing, own_stats, preprocess
+from sane_ray.embed.preprocess import model_tokens, population_stats, run_max_abs
 from sane_ray.embed.run import Run, load_preprocessing, load_run, run_canonical, splits_of, untrained_control
-from sane_ray.zoo.reader import load_model_checkpoints, open_zoo
+from sane_ray.zoo.reader import open_zoo
 from sane_ray.weights.standardize import StandardizationStats
 from sane_ray.weights.tokenize import Tokens
-from sane_ray.zoo.spec import METRICS, CheckpointRecord, ModelRecord
+from sane_ray.zoo.spec import METRICS, ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class EmbedConfig:
     num_actors: int = 1  # actor pool size (max)
     actor_cpus: float = 1.0
     actor_gpus: float | None = None  # per actor; None: 1 when the cluster has a GPU, else 0
-    max_abs_weight: float | None = None  # None: the zoo checks' default
+    max_abs_weight: float | None = None  # None: the run's (checkpoints above it are skipped)
     # Set: embed with a freshly initialized SANE of the run's config from this seed instead of
     # the trained one (the untrained control).
     untrained_seed: int | None = None
@@ -119,55 +119,33 @@ def _selected(model: ModelRecord, cfg: EmbedConfig) -> ModelRecord:
     return dataclasses.replace(model, checkpoints=[c for c in model.checkpoints if c.epoch in cfg.epochs])
 
 
-def _good_checkpoints(
-    model: ModelRecord, cfg: EmbedConfig, s3: storage.S3Options | None, log_bad: bool = True
-) -> list[tuple[CheckpointRecord, dict[str, torch.Tensor]]]:
-    kwargs = {} if cfg.max_abs_weight is None else {"max_abs": cfg.max_abs_weight}
-    good, bad = load_model_checkpoints(_selected(model, cfg), s3=s3, **kwargs)
-    for skipped in bad if log_bad else ():
-        log.warning("skipping %s: %s", skipped.path, skipped.reason)
-    return good
-
-
-def unknown_layout_stats(
-    prep: Preprocessing, models: list[ModelRecord], cfg: EmbedConfig, s3: storage.S3Options | None = None
-) -> dict[str, StandardizationStats]:
-    """Per layout the run lacks (architectures it never saw): statistics over all of the zoo's
-    models of it, streamed one model at a time on the caller (empty for a zoo of the run's layouts)."""
-    by_layout: dict[str, list[ModelRecord]] = {}
-    for m in models:
-        by_layout.setdefault(prep.layout_id(m.architecture, m.arch_kwargs), []).append(m)
-    out = {}
-    for lid, group in by_layout.items():
-        first = group[0]
-        loaded = ([sd for _, sd in _good_checkpoints(m, cfg, s3, log_bad=False)] for m in group)
-        stats = own_stats(prep, first.architecture, first.arch_kwargs, loaded)
-        if stats is not None:
-            out[lid] = stats
-    return out
+def _max_abs(run: Run | CanonicalZoo | None, cfg: EmbedConfig) -> float:
+    return run_max_abs(run) if cfg.max_abs_weight is None else cfg.max_abs_weight
 
 
 def embed_batch(
     run: Run, models: list[tuple[ModelRecord, str]], cfg: EmbedConfig, s3: storage.S3Options | None = None,
-    unknown_stats: dict[str, StandardizationStats] | None = None,
+    fallback_stats: dict[str, StandardizationStats] | None = None,
 ) -> pa.Table:
     """Rows for the usable checkpoints of a few ``(model, split)`` (bad checkpoints are skipped and
     logged; a model without any gives no rows).
 
-    Each model's checkpoints are preprocessed together (aligned with the permutation found on
-    its last one, as the run did); models of one layout are then encoded in one batch.
-    ``unknown_stats`` (from :func:`unknown_layout_stats`) standardize architectures the run never saw.
+    Each model goes through :func:`~sane_ray.embed.preprocess.model_tokens` (aligned with the
+    permutation of its anchor checkpoint, as the run did); models of one layout are then encoded
+    in one batch. ``fallback_stats`` (from :func:`~sane_ray.embed.preprocess.population_stats`
+    over the whole zoo) standardize layers of architectures the run never saw.
     """
     prep = run.preprocessing
+    max_abs = _max_abs(run, cfg)
     by_layout: dict[str, list[tuple[ModelRecord, str, list, Tokens]]] = {}
     for model, split in models:
-        good = _good_checkpoints(model, cfg, s3)
-        if not good:
-            continue
         lid = prep.layout_id(model.architecture, model.arch_kwargs)
-        toks = preprocess(run, [sd for _, sd in good], model.architecture, model.arch_kwargs,
-                          (unknown_stats or {}).get(lid))
-        by_layout.setdefault(lid, []).append((model, split, good, toks))
+        mt = model_tokens(run, model, _selected(model, cfg).epochs, s3=s3, max_abs=max_abs,
+                          fallback_stats=(fallback_stats or {}).get(lid))
+        for skipped in mt.skipped:
+            log.warning("skipping %s: %s", skipped.path, skipped.reason)
+        if mt.tokens is not None:
+            by_layout.setdefault(lid, []).append((model, split, mt.good, mt.tokens))
     tables = [SCHEMA.empty_table()]
     for group in by_layout.values():
         emb = embed_tokens(run, concat_tokens([t for *_, t in group]), window_size=cfg.window_size, halo=cfg.halo,
@@ -190,7 +168,7 @@ def embed_models(
     models = list(models)
     splits = run.splits() if splits is None else splits
     run = _model_for(run, cfg)
-    unknown = unknown_layout_stats(run.preprocessing, models, cfg, s3)
+    unknown = population_stats(run, [_selected(m, cfg) for m in models], s3, _max_abs(run, cfg))
     batch = cfg.models_per_batch
     tables = [
         embed_batch(run, [(m, splits.get(m.model_id, "")) for m in models[i : i + batch]], cfg, s3, unknown)
@@ -243,13 +221,14 @@ def embed_zoo(
     s3 = (s3 or storage.S3Options()).resolved()
     out_uri = storage.parse_uri(out_uri, s3).uri
     zoo = open_zoo(zoo_uri, s3=s3)
+    canonical = run_canonical(run_uri, s3)
     if splits is None:
-        canonical = run_canonical(run_uri, s3)
         same_zoo = canonical is not None and canonical.zoo_uri == zoo.uri
         splits = splits_of(canonical) if same_zoo else {}
         if not same_zoo:
             log.info("zoo %s is not the run's zoo: rows get no split", zoo.uri)
-    unknown = unknown_layout_stats(load_preprocessing(run_uri, s3), zoo.models, cfg, s3)
+    prep = load_preprocessing(run_uri, s3)
+    unknown = population_stats(prep, [_selected(m, cfg) for m in zoo.models], s3, _max_abs(canonical, cfg))
     gpus = cfg.actor_gpus if cfg.actor_gpus is not None else float(_cluster_gpus() >= 1)
     items = [{"item": model_to_json(m, split=splits.get(m.model_id, ""))} for m in zoo.models]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // cfg.models_per_batch)))

@@ -17,7 +17,7 @@ class ProbeConfig:
     # W and SANE's full token sequence are probed only up to this many features per checkpoint.
     max_flat_features: int = 20_000
     folds: int = 5  # grouped k-fold estimate (0: skip)
-    seed: int = 0  # fold assignment, and a fresh split for a zoo that is not the run's
+    seed: int = 0  # fold assignment of the grouped k-fold estimate (splits come from the run)
     control: bool = True  # also probe an untrained SANE of the run's config (seeded as the run was)
     window_size: int = 0  # embedding pass length; 0: the run's training window
     halo: int = -1  # halo tokens on each side of a pass; -1: a quarter window

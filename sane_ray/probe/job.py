@@ -6,8 +6,9 @@ statistics s(W), the SANE embedding (mean over tokens, haloed; and with the toke
 beside it), SANE's full token
 sequence (Table 10, when small), and the embedding of an untrained SANE of the run's
 config seeded as the run was (the control: what pretraining adds). Linear probes then
-predict test accuracy, epoch and generalization gap (R^2 on the run's test split, so no
-probe test model was seen in pretraining; plus a grouped k-fold estimate) and, where the
+predict test accuracy, epoch and generalization gap (R^2 on the test split: the run's own
+test models plus any it never saw, so no model the run trained on is tested, see
+:func:`model_splits`; plus a grouped k-fold estimate) and, where the
 zoo records them, the models' hyperparameters.
 
 Models are processed one at a time (all checkpoints of a model at once, as the run
@@ -21,6 +22,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,14 +32,18 @@ import yaml
 
 from sane_ray import storage
 from sane_ray.config import dump_config
+from sane_ray.data.config import epoch_filter
 from sane_ray.data.splits import split_models
-from sane_ray.embed import Run, embed_tokens, load_run, preprocess
+from sane_ray.embed import Run, embed_tokens, load_run
+from sane_ray.embed.preprocess import model_tokens, population_stats, run_max_abs, run_settings, uncovered_layers
 from sane_ray.embed.run import untrained_control
 from sane_ray.probe import report
 from sane_ray.probe.config import ProbeConfig
 from sane_ray.probe.features import flat_weights, num_weights, weight_statistics
 from sane_ray.probe.linear import classifier_probe, grouped_kfold, ridge_probe
-from sane_ray.zoo.reader import load_model_checkpoints, open_zoo
+from sane_ray.weights.standardize import StandardizationStats
+from sane_ray.weights.tokenize import TokenLayout
+from sane_ray.zoo.reader import open_zoo
 from sane_ray.zoo.spec import ModelRecord, Zoo
 
 log = logging.getLogger("sane_ray.probe")
@@ -63,6 +69,16 @@ class ProbeData:
     hparams: list[dict[str, Any]] = field(default_factory=list)
     layer_names: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Layout id -> statistics pooled over the probed models for layers the run's do not cover.
+    fallback: dict[str, StandardizationStats] = field(default_factory=dict)
+    pretrained: list[bool] = field(default_factory=list)  # per row: the run trained on this model
+
+    def assign_splits(self, split_of: dict[str, str], trained: set[str]) -> None:
+        self.split = [split_of[m] for m in self.model_id]
+        self.pretrained = [m in trained for m in self.model_id]
+
+    def test_models_pretrained(self) -> int:
+        return len({m for m, s, p in zip(self.model_id, self.split, self.pretrained) if s == "test" and p})
 
     def target(self, key: str) -> np.ndarray:
         return np.asarray(self.epoch if key == "epoch" else self.metrics[key], dtype=np.float64)
@@ -77,28 +93,36 @@ def _run_document(run_uri: str) -> dict[str, Any]:
     return yaml.safe_load(storage.read_bytes(uri)) if storage.exists(uri) else {}
 
 
-def model_splits(run: Run, zoo: Zoo, run_doc: dict[str, Any], seed: int) -> tuple[dict[str, str], str]:
-    """Split of every zoo model and where it came from: the run's own split if it covers the zoo, else
-    a fresh split by model with the run's fractions (the zoo's models were then never pretrained on)."""
-    ids = [m.model_id for m in zoo.models]
+def model_splits(run: Run, model_ids: Sequence[str]) -> tuple[dict[str, str], str]:
+    """Split of every probed model (those with usable checkpoints) and how it was made.
+
+    The run's recorded split owns every model it covers: its training, validation and test
+    models keep their split. Models it never split (another zoo's, a superset of its zoo's,
+    models its pretraining dropped) are *unseen* and join the test split only, so no model the
+    run trained on is ever a test model and unseen models never reshuffle the run's. A zoo the
+    run shares no model with is split afresh by model with the run's fractions and split seed.
+    """
     known = run.splits()
-    if ids and all(mid in known for mid in ids):
-        return {mid: known[mid] for mid in ids}, "the run's own split"
-    fractions = (run_doc.get("data") or {}).get("split_fractions", (0.7, 0.15, 0.15))
-    fresh = split_models(ids, fractions, seed)
-    how = f"a fresh split by model ({'/'.join(f'{f:g}' for f in fractions)}, seed {seed}): the zoo is not the run's"
-    log.warning("zoo %s holds models the run did not split; using %s", zoo.uri, how)
-    return {mid: s for s, members in fresh.items() for mid in members}, how
-
-
-def _epoch_filter(cfg: ProbeConfig, run: Run):
-    if cfg.epochs is not None:
-        wanted = set(cfg.epochs)
-        return lambda e: e in wanted
-    s = run.canonical.settings if run.canonical is not None else {}
-    wanted = set(s["epochs"]) if s.get("epochs") is not None else None
-    skip_zero = bool(s.get("skip_epoch_zero"))
-    return lambda e: not (skip_zero and e == 0) and (wanted is None or e in wanted)
+    seen = [mid for mid in model_ids if mid in known]
+    if not seen:
+        s = run_settings(run)
+        fractions = tuple(s.get("split_fractions", (0.7, 0.15, 0.15)))
+        seed = int(s.get("split_seed", 42))
+        fresh = split_models(model_ids, fractions, seed)
+        how = (f"a fresh split by model ({'/'.join(f'{f:g}' for f in fractions)}, the run's split seed {seed}): "
+               "the run was pretrained on none of these models")
+        log.info("probe: %s", how)
+        return {mid: name for name, members in fresh.items() for mid in members}, how
+    split = {mid: known.get(mid, "test") for mid in model_ids}
+    for name in ("train", "val"):
+        if name not in split.values():
+            raise ValueError(f"probe: none of the {len(seen)} probed model(s) the run split is a {name} model; "
+                             "the probe fits on the run's training models and picks alpha on its validation models")
+    unseen = len(model_ids) - len(seen)
+    how = "the run's own split" + (f"; {unseen} model(s) the run never split joined the test split" if unseen else "")
+    if unseen:
+        log.info("probe: %s", how)
+    return split, how
 
 
 def _hyperparameters(model: ModelRecord) -> dict[str, Any]:
@@ -106,24 +130,30 @@ def _hyperparameters(model: ModelRecord) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool))}
 
 
-def collect(run: Run, control: Run | None, zoo: Zoo, split_of: dict[str, str], cfg: ProbeConfig) -> ProbeData:
-    """Preprocess, featurize and embed every selected checkpoint of ``zoo``, model by model."""
+def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeData:
+    """Preprocess (:func:`~sane_ray.embed.preprocess.model_tokens`), featurize and embed every
+    selected checkpoint of ``zoo``, model by model; splits are assigned afterwards."""
     data = ProbeData()
-    uses = _epoch_filter(cfg, run)
     window = cfg.window_size or None
     halo = None if cfg.halo < 0 else cfg.halo
+    max_abs = run_max_abs(run)
+    uses = epoch_filter(run_settings(run) if cfg.epochs is None else {"epochs": cfg.epochs})
+    selected = [dataclasses.replace(m, checkpoints=[c for c in m.checkpoints if uses(c.epoch)]) for m in zoo.models]
+    data.fallback = population_stats(run, selected, max_abs=max_abs)
     layouts: set[str] = set()
     flat_ok = full_ok = True
     n, t0 = len(zoo.models), time.perf_counter()
     every = max(1, n // 10)
-    for i, model in enumerate(zoo.models, 1):
-        model = dataclasses.replace(model, checkpoints=[c for c in model.checkpoints if uses(c.epoch)])
-        good, bad = load_model_checkpoints(model, max_abs=float(run.canonical.settings["max_abs_weight"])
-                                           if run.canonical is not None else math.inf)
-        if bad:
-            data.notes.append(f"{model.model_id}: {len(bad)} checkpoint(s) skipped ({bad[0].reason})")
-        if good:
-            toks = preprocess(run, [sd for _, sd in good], model.architecture, model.arch_kwargs)
+    for i, (model, chosen) in enumerate(zip(zoo.models, selected), 1):
+        lid = run.preprocessing.layout_id(model.architecture, model.arch_kwargs)
+        mt = model_tokens(run, model, chosen.epochs, max_abs=max_abs, fallback_stats=data.fallback.get(lid))
+        if mt.skipped:
+            data.notes.append(f"{model.model_id}: {len(mt.skipped)} checkpoint(s) skipped ({mt.skipped[0].reason})")
+        if mt.tokens is None:
+            if chosen.checkpoints:
+                data.notes.append(f"{model.model_id}: left out (no usable checkpoint at the selected epochs)")
+        else:
+            toks = mt.tokens
             layouts.add(toks.layout.to_json())
             if len(layouts) > 1:
                 raise ValueError(f"zoo {zoo.uri} mixes architectures of different shapes ({model.model_id} differs): "
@@ -131,6 +161,7 @@ def collect(run: Run, control: Run | None, zoo: Zoo, split_of: dict[str, str], c
             if not data.layer_names:
                 data.layer_names = [s.key.removesuffix(".weight") for s in toks.layout.layers]
                 flat_ok = num_weights(toks.mask) <= cfg.max_flat_features
+                data.notes += _uncovered_notes(run, toks.layout, model, lid in data.fallback)
             emb = embed_tokens(run, toks, window_size=window, halo=halo, keep_tokens=True)
             full_ok = full_ok and emb.tokens[0].numel() <= cfg.max_flat_features
             feats = {"s(W)": weight_statistics(toks.tokens, toks.layout)[0], SANE: emb.mean.cpu().numpy(),
@@ -144,10 +175,9 @@ def collect(run: Run, control: Run | None, zoo: Zoo, split_of: dict[str, str], c
             for k, v in feats.items():
                 data.features.setdefault(k, []).append(v)
             data.spread.append(emb.layer_spread.cpu().numpy())
-            for ckpt, _ in good:
+            for ckpt, _ in mt.good:
                 data.model_id.append(model.model_id)
                 data.epoch.append(ckpt.epoch)
-                data.split.append(split_of[model.model_id])
                 for key in data.metrics:
                     data.metrics[key].append(float(ckpt.metrics.get(key, math.nan)))
                 data.hparams.append(_hyperparameters(model))
@@ -162,6 +192,16 @@ def collect(run: Run, control: Run | None, zoo: Zoo, split_of: dict[str, str], c
         data.notes.append(f"W skipped: {num_weights(toks.mask):,} weights per model > max_flat_features "
                           f"{cfg.max_flat_features:,}")
     return data
+
+
+def _uncovered_notes(run: Run, layout: TokenLayout, model: ModelRecord, fallback: bool) -> list[str]:
+    """The report's line on layers the run's statistics do not cover (none for the run's own layouts)."""
+    layers = uncovered_layers(run.preprocessing, layout) if fallback else []
+    if not layers:
+        return []
+    return [f"{model.architecture} {model.arch_kwargs}: the run's statistics do not cover layer(s) "
+            f"{', '.join(layers)}; they are standardized with statistics pooled over every probed checkpoint "
+            "of that architecture (`fallback_stats.json`)"]
 
 
 def _methods(data: ProbeData) -> list[str]:
@@ -250,23 +290,37 @@ def _split_counts(data: ProbeData) -> dict[str, dict[str, int]]:
     return out
 
 
+def models_csv(data: ProbeData, run_split: dict[str, str]) -> str:
+    """One line per probed model: its probe split, whether the run trained on it, the run's split of it."""
+    rows: dict[str, list] = {}
+    for mid, split, pre in zip(data.model_id, data.split, data.pretrained):
+        rows.setdefault(mid, [split, pre, run_split.get(mid, ""), 0])[3] += 1
+    lines = ["model_id,split,pretrained,run_split,checkpoints"]
+    lines += [f"{mid},{s},{str(p).lower()},{r},{n}" for mid, (s, p, r, n) in sorted(rows.items())]
+    return "\n".join(lines) + "\n"
+
+
 def results_markdown(res: ProbeResults, data: ProbeData, zoo: Zoo, run_uri: str, split_how: str) -> str:
     counts = _split_counts(data)
     sizes = ", ".join(f"{s} {c['models']} models / {c['checkpoints']} checkpoints" for s, c in counts.items())
     epochs = sorted(set(data.epoch))
+    n_models = len(set(data.model_id))
+    n_pretrained = len({m for m, p in zip(data.model_id, data.pretrained) if p})
     parts = [
         "# Property prediction (linear probes)\n",
         f"Run `{run_uri}` embeds zoo `{zoo.uri}` ({zoo.format} layout): {sizes}; epochs "
         f"{epochs[0]}..{epochs[-1]} ({len(epochs)} per model). Split: {split_how}.\n",
         "## Test split (R²)\n",
-        "Ridge regression on standardized features, alpha picked on the validation split "
-        "from 1e3..1e-5; R² on the test models.\n",
+        f"Test models seen in pretraining: **{data.test_models_pretrained()}** of {counts['test']['models']} "
+        "(`models.csv` lists every model's split and whether the run trained on it). Ridge regression on "
+        "standardized features, alpha picked on the validation split from 1e3..1e-5; R² on the test models.\n",
         report.table_markdown(res.test, "R²"),
     ]
     if res.kfold:
         parts += ["## Grouped k-fold (R², mean ± std over folds of models)\n",
-                  "Every model is in one test fold once; the next fold picks alpha. Folds also hold models "
-                  "SANE saw in (self-supervised) pretraining.\n",
+                  "Every model is in one test fold once; the next fold picks alpha. The folds mix models SANE "
+                  f"was pretrained on (self-supervised, {n_pretrained} of {n_models} models) with ones it was not, "
+                  "so this estimate is not free of pretraining exposure; the test-split table above is.\n",
                   report.table_markdown(res.kfold, "R²")]
     if res.hparams:
         parts += ["## Hyperparameters (test split)\n",
@@ -280,16 +334,20 @@ def results_markdown(res: ProbeResults, data: ProbeData, zoo: Zoo, run_uri: str,
     return "\n".join(parts)
 
 
-def write_results(res: ProbeResults, data: ProbeData, zoo: Zoo, cfg: ProbeConfig, out: str, split_how: str) -> None:
+def write_results(res: ProbeResults, data: ProbeData, zoo: Zoo, cfg: ProbeConfig, out: str, split_how: str,
+                  run_split: dict[str, str]) -> None:
     """Every output file, each written atomically; ``results.md`` last."""
     storage.makedirs(out)
     files: dict[str, bytes] = {
         "probe_config.yaml": dump_config(cfg).encode(),
+        "models.csv": models_csv(data, run_split).encode(),
         "results.csv": report.table_csv(res.test).encode(),
         "pred_vs_true.png": report.predicted_vs_true_png(res.points),
         "results.json": json.dumps({
             "zoo": zoo.uri, "format": zoo.format, "split": split_how, "counts": _split_counts(data),
             "test_models": sorted({m for m, s in zip(data.model_id, data.split) if s == "test"}),
+            "test_models_pretrained": data.test_models_pretrained(),
+            "fallback_stats": sorted(data.fallback),
             "test_r2": res.test, "alpha": res.alphas, "kfold_r2": res.kfold, "hyperparameters": res.hparams,
             "notes": data.notes,
         }, indent=1, default=float).encode(),
@@ -298,6 +356,9 @@ def write_results(res: ProbeResults, data: ProbeData, zoo: Zoo, cfg: ProbeConfig
         files["results_kfold.csv"] = report.table_csv(res.kfold).encode()
     if res.hparams:
         files["hyperparameters.csv"] = report.table_csv(res.hparams).encode()
+    if data.fallback:
+        files["fallback_stats.json"] = json.dumps(
+            {lid: st.to_dict() for lid, st in sorted(data.fallback.items())}, indent=1).encode()
     last = {}
     for i, (mid, e, s) in enumerate(zip(data.model_id, data.epoch, data.split)):
         if s == "test" and e >= data.epoch[last.get(mid, i)]:
@@ -321,11 +382,12 @@ def run_probe(cfg: ProbeConfig) -> tuple[str, ProbeResults]:
     if not zoo_uri:
         raise ValueError(f"probe: run {cfg.run} records no zoo; set zoo")
     zoo = open_zoo(zoo_uri)
-    split_of, split_how = model_splits(run, zoo, run_doc, cfg.seed)
     control = untrained_control(run, int((run_doc.get("train") or {}).get("seed", 0))) if cfg.control else None
     log.info("probe: embedding %d models of %s with run %s", len(zoo.models), zoo.uri, cfg.run)
-    data = collect(run, control, zoo, split_of, cfg)
+    data = collect(run, control, zoo, cfg)
+    split_of, split_how = model_splits(run, sorted(set(data.model_id)))
+    data.assign_splits(split_of, {m for m, s in run.splits().items() if s == "train"})
     res = probe(data, cfg)
     out = storage.parse_uri(cfg.out).uri if cfg.out else storage.join(cfg.run, "probe")
-    write_results(res, data, zoo, cfg, out, split_how)
+    write_results(res, data, zoo, cfg, out, split_how, run.splits())
     return out, res

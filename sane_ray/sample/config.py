@@ -44,6 +44,9 @@ class SampleConfig:
     bn_condition: bool = True  # BN running statistics from forward passes on the task's training data
     bn_batches: int = 50
     bn_batch_size: int = 32
+    # 0: reset the running statistics, then their exact average over bn_batches batches; > 0: the
+    # reference's running averages with this momentum, nothing reset (it runs 200 batches, momentum 0.1)
+    bn_momentum: float = 0.0
     # ---- fine-tuning and comparisons (kept models, prompts, and as many models trained from scratch)
     finetune_epochs: int = 0
     finetune_lr: float = 1e-3
@@ -77,6 +80,8 @@ class SampleConfig:
         if self.bootstrap and self.keep < 2 and self.bandwidth <= 0:
             raise ValueError("SampleConfig.bootstrap refits a KDE on the kept candidates: with keep < 2 set "
                              "SampleConfig.bandwidth > 0 (no spread to estimate it from)")
+        if not 0 <= self.bn_momentum <= 1:
+            raise ValueError(f"SampleConfig.bn_momentum must be in [0, 1], got {self.bn_momentum}")
         if self.bandwidth < 0 or self.gauss_std <= 0 or self.finetune_lr <= 0 or self.cpus_per_task <= 0:
             raise ValueError("SampleConfig.bandwidth must be >= 0 and gauss_std, finetune_lr, cpus_per_task > 0")
         if self.gpus_per_task < 0 and self.gpus_per_task != -1:

@@ -15,6 +15,8 @@ models with the run's zoo and the prompts (:mod:`sane_ray.sample.novelty`).
 Output under ``out``: ``candidates/`` and ``kept/`` (native zoos, manifests published last),
 ``candidates.parquet`` / ``candidates.csv`` (every candidate, ranked), ``curves.csv`` (test
 accuracy per fine-tuning epoch: sampled, prompts, scratch), ``finetune.png``,
+``memorization.csv`` / ``.parquet`` and ``memorization.png`` (kept models against the
+memorization baselines, :mod:`sane_ray.sample.novelty`),
 ``sample_config.yaml``, ``summary.json`` and ``summary.md`` (written last).
 """
 
@@ -40,6 +42,7 @@ import torch
 from sane_ray import lease, storage
 from sane_ray.cluster import ensure_ray, remote_args
 from sane_ray.config import dump_config
+from sane_ray.embed.preprocess import run_max_abs
 from sane_ray.embed.run import Run, load_run
 from sane_ray.sample import report
 from sane_ray.sample.config import SampleConfig
@@ -96,6 +99,7 @@ class Context:
     bn_condition: bool
     bn_batches: int
     bn_batch_size: int
+    bn_momentum: float
     mode: str
     candidates_uri: str
     kept_uri: str
@@ -133,7 +137,8 @@ def _metrics(net: torch.nn.Module, task: Task) -> dict[str, float]:
 
 def _condition(ctx: Context, net: torch.nn.Module, task: Task, seed: int) -> None:
     if ctx.bn_condition:
-        bn_condition(net, task.train, ctx.bn_batches, ctx.bn_batch_size, torch.Generator().manual_seed(seed))
+        bn_condition(net, task.train, ctx.bn_batches, ctx.bn_batch_size, torch.Generator().manual_seed(seed),
+                     ctx.bn_momentum)
 
 
 def candidate_id(round_: int, index: int) -> str:
@@ -196,9 +201,28 @@ def finetune_one(ctx: Context, group: str, name: str, source: dict[str, Any], in
     return {"group": group, "model_id": name, "test_acc": accs, "rows": rows}
 
 
+class SamplingFailedError(RuntimeError):
+    """Every candidate of a sampling run is broken (non-finite loss or accuracy)."""
+
+
+SCORED = tuple(f"{split}_{m}" for split in SPLITS for m in ("acc", "loss"))
+
+
+def broken(row: dict[str, Any]) -> bool:
+    """A candidate with any non-finite accuracy or loss (a diverged decode): never kept."""
+    return not all(math.isfinite(float(row[k])) for k in SCORED)
+
+
 def _score(row: dict[str, Any]) -> tuple:
-    """Ranking key: validation accuracy, then validation loss, then draw order."""
-    return (-row["val_acc"], row["val_loss"], row["hparams_round"], row["hparams_index"])
+    """Ranking key: broken candidates last, then validation accuracy, validation loss, draw order
+    (NaN compares false with everything, so it must never reach the sort as a number)."""
+    order = (row["hparams_round"], row["hparams_index"])
+    return (True, 0.0, 0.0, *order) if broken(row) else (False, -row["val_acc"], row["val_loss"], *order)
+
+
+def _publish_candidates(ctx: Context, rows: list[dict[str, Any]], cfg: SampleConfig, s3: storage.S3Options) -> None:
+    publish_manifest(ctx.candidates_uri, [{k: v for k, v in r.items() if not k.startswith("hparams_")} for r in rows],
+                     metadata={"sample": dataclasses.asdict(cfg)}, s3=s3)
 
 
 def _gpus(cfg: SampleConfig) -> float:
@@ -255,9 +279,9 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
     prompt_zoo_uri = cfg.prompts or (run.canonical.zoo_uri if run.canonical is not None else "")
     if not prompt_zoo_uri:
         raise ValueError(f"the run {cfg.run} records no zoo: give the prompt models (--prompts URI)")
-    max_abs = float(run.canonical.settings["max_abs_weight"]) if run.canonical is not None else DEFAULT_MAX_ABS
+    max_abs = run_max_abs(run)
     prompts = select_prompts(open_zoo(prompt_zoo_uri, s3=s3), cfg.prompt_models, cfg.prompt_epoch, cfg.prompt_best_k)
-    prompt_set = load_prompts(run, prompts, max_abs)
+    prompt_set = load_prompts(run, prompts, max_abs, s3)
     arch, kwargs = prompt_set.architecture, prompt_set.arch_kwargs
     check_positions(run.model, prompt_set.layout, arch)
     window = cfg.window_size or run.preprocessing.window_size
@@ -271,7 +295,7 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
     ctx = Context(
         run_uri=run.uri, architecture=arch, arch_kwargs=kwargs, layout_json=prompt_set.layout.to_json(),
         stats_json=prompt_set.stats.to_json(), task=cfg.task, seed=cfg.seed, window_size=window, halo=halo,
-        bn_condition=cfg.bn_condition, bn_batches=cfg.bn_batches, bn_batch_size=cfg.bn_batch_size, mode=cfg.mode,
+        bn_condition=cfg.bn_condition, bn_batches=cfg.bn_batches, bn_batch_size=cfg.bn_batch_size, bn_momentum=cfg.bn_momentum, mode=cfg.mode,
         candidates_uri=storage.join(out, "candidates"), kept_uri=storage.join(out, "kept"),
         finetune_epochs=cfg.finetune_epochs, finetune_lr=cfg.finetune_lr,
         finetune_batch_size=cfg.finetune_batch_size, threads=max(1, int(cfg.cpus_per_task)), s3=s3,
@@ -292,7 +316,12 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
                 rows.extend({**r, **{f"hparams_{k}": v for k, v in json.loads(r["hparams"]).items()
                                      if k in ("round", "index")}} for r in part)
             rows.sort(key=_score)
-            kept = rows[: cfg.keep]
+            kept = [r for r in rows[: cfg.keep] if not broken(r)]
+            if not kept:
+                _publish_candidates(ctx, rows, cfg, s3)
+                raise SamplingFailedError(
+                    f"all {len(rows)} candidates are broken (non-finite loss or accuracy on {cfg.task}); "
+                    f"they are in the zoo {ctx.candidates_uri}")
             log.info("round %d: best val acc %.3f, kept mean val acc %.3f", round_, kept[0]["val_acc"],
                      float(np.mean([r["val_acc"] for r in kept])))
             if round_ < cfg.bootstrap:
@@ -300,8 +329,7 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
                                      for r in kept])
                 kdes.append(TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, anchor=cfg.kde_anchor))
         sample_s = time.perf_counter() - t0
-        publish_manifest(ctx.candidates_uri, [{k: v for k, v in r.items() if not k.startswith("hparams_")}
-                                              for r in rows], metadata={"sample": dataclasses.asdict(cfg)}, s3=s3)
+        _publish_candidates(ctx, rows, cfg, s3)
 
         jobs = [("sampled", r["model_id"], r, i) for i, r in enumerate(kept)]
         jobs += [("prompt", p.name, _prompt_source(p), i) for i, p in enumerate(prompts)]
@@ -309,14 +337,19 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
         curves = _collect([tune.remote(ctx_ref, *j) for j in jobs], "fine-tuning")
         publish_manifest(ctx.kept_uri, [row for c in curves for row in c["rows"]],
                          metadata={"sample": dataclasses.asdict(cfg)}, s3=s3)
-        novelty = novelty_rows(ctx, run, prompt_set, kept, opts) if cfg.novelty else {}
+        compared = novelty_rows(ctx, run, prompt_set, kept, opts) if cfg.novelty else {}
+        novelty, memo = compared.get("models", {}), compared.get("memorization", [])
 
-        table = report.candidate_table(rows, cfg.keep, curves, novelty)
+        table = report.candidate_table(rows, {r["model_id"] for r in kept}, curves, novelty, broken)
         _write_table(out, "candidates", table, s3)
         _write_table(out, "curves", report.curve_table(curves), s3)
         storage.write_bytes_atomic(storage.join(out, "finetune.png"), report.curves_png(curves, cfg.task), s3)
+        if memo:
+            _write_table(out, "memorization", pa.Table.from_pylist(memo), s3)
+            storage.write_bytes_atomic(storage.join(out, "memorization.png"), report.memorization_png(memo, cfg.task), s3)
         storage.write_bytes_atomic(storage.join(out, "sample_config.yaml"), dump_config(cfg).encode(), s3)
-        summary = report.summarize(cfg, prompts, kdes, rows, kept, curves, novelty, sample_s)
+        summary = report.summarize(cfg, prompts, kdes, rows, kept, curves, novelty, sample_s,
+                                   sum(map(broken, rows)), memo)
         storage.write_bytes_atomic(storage.join(out, "summary.json"), json.dumps(summary, indent=1).encode(), s3)
         storage.write_bytes_atomic(storage.join(out, "summary.md"), report.summary_markdown(summary).encode(), s3)
     log.info("sampled %d candidates in %.1fs (%.2f/s); results in %s", len(rows), sample_s, len(rows) / sample_s, out)

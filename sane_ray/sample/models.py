@@ -78,17 +78,25 @@ def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def bn_condition(model: nn.Module, data: Split, batches: int, batch_size: int, generator: torch.Generator) -> int:
+def bn_condition(model: nn.Module, data: Split, batches: int, batch_size: int, generator: torch.Generator,
+                 momentum: float = 0.0) -> int:
     """Re-estimate every BatchNorm's running statistics from ``batches`` random batches of ``data``;
-    returns the number of BN layers conditioned (0: the model has none, nothing runs)."""
+    returns the number of BN layers conditioned (0: the model has none, nothing runs).
+
+    ``momentum`` 0 (the default): statistics reset, then the exact average over the batches, so
+    nothing of the decoded statistics survives. > 0: the reference's procedure, forward passes
+    that update the decoded statistics as running averages with this momentum."""
     layers = _bn_layers(model)
     if not layers:
         return 0
     was_training = model.training
     momenta = [m.momentum for m in layers]
     for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the conditioning batches
+        if momentum > 0:
+            m.momentum = momentum
+        else:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the conditioning batches
     model.train()
     try:
         for _ in range(batches):

@@ -5,12 +5,14 @@ epoch or at ``epoch``, optionally only the best ``k`` by the zoo's validation ac
 Prompts must share one architecture (the target of sampling) and its arguments up to
 ``dropout`` (which does not change a network's function at inference); a best-k choice
 takes the family of the best model. :func:`prompt_latents` preprocesses them as the run
-would (aligned, tokenized, standardized; an architecture the run never saw with the
-prompts' own statistics for layers the run lacks) and encodes them with haloing.
+would (aligned with their models' anchor checkpoints, tokenized, standardized; an architecture
+the run never saw with the prompts' pooled statistics for layers the run lacks) and encodes
+them with haloing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -19,16 +21,11 @@ from typing import Any
 import torch
 
 from sane_ray.embed.encode import concat_tokens, encode_haloed, halo_plan
-from sane_ray.embed.preprocess import (
-    Preprocessing,
-    own_stats,
-    preprocess,
-    stats_for_layout,
-)
+from sane_ray import storage
+from sane_ray.embed.preprocess import model_tokens, population_stats, stats_for_layout
 from sane_ray.embed.run import Run
 from sane_ray.weights.standardize import StandardizationStats
-from sane_ray.weights.tokenize import TokenLayout, Tokens, layout_from_state_dict
-from sane_ray.zoo.reader import load_checkpoint
+from sane_ray.weights.tokenize import TokenLayout, Tokens
 from sane_ray.zoo.spec import CheckpointRecord, ModelRecord, Zoo
 
 log = logging.getLogger(__name__)
@@ -116,26 +113,27 @@ class PromptSet:
         return dict(self.prompts[0].model.arch_kwargs)
 
 
-def target_stats(prep: Preprocessing, architecture: str, arch_kwargs: dict[str, Any],
-                 states: list[dict[str, torch.Tensor]], layout: TokenLayout) -> tuple[StandardizationStats, StandardizationStats | None]:
-    """(statistics that standardize the target layout, the prompts' own statistics if they were needed):
-    what :func:`~sane_ray.embed.preprocess.preprocess` uses for these prompts, so decoding inverts it."""
-    lid = prep.layout_id(architecture, arch_kwargs)
-    if lid in prep.layouts:
-        return prep.layouts[lid].stats, None
-    own = own_stats(prep, architecture, arch_kwargs, ([sd] for sd in states))
-    return stats_for_layout(prep, layout, own, f"{architecture} {arch_kwargs}"), own
-
-
-def load_prompts(run: Run, prompts: list[Prompt], max_abs: float) -> PromptSet:
-    """Load and preprocess ``prompts`` as the run would (each aligned on its own)."""
+def load_prompts(run: Run, prompts: list[Prompt], max_abs: float, s3: storage.S3Options | None = None) -> PromptSet:
+    """Load and preprocess ``prompts`` as the run would, through the one path for zoo models
+    (:func:`~sane_ray.embed.preprocess.model_tokens`: each aligned with the permutation of its
+    model's anchor checkpoint). For an architecture the run never saw, layers its statistics do
+    not cover are standardized with statistics pooled over the prompts, which decoding inverts."""
     prep = run.preprocessing
-    states = [load_checkpoint(p.model, p.checkpoint, max_abs=max_abs) for p in prompts]
     arch, kwargs = prompts[0].model.architecture, dict(prompts[0].model.arch_kwargs)
-    layout = layout_from_state_dict(states[0], prep.token_size, prep.include_bn)
-    stats, own = target_stats(prep, arch, kwargs, states, layout)
-    tokens = concat_tokens([preprocess(run, [sd], arch, kwargs, own) for sd in states])
-    return PromptSet(prompts, states, tokens, stats)
+    lid = prep.layout_id(arch, kwargs)
+    own = population_stats(run, [dataclasses.replace(p.model, checkpoints=[p.checkpoint]) for p in prompts],
+                           s3, max_abs).get(lid)
+    parts = []
+    for p in prompts:
+        mt = model_tokens(run, p.model, [p.checkpoint.epoch], s3=s3, max_abs=max_abs, fallback_stats=own)
+        if mt.tokens is None:
+            bad = mt.skipped[0] if mt.skipped else None
+            raise ValueError(f"prompt {p.name}: {bad.path if bad else p.checkpoint.uri}: unusable checkpoint "
+                             f"({bad.reason if bad else 'not found'})")
+        parts.append(mt)
+    tokens = concat_tokens([mt.tokens for mt in parts])
+    stats = prep.layouts[lid].stats if lid in prep.layouts else stats_for_layout(prep, tokens.layout, own, f"{arch} {kwargs}")
+    return PromptSet(prompts, [mt.good[0][1] for mt in parts], tokens, stats)
 
 
 def prompt_latents(run: Run, prompt_set: PromptSet, window_size: int, halo: int | None) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,17 +19,18 @@ GROUP_LABELS = {"sampled": "sampled (kept)", "prompt": "fine-tuned prompts", "sc
 NOVELTY_COLUMNS = (
     ("nearest_zoo", pa.string()), ("nearest_zoo_l2", pa.float64()), ("max_iou", pa.float64()),
     ("max_iou_zoo", pa.string()), ("nearest_prompt", pa.string()), ("nearest_prompt_l2", pa.float64()),
-    ("noise_baseline_test_acc", pa.float64()), ("weight_norm", pa.float64()),
+    ("noise_baseline_test_acc", pa.float64()), ("weight_norm", pa.float64()), ("nearest_train_l2", pa.float64()),
 )
 
 
-def candidate_table(rows: list[dict[str, Any]], keep: int, curves: list[dict[str, Any]],
-                    novelty: dict[str, dict[str, Any]]) -> pa.Table:
-    """Every candidate, ranked (``rows`` are sorted by score); kept ones with fine-tuning and novelty columns."""
+def candidate_table(rows: list[dict[str, Any]], kept: set[str], curves: list[dict[str, Any]],
+                    novelty: dict[str, dict[str, Any]], broken: Callable[[dict[str, Any]], bool]) -> pa.Table:
+    """Every candidate, ranked (``rows`` are sorted by score, broken ones last); kept ones with
+    fine-tuning and novelty columns."""
     ft = {c["model_id"]: c["test_acc"] for c in curves if c["group"] == "sampled"}
     epochs = max((len(v) for v in ft.values()), default=1) - 1
     cols: dict[str, list] = {k: [] for k in (
-        "rank", "model_id", "round", "index", "draw_seed", "kept", "val_acc", "val_loss", "test_acc", "test_loss",
+        "rank", "model_id", "round", "index", "draw_seed", "kept", "broken", "val_acc", "val_loss", "test_acc", "test_loss",
         "train_acc", "path")}
     for e in range(1, epochs + 1):
         cols[f"finetuned_test_acc_{e}"] = []
@@ -38,8 +39,8 @@ def candidate_table(rows: list[dict[str, Any]], keep: int, curves: list[dict[str
     for rank, r in enumerate(rows, 1):
         hp = json.loads(r["hparams"])
         for k, v in (("rank", rank), ("model_id", r["model_id"]), ("round", hp["round"]), ("index", hp["index"]),
-                     ("draw_seed", str(hp["draw_seed"])), ("kept", rank <= keep), ("val_acc", r["val_acc"]),
-                     ("val_loss", r["val_loss"]), ("test_acc", r["test_acc"]), ("test_loss", r["test_loss"]),
+                     ("draw_seed", str(hp["draw_seed"])), ("kept", r["model_id"] in kept), ("broken", broken(r)),
+                     ("val_acc", r["val_acc"]), ("val_loss", r["val_loss"]), ("test_acc", r["test_acc"]), ("test_loss", r["test_loss"]),
                      ("train_acc", r["train_acc"]), ("path", r["path"])):
             cols[k].append(v)
         accs = ft.get(r["model_id"], [])
@@ -86,6 +87,53 @@ def curves_png(curves: list[dict[str, Any]], task: str) -> bytes:
     return buf.getvalue()
 
 
+SOURCE_COLOURS = {"sampled": "tab:blue", "prompt": "tab:gray", "prompt + noise": "tab:orange",
+                  "prompt average": "tab:green"}
+
+
+def memorization_png(memo: list[dict[str, Any]], task: str) -> bytes:
+    """Test accuracy against L2 distance to the nearest training model, one colour per source."""
+    fig = Figure(figsize=(5.5, 3.8), tight_layout=True)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for source, colour in SOURCE_COLOURS.items():
+        pts = [(r["nearest_train_l2"], r["test_acc"]) for r in memo if r["source"] == source]
+        if pts:
+            x, y = zip(*pts)
+            ax.scatter(x, y, s=18, alpha=0.8, color=colour, label=f"{source} (n={len(pts)})")
+    ax.set_xlabel("L2 to the nearest training model (aligned weights)")
+    ax.set_ylabel(f"test accuracy ({task})")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def memorization_summary(memo: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per source: n and mean ± std of validation / test accuracy and distance to the nearest training model."""
+    out = {}
+    for source in SOURCE_COLOURS:
+        rows = [r for r in memo if r["source"] == source]
+        if rows:
+            out[source] = {"n": len(rows), **{k: _mean_std([r[k] for r in rows])
+                                              for k in ("val_acc", "test_acc", "nearest_train_l2")}}
+    return out
+
+
+def _beats(memo: dict[str, dict[str, Any]]) -> str:
+    """One sentence: do the kept samples beat both baselines on mean test accuracy?"""
+    if "sampled" not in memo:
+        return ""
+    mine = memo["sampled"]["test_acc"][0]
+    rivals = {s: v["test_acc"][0] for s, v in memo.items() if s in ("prompt + noise", "prompt average")}
+    lost = [s for s, acc in rivals.items() if not mine > acc]
+    if not rivals:
+        return "No baseline was built."
+    verdict = "**yes**: they beat " + " and ".join(rivals) if not lost else "**no**: not better than " + " and ".join(lost)
+    return f"Do the kept SANE samples beat the memorization baselines on mean test accuracy? {verdict}."
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
     return (float(v.mean()), float(v.std())) if len(v) else (math.nan, math.nan)
@@ -93,8 +141,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def summarize(cfg: SampleConfig, prompts: list[Any], kdes: list[Any], rows: list[dict[str, Any]],
               kept: list[dict[str, Any]], curves: list[dict[str, Any]], novelty: dict[str, dict[str, Any]],
-              sample_s: float) -> dict[str, Any]:
-    """The run's headline numbers (JSON-ready)."""
+              sample_s: float, n_broken: int = 0, memo: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The run's headline numbers (JSON-ready); ``n_broken``: candidates with a non-finite loss or accuracy."""
     groups = group_curves(curves)
     return {
         "config": {k: getattr(cfg, k) for k in ("run", "prompts", "task", "mode", "kde_anchor", "bandwidth", "candidates", "keep", "bootstrap",
@@ -103,6 +151,7 @@ def summarize(cfg: SampleConfig, prompts: list[Any], kdes: list[Any], rows: list
                      "test_acc": p.checkpoint.metrics.get("test_acc")} for p in prompts],
         "bandwidth": [k.mean_bandwidth() for k in kdes],
         "candidates": len(rows),
+        "broken": n_broken,
         "candidates_per_s": len(rows) / sample_s if sample_s > 0 else math.nan,
         "sample_s": sample_s,
         "all_test_acc": _mean_std([r["test_acc"] for r in rows]),
@@ -112,6 +161,7 @@ def summarize(cfg: SampleConfig, prompts: list[Any], kdes: list[Any], rows: list
                     for k in ("nearest_zoo_l2", "max_iou", "nearest_prompt_l2", "noise_baseline_test_acc",
                               "weight_norm")} if novelty else {},
         "novelty_rows": novelty,
+        "memorization": memorization_summary(memo or []),
     }
 
 
@@ -134,7 +184,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         (f"KDE mean bandwidth per round: {', '.join(f'{b:.4g}' for b in s['bandwidth'])}. "
          f"{s['candidates']} candidates in {s['sample_s']:.1f} s ({s['candidates_per_s']:.2f} candidates/s: draw, "
          f"decode, BN-condition, score, write); test accuracy of all candidates {_pct(s['all_test_acc'])} %, "
-         f"validation accuracy of the kept ones {_pct(s['kept_val_acc'])} %."),
+         f"validation accuracy of the kept ones {_pct(s['kept_val_acc'])} %. Broken candidates (non-finite "
+         f"loss or accuracy, ranked last, never kept): {s.get('broken', 0)}."),
         "",
         "## Test accuracy (%) over fine-tuning epochs, mean ± std over models",
         "",
@@ -166,6 +217,20 @@ def summary_markdown(s: dict[str, Any]) -> str:
             lines.append(f"| {mid} | {r.get('nearest_zoo', 'n/a')} | {r.get('nearest_zoo_l2', math.nan):.3f} | "
                          f"{r.get('max_iou', math.nan):.3f} ({r.get('max_iou_zoo', 'n/a')}) | {r['nearest_prompt']} | "
                          f"{r['nearest_prompt_l2']:.3f} | {100 * r['noise_baseline_test_acc']:.1f} |")
+    if s.get("memorization"):
+        lines += [
+            "",
+            "## Memorization baselines (mean ± std over models; BN-conditioned like the candidates)",
+            "",
+            "| source | n | val acc (%) | test acc (%) | L2 to the nearest training model |",
+            "|---|---|---|---|---|",
+        ]
+        for source, v in s["memorization"].items():
+            d = v["nearest_train_l2"]
+            lines.append(f"| {source} | {v['n']} | {_pct(v['val_acc'])} | {_pct(v['test_acc'])} | "
+                         f"{d[0]:.3f} ± {d[1]:.3f} |")
+        lines += ["", _beats(s["memorization"]) + " `memorization.png`: test accuracy against the distance, "
+                  "one colour per source; `memorization.csv`: every model."]
     lines += ["", ("Files: `candidates.csv` / `.parquet` (ranked), `curves.csv`, `finetune.png`, zoos `candidates/` "
                    "and `kept/` (`sane-ray zoo info`).")]
     return "\n".join(lines) + "\n"

@@ -227,8 +227,11 @@ def align_model(
     checkpoints: Checkpoints,
     max_sweeps: int = 100,
     seed: int = 0,
+    anchor: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[list[dict[str, torch.Tensor]] | dict[str, torch.Tensor], Perms]:
-    """Align all checkpoints of one model with the permutation found on its last checkpoint.
+    """Align all checkpoints of one model with the permutation found on its last checkpoint
+    (or on ``anchor``, another checkpoint of the model, so that a subset of its epochs is
+    aligned exactly as the whole sequence is).
 
     ``checkpoints`` is a list of state dicts (epochs in order) or one stacked state dict
     (leading epoch dim); the aligned checkpoints come back in the same form.
@@ -243,7 +246,7 @@ def align_model(
             raise ValueError("align_model got no checkpoints")
         stacked = stack_state_dicts(checkpoints)
         last = checkpoints[-1]
-    perms = weight_matching(spec, ref_sd, last, max_sweeps, seed)
+    perms = weight_matching(spec, ref_sd, last if anchor is None else anchor, max_sweeps, seed)
     aligned = apply_permutation(stacked, spec, perms)
     return (aligned if isinstance(checkpoints, Mapping) else unstack_state_dict(aligned)), perms
 
