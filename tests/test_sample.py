@@ -15,7 +15,7 @@ from sane_ray.cli import main
 from sane_ray.data import DataConfig
 from sane_ray.model import SaneModel, tiny
 from sane_ray.sample.config import SampleConfig
-from sane_ray.sample.job import run_sample
+from sane_ray.sample.job import broken, rank, run_sample
 from sane_ray.sample.kde import TokenKDE, rule_factor
 from sane_ray.sample.models import bn_condition, check_positions
 from sane_ray.weights.tokenize import layout_from_state_dict
@@ -79,6 +79,36 @@ def test_bn_conditioning_changes_only_running_statistics():
     assert bn_condition(build_model("cnn_digits"), task.train, 2, 8, torch.Generator()) == 0
 
 
+def test_bn_conditioning_with_momentum_blends_into_the_decoded_statistics():
+    torch.manual_seed(0)
+    net = build_model("cnn_digits_bn")
+    bn = net.module_list[1]
+    bn.running_mean.fill_(5.0)
+    reset = build_model("cnn_digits_bn")
+    reset.load_state_dict(net.state_dict())
+    task = get_task("digits")
+    bn_condition(net, task.train, 1, 64, torch.Generator().manual_seed(1), momentum=0.1)
+    bn_condition(reset, task.train, 1, 64, torch.Generator().manual_seed(1))
+    fresh = reset.module_list[1].running_mean  # the exact batch mean: nothing of the 5.0 survives
+    torch.testing.assert_close(bn.running_mean, 0.9 * 5.0 + 0.1 * fresh)  # the reference's running average
+    assert int(bn.num_batches_tracked) == 1 and bn.momentum == 0.1
+
+
+def _row(i: int, val_acc: float, val_loss: float = 1.0, test_acc: float = 0.5) -> dict:
+    return {"model_id": f"c{i}", "hparams_round": 0, "hparams_index": i, "val_acc": val_acc, "val_loss": val_loss,
+            "test_acc": test_acc, "test_loss": 1.0, "train_acc": 0.5, "train_loss": 1.0}
+
+
+def test_ranking_never_keeps_a_broken_candidate():
+    nan = float("nan")
+    rows = [_row(0, nan), _row(1, 0.3), _row(2, 0.9, val_loss=nan), _row(3, 0.5), _row(4, 0.8, test_acc=float("inf"))]
+    kept = rank(rows, 3)
+    assert [r["model_id"] for r in rows] == ["c3", "c1", "c0", "c2", "c4"]  # finite first, then broken by draw order
+    assert [r["model_id"] for r in kept] == ["c3", "c1"]  # fewer than keep rather than a broken one
+    assert [broken(r) for r in rows] == [False, False, True, True, True]
+    assert rank([_row(0, nan), _row(1, nan)], 2) == []  # the job then stops: SamplingFailedError, exit 1
+
+
 def test_positions_beyond_the_run_tables_name_the_setting():
     model = SaneModel(dataclasses.replace(tiny(), d_t=TOKEN_SIZE, max_positions=(40, 64, 256)))
     layout = layout_from_state_dict(build_model("cnn_digits").state_dict(), TOKEN_SIZE)
@@ -132,7 +162,15 @@ def test_sample_job_is_reproducible_and_writes_readable_zoos(bn_run, capsys):
     assert info["format"] == "native" and info["models"] == 2
     curves = _csv(str(root / "out0" / "curves.csv"))
     assert {r["group"] for r in curves} == {"sampled", "prompt", "scratch"}
-    assert (root / "out0" / "summary.md").read_text().startswith("# Sampling")
+    summary_md = (root / "out0" / "summary.md").read_text()
+    assert summary_md.startswith("# Sampling")
+    # Memorization baselines beside the kept models, one row per model of each source.
+    memo = _csv(str(root / "out0" / "memorization.csv"))
+    per_source = {s: sum(r["source"] == s for r in memo) for s in ("sampled", "prompt", "prompt + noise", "prompt average")}
+    assert per_source == {"sampled": 2, "prompt": 3, "prompt + noise": 2, "prompt average": 2}
+    assert all(0 <= r["test_acc"] <= 1 and r["nearest_train_l2"] >= 0 for r in memo)
+    assert "## Memorization baselines" in summary_md and "Do the kept SANE samples beat" in summary_md
+    assert (root / "out0" / "memorization.png").read_bytes()[:4] == b"\x89PNG"
     other = run_sample(dataclasses.replace(cfg, seed=6, bootstrap=0, finetune_epochs=0, novelty=False,
                                            out=str(root / "out2")))
     assert other["curves"]["sampled"]["mean"] != summaries[0]["curves"]["sampled"]["mean"]

@@ -220,6 +220,13 @@ def _score(row: dict[str, Any]) -> tuple:
     return (True, 0.0, 0.0, *order) if broken(row) else (False, -row["val_acc"], row["val_loss"], *order)
 
 
+def rank(rows: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
+    """Sort ``rows`` in place (best first, broken last) and return the best ``keep`` that are not
+    broken (empty when every candidate is)."""
+    rows.sort(key=_score)
+    return [r for r in rows[:keep] if not broken(r)]
+
+
 def _publish_candidates(ctx: Context, rows: list[dict[str, Any]], cfg: SampleConfig, s3: storage.S3Options) -> None:
     publish_manifest(ctx.candidates_uri, [{k: v for k, v in r.items() if not k.startswith("hparams_")} for r in rows],
                      metadata={"sample": dataclasses.asdict(cfg)}, s3=s3)
@@ -315,8 +322,7 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
             for part in _collect([make.remote(ctx_ref, kde_ref, round_, c) for c in chunks], f"round {round_}"):
                 rows.extend({**r, **{f"hparams_{k}": v for k, v in json.loads(r["hparams"]).items()
                                      if k in ("round", "index")}} for r in part)
-            rows.sort(key=_score)
-            kept = [r for r in rows[: cfg.keep] if not broken(r)]
+            kept = rank(rows, cfg.keep)
             if not kept:
                 _publish_candidates(ctx, rows, cfg, s3)
                 raise SamplingFailedError(
