@@ -23,13 +23,11 @@ memorization baselines, :mod:`sane_ray.sample.novelty`),
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,99 +44,45 @@ from sane_ray.embed.preprocess import run_max_abs
 from sane_ray.embed.run import Run, load_run
 from sane_ray.sample import report
 from sane_ray.sample.config import SampleConfig
+from sane_ray.sample.context import (
+    BN,
+    DRAW,
+    FINETUNE,
+    INIT,
+    SCRATCH,
+    SPLITS,
+    Context,
+    cached_run,
+    cached_task,
+    condition,
+    derive,
+    load_candidate,
+    metrics,
+)
 from sane_ray.sample.kde import TokenKDE
 from sane_ray.sample.models import (
-    bn_condition,
     check_positions,
     decode_states,
     default_state,
-    evaluate_split,
     finetune,
 )
+from sane_ray.sample.novelty import novelty_rows
 from sane_ray.sample.prompts import (
     PromptSet,
     load_prompts,
     prompt_latents,
     select_prompts,
 )
-from sane_ray.weights.standardize import StandardizationStats
-from sane_ray.weights.tokenize import TokenLayout
 from sane_ray.zoo.architectures import build_model
 from sane_ray.zoo.checks import DEFAULT_MAX_ABS
 from sane_ray.zoo.native import publish_manifest, write_checkpoint
 from sane_ray.zoo.reader import load_checkpoint, open_zoo
 from sane_ray.zoo.spec import CheckpointRecord, ModelRecord
-from sane_ray.zoo.tasks import Task, get_task
+from sane_ray.zoo.tasks import get_task
 
 log = logging.getLogger("sane_ray.sample")
 
-# Streams of the seed: every random draw is derive(cfg.seed, STREAM, ...).
-DRAW, INIT, BN, FINETUNE, SCRATCH, NOISE = range(1, 7)
-SPLITS = ("train", "val", "test")
 GROUPS = ("sampled", "prompt", "scratch")  # fine-tuned: kept candidates, the prompts, models trained from scratch
-
-
-def derive(seed: int, *keys: int) -> int:
-    """A 63-bit seed from ``seed`` and integer keys (independent streams per purpose and index)."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-@dataclass(frozen=True)
-class Context:
-    """What every task needs, fixed on the driver (shipped once through the object store)."""
-
-    run_uri: str
-    architecture: str
-    arch_kwargs: dict[str, Any]
-    layout_json: str
-    stats_json: str
-    task: str
-    seed: int
-    window_size: int
-    halo: int | None
-    bn_condition: bool
-    bn_batches: int
-    bn_batch_size: int
-    bn_momentum: float
-    mode: str
-    candidates_uri: str
-    kept_uri: str
-    finetune_epochs: int
-    finetune_lr: float
-    finetune_batch_size: int
-    threads: int
-    s3: storage.S3Options
-
-    @functools.cached_property
-    def layout(self) -> TokenLayout:
-        return TokenLayout.from_json(self.layout_json)
-
-    @functools.cached_property
-    def stats(self) -> StandardizationStats:
-        return StandardizationStats.from_json(self.stats_json)
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_run(uri: str) -> Run:
-    return load_run(uri)  # on the task's GPU when Ray gave it one
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_task(name: str) -> Task:
-    return get_task(name)
-
-
-def _metrics(net: torch.nn.Module, task: Task) -> dict[str, float]:
-    out = {}
-    for split in SPLITS:
-        out[f"{split}_acc"], out[f"{split}_loss"], _ = evaluate_split(net, task.split(split))
-    return out
-
-
-def _condition(ctx: Context, net: torch.nn.Module, task: Task, seed: int) -> None:
-    if ctx.bn_condition:
-        bn_condition(net, task.train, ctx.bn_batches, ctx.bn_batch_size, torch.Generator().manual_seed(seed),
-                     ctx.bn_momentum)
 
 
 def candidate_id(round_: int, index: int) -> str:
@@ -148,7 +92,7 @@ def candidate_id(round_: int, index: int) -> str:
 def make_candidates(ctx: Context, kde: TokenKDE, round_: int, indices: list[int]) -> list[dict[str, Any]]:
     """Draw, decode, BN-condition, score and write candidates ``indices`` of round ``round_``; their manifest rows."""
     torch.set_num_threads(ctx.threads)
-    run, task = _cached_run(ctx.run_uri), _cached_task(ctx.task)
+    run, task = cached_run(ctx.run_uri), cached_task(ctx.task)
     draw_seeds = [derive(ctx.seed, DRAW, round_, i) for i in indices]
     latents = kde.sample(draw_seeds, threads=1)
     states = decode_states(run.model, latents.to(run.device), ctx.layout, ctx.stats, run.preprocessing.pad_position,
@@ -158,30 +102,24 @@ def make_candidates(ctx: Context, kde: TokenKDE, round_: int, indices: list[int]
     for i, draw_seed, sd in zip(indices, draw_seeds, states):
         net = build_model(ctx.architecture, **ctx.arch_kwargs)
         net.load_state_dict(sd)
-        _condition(ctx, net, task, derive(ctx.seed, BN, round_, i))
+        condition(ctx, net, task, derive(ctx.seed, BN, round_, i))
         hparams = {"round": round_, "index": i, "draw_seed": draw_seed, "mode": ctx.mode, "task": ctx.task}
         rows.append(write_checkpoint(ctx.candidates_uri, candidate_id(round_, i), 0, net.state_dict(),
-                                     _metrics(net, task), ctx.architecture, ctx.arch_kwargs, hparams, ctx.s3))
+                                     metrics(net, task), ctx.architecture, ctx.arch_kwargs, hparams, ctx.s3))
     return rows
-
-
-def _load_row(row: dict[str, Any], root: str) -> dict[str, torch.Tensor]:
-    model = ModelRecord(row["model_id"], row["architecture"], json.loads(row["arch_kwargs"]))
-    ckpt = CheckpointRecord(row["model_id"], row["epoch"], storage.join(root, row["path"]), sha256=row["sha256"])
-    return load_checkpoint(model, ckpt, max_abs=math.inf)
 
 
 def finetune_one(ctx: Context, group: str, name: str, source: dict[str, Any], index: int) -> dict[str, Any]:
     """Fine-tune one model (``group`` sampled / prompt / scratch) for ``ctx.finetune_epochs``; test
     accuracy per epoch, and for a sampled model the manifest rows of its checkpoints in the kept zoo."""
     torch.set_num_threads(ctx.threads)
-    task = _cached_task(ctx.task)
+    task = cached_task(ctx.task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive(ctx.seed, FINETUNE, GROUPS.index(group), index))
         if group == "scratch":
             sd = default_state(ctx.architecture, ctx.arch_kwargs, derive(ctx.seed, SCRATCH, index))
         elif group == "sampled":
-            sd = _load_row(source, ctx.candidates_uri)
+            sd = load_candidate(source, ctx.candidates_uri)
         else:
             sd = load_checkpoint(ModelRecord(**source["model"]), CheckpointRecord(**source["checkpoint"]),
                                  max_abs=DEFAULT_MAX_ABS)
@@ -192,7 +130,7 @@ def finetune_one(ctx: Context, group: str, name: str, source: dict[str, Any], in
         def save(epoch: int, model: torch.nn.Module) -> None:
             if group == "sampled":
                 hp = {**json.loads(source["hparams"]), "finetune_lr": ctx.finetune_lr, "finetune_epochs": epoch}
-                rows.append(write_checkpoint(ctx.kept_uri, name, epoch, model.state_dict(), _metrics(model, task),
+                rows.append(write_checkpoint(ctx.kept_uri, name, epoch, model.state_dict(), metrics(model, task),
                                              ctx.architecture, ctx.arch_kwargs, hp, ctx.s3))
 
         save(0, net)
@@ -275,8 +213,6 @@ def _distribution(cfg: SampleConfig, run: Run, prompt_set: PromptSet, window: in
 
 def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[str, Any]:
     """Run the job (see the module doc); returns the summary numbers (also in ``summary.md``)."""
-    from sane_ray.sample.novelty import novelty_rows
-
     if not cfg.run:
         raise ValueError("SampleConfig.run is empty: give the exported pretraining run (--run URI)")
     s3 = (s3 or storage.S3Options()).resolved()

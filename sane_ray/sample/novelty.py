@@ -28,15 +28,20 @@ import ray
 import torch
 
 from sane_ray.data.config import epoch_filter
-from sane_ray.embed.preprocess import model_tokens, preprocess, run_max_abs, run_settings
-from sane_ray.sample.job import (
+from sane_ray.embed.preprocess import (
+    model_tokens,
+    preprocess,
+    run_max_abs,
+    run_settings,
+)
+from sane_ray.sample.context import (
     NOISE,
     Context,
-    _cached_run,
-    _cached_task,
-    _condition,
-    _load_row,
+    cached_run,
+    cached_task,
+    condition,
     derive,
+    load_candidate,
 )
 from sane_ray.sample.models import evaluate_split
 from sane_ray.sample.prompts import PromptSet
@@ -99,7 +104,7 @@ def _scored(ctx: Context, task: Any, raw: torch.Tensor, aside: dict[str, torch.T
     net = build_model(ctx.architecture, **ctx.arch_kwargs)
     net.load_state_dict(detokenize(raw, ctx.layout, bn_state=aside))
     if seed is not None:
-        _condition(ctx, net, task, seed)
+        condition(ctx, net, task, seed)
     return {"val_acc": evaluate_split(net, task.split("val"))[0], "test_acc": evaluate_split(net, task.test)[0]}
 
 
@@ -107,7 +112,7 @@ def novelty_task(ctx: Context, zoo_uri: str, prompt_names: list[str], prompt_raw
                  prompt_aside: dict[str, torch.Tensor], kept: list[dict[str, Any]]) -> dict[str, Any]:
     """``{"models": kept model id -> novelty columns, "memorization": one row per model of each source}``."""
     torch.set_num_threads(ctx.threads)
-    run, task = _cached_run(ctx.run_uri), _cached_task(ctx.task)
+    run, task = cached_run(ctx.run_uri), cached_task(ctx.task)
     mask = layout_mask(ctx.layout)
     zoo = _zoo_checkpoints(ctx, run, task, zoo_uri, mask)
     prompt_vecs = prompt_raw[:, mask]
@@ -120,7 +125,7 @@ def novelty_task(ctx: Context, zoo_uri: str, prompt_names: list[str], prompt_raw
         aside = {key: v[j] for key, v in prompt_aside.items()}
         memo_row("prompt", name, prompt_vecs[j : j + 1], _scored(ctx, task, prompt_raw[j], aside, None))
     for k, row in enumerate(kept):
-        sd = _load_row(row, ctx.candidates_uri)
+        sd = load_candidate(row, ctx.candidates_uri)
         toks = preprocess(run, [sd], ctx.architecture, ctx.arch_kwargs, ctx.stats)  # its own model: its own anchor
         vec = ctx.stats.invert_tokens(toks.tokens, ctx.layout)[:, mask]
         net = build_model(ctx.architecture, **ctx.arch_kwargs)

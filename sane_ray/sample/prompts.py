@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from sane_ray.embed.encode import concat_tokens, encode_haloed, halo_plan
 from sane_ray import storage
+from sane_ray.embed.encode import concat_tokens, encode_haloed, halo_plan
 from sane_ray.embed.preprocess import model_tokens, population_stats, stats_for_layout
 from sane_ray.embed.run import Run
 from sane_ray.weights.standardize import StandardizationStats

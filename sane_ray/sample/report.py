@@ -68,23 +68,32 @@ def group_curves(curves: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return {g: np.asarray(v, dtype=np.float64) for g, v in out.items()}
 
 
-def curves_png(curves: list[dict[str, Any]], task: str) -> bytes:
-    """Test accuracy over fine-tuning epochs: mean and std band per group."""
-    fig = Figure(figsize=(5.5, 3.6), tight_layout=True)
+def _accuracy_axes(height: float) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(5.5, height), tight_layout=True)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for group, acc in group_curves(curves).items():
-        epochs = np.arange(acc.shape[1])
-        mean, std = acc.mean(0), acc.std(0)
-        ax.plot(epochs, mean, marker="o", label=f"{GROUP_LABELS.get(group, group)} (n={len(acc)})")
-        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("fine-tuning epoch")
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _png(fig: Figure, ax: Any, xlabel: str, task: str) -> bytes:
+    """Shared finish of the accuracy plots: labels, [0, 1] accuracy axis, legend, PNG bytes."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"test accuracy ({task})")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
+
+
+def curves_png(curves: list[dict[str, Any]], task: str) -> bytes:
+    """Test accuracy over fine-tuning epochs: mean and std band per group."""
+    fig, ax = _accuracy_axes(3.6)
+    for group, acc in group_curves(curves).items():
+        epochs = np.arange(acc.shape[1])
+        mean, std = acc.mean(0), acc.std(0)
+        ax.plot(epochs, mean, marker="o", label=f"{GROUP_LABELS.get(group, group)} (n={len(acc)})")
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    return _png(fig, ax, "fine-tuning epoch", task)
 
 
 SOURCE_COLOURS = {"sampled": "tab:blue", "prompt": "tab:gray", "prompt + noise": "tab:orange",
@@ -93,21 +102,13 @@ SOURCE_COLOURS = {"sampled": "tab:blue", "prompt": "tab:gray", "prompt + noise":
 
 def memorization_png(memo: list[dict[str, Any]], task: str) -> bytes:
     """Test accuracy against L2 distance to the nearest training model, one colour per source."""
-    fig = Figure(figsize=(5.5, 3.8), tight_layout=True)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _accuracy_axes(3.8)
     for source, colour in SOURCE_COLOURS.items():
         pts = [(r["nearest_train_l2"], r["test_acc"]) for r in memo if r["source"] == source]
         if pts:
             x, y = zip(*pts)
             ax.scatter(x, y, s=18, alpha=0.8, color=colour, label=f"{source} (n={len(pts)})")
-    ax.set_xlabel("L2 to the nearest training model (aligned weights)")
-    ax.set_ylabel(f"test accuracy ({task})")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    return _png(fig, ax, "L2 to the nearest training model (aligned weights)", task)
 
 
 def memorization_summary(memo: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

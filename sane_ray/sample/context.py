@@ -1,0 +1,104 @@
+"""What every task of a sampling run shares: its context, its seed streams, and per-process caches.
+
+The driver fixes a :class:`Context` and ships it once through the object store; candidate,
+fine-tuning and novelty tasks (:mod:`sane_ray.sample.job`, :mod:`sane_ray.sample.novelty`)
+derive every random draw from ``Context.seed`` with :func:`derive` and one stream constant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sane_ray import storage
+from sane_ray.embed.run import Run, load_run
+from sane_ray.sample.models import bn_condition, evaluate_split
+from sane_ray.weights.standardize import StandardizationStats
+from sane_ray.weights.tokenize import TokenLayout
+from sane_ray.zoo.reader import load_checkpoint
+from sane_ray.zoo.spec import CheckpointRecord, ModelRecord
+from sane_ray.zoo.tasks import Task, get_task
+
+# Streams of the seed: every random draw is derive(cfg.seed, STREAM, ...).
+DRAW, INIT, BN, FINETUNE, SCRATCH, NOISE = range(1, 7)
+SPLITS = ("train", "val", "test")
+
+
+def derive(seed: int, *keys: int) -> int:
+    """A 63-bit seed from ``seed`` and integer keys (independent streams per purpose and index)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every task needs, fixed on the driver (shipped once through the object store)."""
+
+    run_uri: str
+    architecture: str
+    arch_kwargs: dict[str, Any]
+    layout_json: str
+    stats_json: str
+    task: str
+    seed: int
+    window_size: int
+    halo: int | None
+    bn_condition: bool
+    bn_batches: int
+    bn_batch_size: int
+    bn_momentum: float
+    mode: str
+    candidates_uri: str
+    kept_uri: str
+    finetune_epochs: int
+    finetune_lr: float
+    finetune_batch_size: int
+    threads: int
+    s3: storage.S3Options
+
+    @functools.cached_property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.from_json(self.layout_json)
+
+    @functools.cached_property
+    def stats(self) -> StandardizationStats:
+        return StandardizationStats.from_json(self.stats_json)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_run(uri: str) -> Run:
+    """The run, loaded once per worker process."""
+    return load_run(uri)  # on the task's GPU when Ray gave it one
+
+
+@functools.lru_cache(maxsize=4)
+def cached_task(name: str) -> Task:
+    """The task's data, loaded once per worker process."""
+    return get_task(name)
+
+
+def metrics(net: torch.nn.Module, task: Task) -> dict[str, float]:
+    """Accuracy and loss on every split of ``task``: a candidate's manifest metrics."""
+    out = {}
+    for split in SPLITS:
+        out[f"{split}_acc"], out[f"{split}_loss"], _ = evaluate_split(net, task.split(split))
+    return out
+
+
+def condition(ctx: Context, net: torch.nn.Module, task: Task, seed: int) -> None:
+    """BN-condition ``net`` as the run's settings say (nothing when BN-conditioning is off)."""
+    if ctx.bn_condition:
+        bn_condition(net, task.train, ctx.bn_batches, ctx.bn_batch_size, torch.Generator().manual_seed(seed),
+                     ctx.bn_momentum)
+
+
+def load_candidate(row: dict[str, Any], root: str) -> dict[str, torch.Tensor]:
+    """The weights of one candidate from its manifest row in the zoo at ``root`` (checksummed)."""
+    model = ModelRecord(row["model_id"], row["architecture"], json.loads(row["arch_kwargs"]))
+    ckpt = CheckpointRecord(row["model_id"], row["epoch"], storage.join(root, row["path"]), sha256=row["sha256"])
+    return load_checkpoint(model, ckpt, max_abs=math.inf)
