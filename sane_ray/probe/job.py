@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 
-from sane_ray import storage
+from sane_ray import lease, storage
 from sane_ray.config import dump_config
 from sane_ray.data.splits import split_models
 from sane_ray.embed import Run, embed_tokens, load_run, preprocess
@@ -315,6 +315,13 @@ def run_probe(cfg: ProbeConfig) -> tuple[str, ProbeResults]:
     """The whole job; returns the output URI and the results."""
     if not cfg.run:
         raise ValueError("probe: set run (the directory of an exported pretraining run)")
+    out = storage.parse_uri(cfg.out).uri if cfg.out else storage.join(cfg.run, "probe")
+    with lease.acquire(out, "probe"):  # before the run or the zoo is read
+        return out, _probe(cfg, out)
+
+
+def _probe(cfg: ProbeConfig, out: str) -> ProbeResults:
+    """The job inside its lease on ``out``."""
     run = load_run(cfg.run, device=cfg.device or None)
     run_doc = _run_document(cfg.run)
     zoo_uri = cfg.zoo or (run.canonical.zoo_uri if run.canonical is not None else "")
@@ -326,6 +333,5 @@ def run_probe(cfg: ProbeConfig) -> tuple[str, ProbeResults]:
     log.info("probe: embedding %d models of %s with run %s", len(zoo.models), zoo.uri, cfg.run)
     data = collect(run, control, zoo, split_of, cfg)
     res = probe(data, cfg)
-    out = storage.parse_uri(cfg.out).uri if cfg.out else storage.join(cfg.run, "probe")
     write_results(res, data, zoo, cfg, out, split_how)
-    return out, res
+    return res
