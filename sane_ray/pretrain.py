@@ -24,8 +24,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import ray
+
 from sane_ray import lease, storage
-from sane_ray.cluster import check_capacity, check_node_types, ensure_ray_for, worker_resources
+from sane_ray.cluster import check_capacity, check_local_capacity, check_node_types, ensure_ray_for, worker_resources
 from sane_ray.config import dump_config, to_dict
 from sane_ray.data.config import DataConfig
 from sane_ray.model.config import PRESETS as MODEL_PRESETS
@@ -206,6 +208,8 @@ def check_run(cfg: PretrainConfig) -> str:
     check_run_settings(cfg.run)
     check_data_facts(cfg)
     check_tracking(cfg.tracking)
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        check_local_capacity(cfg.run)  # the local cluster this run would start must fit the machine
     if not cfg.run.name or "/" in cfg.run.name:
         raise ValueError(f"run.name must be a non-empty name without '/', got {cfg.run.name!r}")
     out = runs_dir(cfg.run)
