@@ -383,6 +383,7 @@ def test_storage_outage_mid_run_is_ridden_out(datasets, s3):
     assert len(kept) == 4
     for name in kept:
         verify_checkpoint(f"{run}/{name}")
+    assert len(storage.listdir(f"{run}/logs")) == 1  # the run's log, written locally, copied to S3 at the end
 
 
 def test_s3_retry_settings_reach_both_filesystems():

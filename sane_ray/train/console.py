@@ -24,8 +24,10 @@ public hook for it (``ray==2.60.0`` is pinned; ``tests/test_faults.py`` covers i
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -36,6 +38,8 @@ from typing import Any, TextIO
 from ray.train.v2.api.callback import UserCallback
 
 from sane_ray import storage
+
+log = logging.getLogger(__name__)
 
 MARK = "[sane-ray] "
 LOG_DIR = "logs"
@@ -109,11 +113,12 @@ class RunConsole:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
         self.uri = storage.join(run_uri, LOG_DIR, f"ray-{stamp}.log")
         loc = storage.parse_uri(self.uri, s3)
-        if loc.scheme == "file":
+        self._staging = None if loc.scheme == "file" else tempfile.mkdtemp(prefix="sane-run-log-")
+        if self._staging is None:
             os.makedirs(os.path.dirname(loc.path), exist_ok=True)
             self.path = loc.path
         else:
-            self.path = os.path.join(tempfile.mkdtemp(prefix="sane-run-log-"), os.path.basename(loc.path))
+            self.path = os.path.join(self._staging, os.path.basename(loc.path))
         self._file: TextIO | None = None
         self._lock = threading.Lock()
         self._last = time.monotonic()
@@ -137,9 +142,14 @@ class RunConsole:
         with self._lock:
             assert self._file is not None
             self._file.close()
-        if self.path != storage.parse_uri(self.uri, self.s3).path:
-            with open(self.path, "rb") as f:
-                storage.write_bytes_atomic(self.uri, f.read(), self.s3)
+        if self._staging is not None:
+            try:
+                with open(self.path, "rb") as f:
+                    storage.write_bytes_atomic(self.uri, f.read(), self.s3)
+            except storage.StorageError as e:  # the run's own outcome matters more than its log
+                log.warning("%s; the run's log stays at %s", e, self.path)
+                return
+            shutil.rmtree(self._staging, ignore_errors=True)
 
     def _print(self, data: dict[str, Any], print_file: Any, ignore_prefix: bool = False) -> None:
         """Ray's ``print_worker_logs``: every line to the file, the lines meant for people to the console."""
