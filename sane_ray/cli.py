@@ -24,12 +24,17 @@ log = logging.getLogger("sane_ray")
 
 def _zoo_info(args: argparse.Namespace) -> int:
     from sane_ray.zoo.info import format_info, zoo_info
+    from sane_ray.zoo.native import unlisted_files
     from sane_ray.zoo.reader import open_zoo
 
     zoo = open_zoo(args.uri, verify=not args.no_verify, progress=not args.json)
     info = zoo_info(zoo)
+    if args.check:
+        if zoo.format != "native":
+            raise ValueError(f"--check needs a native zoo (a manifest to compare with); {zoo.uri} is {zoo.format}")
+        info["unlisted"] = unlisted_files(zoo.uri)
     print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
-    return 0
+    return 1 if info.get("unlisted") else 0
 
 
 def _make_zoo(args: argparse.Namespace) -> int:
@@ -99,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("uri", help="zoo location: a path or s3://bucket/prefix")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.add_argument("--no-verify", action="store_true", help="list only; do not open every checkpoint")
+    info.add_argument("--check", action="store_true",
+                      help="also list files under the zoo that its manifest does not name (exit 1 if any)")
     info.set_defaults(func=_zoo_info)
 
     from sane_ray.zoo.generate import ZooGenConfig

@@ -1,6 +1,7 @@
 """One writer at a time: a lease file claims a storage location while it is written.
 
-A zoo being generated and a run directory being trained into each get a lease at
+Every location a job writes (a zoo being generated, a run directory, a sweep, a probe's
+or sampling job's output, a canonical zoo being built) gets a lease at
 ``<location>/.sane-ray-lease.json`` naming its holder (host, pid, purpose, start and
 heartbeat times). It is created atomically where the storage allows it:
 
@@ -168,12 +169,15 @@ def _create(uri: str, holder: dict[str, Any], s3: storage.S3Options | None) -> s
             if isinstance(e, FileExistsError) or "PreconditionFailed" in str(e) or "412" in str(e):
                 return False
             raise storage.StorageError(f"cannot create the lease {uri}: {e}") from e
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{holder['token']}"
-    with open(tmp, "wb") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
+    try:  # the job's first write there: an unwritable location fails here, before Ray starts
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise storage.StorageError(f"cannot create the lease {uri}: {e}") from e
     try:
         os.link(tmp, path)
         return True

@@ -1,9 +1,18 @@
 """The main job: zoo -> canonical tokens (Ray Data) -> SANE pretraining (Ray Train + FSDP2).
 
 :class:`PretrainConfig` is the whole run as one typed tree (``data``, ``train`` with its
-``model``, ``run``); :func:`run_pretrain` checks it against the zoo and the cluster before
-any worker starts, prepares the data, trains, and exports. Every mistake a user can make
-in the config is reported here, in one line, rather than from inside a worker.
+``model``, ``run``). :func:`run_pretrain` goes validate -> lease -> start Ray -> work:
+
+1. :func:`check_run`: the settings, where the run goes (scheme), the zoo (published
+   there, not empty), from listings alone;
+2. the run directory's lease (:mod:`sane_ray.lease`; creating it also proves the
+   location is reachable and writable), then the resume state
+   (:func:`sane_ray.train.resume.preflight`);
+3. only then Ray, the zoo's contents, the canonical cache and the workers.
+
+So a second run into the same directory, an unusable ``--out`` or a missing zoo is
+refused in seconds, before Ray starts. Every mistake a user can make in the config is
+reported in one line, rather than from inside a worker.
 """
 
 from __future__ import annotations
@@ -15,8 +24,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from sane_ray import storage
-from sane_ray.cluster import check_capacity, check_node_types, ensure_ray_for, worker_resources
+import ray
+
+from sane_ray import lease, storage
+from sane_ray.cluster import check_capacity, check_local_capacity, check_node_types, ensure_ray_for, worker_resources
 from sane_ray.config import dump_config, to_dict
 from sane_ray.data.config import DataConfig
 from sane_ray.model.config import PRESETS as MODEL_PRESETS
@@ -29,6 +40,11 @@ log = logging.getLogger("sane_ray.pretrain")
 
 def default_runs_dir() -> str:
     return os.path.join(storage.cache_dir(), "runs")
+
+
+def runs_dir(run: RunSettings) -> str:
+    """The URI runs go under: ``run.out``, else :func:`default_runs_dir`."""
+    return storage.parse_uri(run.out or default_runs_dir()).uri
 
 
 @dataclass
@@ -185,24 +201,52 @@ class PreparedRun:
     run_uri: str
 
 
-def prepare_run(cfg: PretrainConfig) -> PreparedRun:
-    """Check ``cfg`` against the zoo and the cluster, and build (or reuse) the canonical zoo.
-
-    Every mistake a user can make in the config fails here, before any worker starts.
-    """
-    from ray.data import DataContext
-
-    from sane_ray.data.pipeline import prepare_data
-    from sane_ray.data.stream import quiet_data_context
-    from sane_ray.train.trainer import steps_per_epoch
+def check_run(cfg: PretrainConfig) -> str:
+    """Every check that needs neither Ray nor the zoo's contents; returns the run directory's URI."""
+    from sane_ray.zoo.reader import check_zoo
 
     check_run_settings(cfg.run)
     check_data_facts(cfg)
     check_tracking(cfg.tracking)
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        check_local_capacity(cfg.run)  # the local cluster this run would start must fit the machine
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise ValueError(f"run.name must be a non-empty name without '/', got {cfg.run.name!r}")
+    out = runs_dir(cfg.run)
+    if cfg.data.cache_uri:
+        storage.parse_uri(cfg.data.cache_uri)
+    if cfg.data.zoo_uri:
+        check_zoo(cfg.data.zoo_uri)
+    return storage.join(out, cfg.run.name)
+
+
+def start_ray(cfg: PretrainConfig) -> None:
+    """Attach to the cluster or start a local one sized for the run, and check that it can hold the run."""
+    from ray.data import DataContext
+
+    from sane_ray.data.stream import quiet_data_context
+
     ensure_ray_for(cfg.run, cfg.data)
     quiet_data_context(DataContext.get_current(), cfg.data.progress_bars)
     check_capacity(cfg.run, cfg.data)
     check_node_types(cfg.run.node_types, cfg.run.autoscaling)
+
+
+def prepare_run(cfg: PretrainConfig) -> PreparedRun:
+    """Check ``cfg``, start Ray, check it against the zoo and the cluster, and build (or reuse) the canonical zoo.
+
+    Every mistake a user can make in the config fails here, before any worker starts.
+    """
+    run_uri = check_run(cfg)
+    start_ray(cfg)
+    return _prepare(cfg, run_uri)
+
+
+def _prepare(cfg: PretrainConfig, run_uri: str) -> PreparedRun:
+    """With Ray up: the zoo (the built-in one generated on first use), the canonical zoo, the resolved config."""
+    from sane_ray.data.pipeline import prepare_data
+    from sane_ray.train.trainer import steps_per_epoch
+
     data_cfg = cfg.data
     if not data_cfg.zoo_uri:
         from sane_ray.zoo.generate import ensure_default_zoo
@@ -218,8 +262,7 @@ def prepare_run(cfg: PretrainConfig) -> PreparedRun:
         train.rows_per_rank(cfg.train.seed, cfg.run.workers) * cfg.run.workers, cfg.run.workers, cfg.train.batch_size)
     train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps, probe_data=prepared.cache_uri)
     resolved = dataclasses.replace(cfg, data=data_cfg, train=train_cfg)
-    out = storage.parse_uri(cfg.run.out or default_runs_dir()).uri
-    return PreparedRun(resolved, prepared, out, storage.join(out, cfg.run.name))
+    return PreparedRun(resolved, prepared, runs_dir(cfg.run), run_uri)
 
 
 def run_pretrain(
@@ -227,22 +270,33 @@ def run_pretrain(
 ) -> Any:
     """Run the whole job; returns Ray Train's ``Result`` (``result.return_value``: history).
 
+    Validate, lease, then work (module doc): a run that cannot go anywhere fails before Ray starts.
     ``on_epoch_end(rank, epoch)`` runs on every worker after each epoch (logging, fault injection);
     ``callbacks`` are Ray Train callbacks (a sweep trial forwards reports to Tune with one).
     """
+    from sane_ray.train import resume
+
+    run_uri = check_run(cfg)
+    with lease.acquire(run_uri, "pretraining"):
+        resume.preflight(run_uri)
+        start_ray(cfg)
+        return _train(_prepare(cfg, run_uri), on_epoch_end, callbacks)
+
+
+def _train(run: PreparedRun, on_epoch_end: Callable[[int, int], None] | None, callbacks: Sequence[Any]) -> Any:
+    """Train and export a prepared run whose directory this process has leased and checked."""
     from sane_ray.embed.preprocess import run_export_files
     from sane_ray.train.trainer import run_pretraining
 
-    run = prepare_run(cfg)
-    resolved, prepared = run.cfg, run.prepared
+    cfg, prepared = run.cfg, run.prepared
     log.info("pretraining %s: %d workers, windows per pass %s, run dir %s",
-             resolved.data.zoo_uri, cfg.run.workers, prepared.num_windows, run.run_uri)
-    export_files = {"pretrain_config.yaml": dump_config(resolved).encode(), **run_export_files(prepared)}
+             cfg.data.zoo_uri, cfg.run.workers, prepared.num_windows, run.run_uri)
+    export_files = {"pretrain_config.yaml": dump_config(cfg).encode(), **run_export_files(prepared)}
     resources = worker_resources(cfg.run.cpus_per_worker, cfg.run.gpus_per_worker, node_types=cfg.run.node_types)
     tracking = {"config": to_dict(cfg.tracking), "run_name": cfg.run.name, "run_uri": run.run_uri,
-                "params": flat_params(to_dict(resolved))}
+                "params": flat_params(to_dict(cfg))}
     result = run_pretraining(
-        resolved.train,
+        cfg.train,
         {k: v for k, v in prepared.streams.items() if k in ("train", "val")},
         storage_path=run.out,
         name=cfg.run.name,
@@ -253,6 +307,7 @@ def run_pretrain(
         on_epoch_end=on_epoch_end,
         tracking=tracking,
         callbacks=callbacks,
+        leased=True,
     )
     log.info("done: model, loss curve and summary in %s", run.run_uri)
     print(f"\nSANE pretraining finished. Results: {run.run_uri}/summary.md, {run.run_uri}/loss_curve.png")

@@ -30,6 +30,13 @@ from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
+from aiohttp import ClientError
+from botocore.exceptions import BotoCoreError
+
+# What a failed storage call raises: fsspec maps S3 answers to OSErrors, but a connection
+# that closes before an answer, or mid-body, surfaces as botocore's or aiohttp's own error
+# once s3fs's retries are spent.
+FAILURES = (OSError, BotoCoreError, ClientError)
 
 
 def cache_dir() -> str:
@@ -39,6 +46,10 @@ def cache_dir() -> str:
 
 class StorageError(OSError):
     """A storage location is missing, unreadable or unwritable (the message names it)."""
+
+
+class NotFoundError(StorageError, FileNotFoundError):
+    """The storage answered that the object does not exist: a fact, unlike a timeout or a refusal."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +177,7 @@ def exists(uri: str, s3: S3Options | None = None) -> bool:
     fs, path = open_uri(uri, s3)
     try:
         return fs.exists(path)
-    except OSError as e:
+    except FAILURES as e:
         raise StorageError(f"cannot check {uri}: {e}") from e
 
 
@@ -174,12 +185,30 @@ def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
     """Read a whole object; a missing or unreadable one raises :class:`StorageError` naming it."""
     fs, path = open_uri(uri, s3)
     try:
-        with fs.open(path, "rb") as f:
-            return f.read()
+        return fs.cat_file(path)
     except FileNotFoundError as e:
-        raise StorageError(f"not found: {uri}") from e
-    except (OSError, PermissionError) as e:
+        raise NotFoundError(f"not found: {uri}") from e
+    except FAILURES as e:
         raise StorageError(f"cannot read {uri}: {e}") from e
+
+
+def read_whole(uri: str, s3: S3Options | None = None) -> bytes:
+    """:func:`read_bytes`, then proof that the read was complete: as many bytes as the storage says it holds.
+
+    A short read (a connection cut mid-body) raises :class:`StorageError`, so callers can
+    tell a file that really is truncated from one that was not read to its end.
+    """
+    data = read_bytes(uri, s3)
+    fs, path = open_uri(uri, s3)
+    try:
+        size = fs.size(path)
+    except FileNotFoundError as e:
+        raise NotFoundError(f"not found: {uri} (removed while it was read)") from e
+    except FAILURES as e:
+        raise StorageError(f"cannot stat {uri}: {e}") from e
+    if size != len(data):
+        raise StorageError(f"incomplete read of {uri}: {len(data)} of {size} bytes")
+    return data
 
 
 def write_bytes_atomic(uri: str, data: bytes, s3: S3Options | None = None) -> None:
@@ -205,7 +234,7 @@ def write_bytes_atomic(uri: str, data: bytes, s3: S3Options | None = None) -> No
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    except OSError as e:
+    except FAILURES as e:
         if isinstance(e, StorageError):
             raise
         raise StorageError(f"cannot write {uri}: {e}") from e
@@ -217,7 +246,7 @@ def makedirs(uri: str, s3: S3Options | None = None) -> None:
     if loc.scheme == "file":
         try:
             os.makedirs(loc.path, exist_ok=True)
-        except OSError as e:
+        except FAILURES as e:
             raise StorageError(f"cannot create {uri}: {e}") from e
 
 
@@ -229,8 +258,38 @@ def remove(uri: str, s3: S3Options | None = None) -> None:
             fs.rm(path, recursive=True)
     except FileNotFoundError:
         pass
-    except OSError as e:
+    except FAILURES as e:
         raise StorageError(f"cannot remove {uri}: {e}") from e
+
+
+def find(uri: str, s3: S3Options | None = None) -> list[str]:
+    """Paths (relative to ``uri``) of every file under ``uri``, sorted; none if it does not exist."""
+    fs, path = open_uri(uri, s3)
+    try:
+        found = fs.find(path)
+    except FileNotFoundError:
+        return []
+    except FAILURES as e:
+        raise StorageError(f"cannot list {uri}: {e}") from e
+    return sorted(posixpath.relpath(p, path) for p in found)
+
+
+def remove_files(uri: str, names: list[str], s3: S3Options | None = None) -> None:
+    """Remove the files ``names`` (relative to ``uri``) in one call; locally also the directories left empty."""
+    if not names:
+        return
+    fs, path = open_uri(uri, s3)
+    paths = [posixpath.join(path, n) for n in names]
+    try:
+        fs.rm(paths)
+    except FAILURES as e:
+        raise StorageError(f"cannot remove {len(paths)} file(s) under {uri}: {e}") from e
+    if parse_uri(uri, s3).scheme == "file":
+        parents = {os.path.dirname(p) for p in paths}
+        for d in sorted(parents, key=len, reverse=True):  # deepest first
+            while d != path and d.startswith(path) and os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+                d = os.path.dirname(d)
 
 
 def listdir(uri: str, s3: S3Options | None = None) -> list[str]:
@@ -239,7 +298,7 @@ def listdir(uri: str, s3: S3Options | None = None) -> list[str]:
     try:
         entries = fs.ls(path, detail=False)
     except FileNotFoundError as e:
-        raise StorageError(f"not found: {uri}") from e
-    except OSError as e:
+        raise NotFoundError(f"not found: {uri}") from e
+    except FAILURES as e:
         raise StorageError(f"cannot list {uri}: {e}") from e
     return sorted(posixpath.basename(p.rstrip("/")) for p in entries)

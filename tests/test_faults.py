@@ -9,13 +9,15 @@ import pickle
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 
 import pytest
 from ray.train import TrainingFailedError
+from s3_proxy import FaultyS3Proxy
 
-from sane_ray import cluster, lease, storage
+from sane_ray import checksums, cluster, lease, storage
 from sane_ray.checksums import IntegrityError
 from sane_ray.model import SaneModel, tiny
 from sane_ray.model.export import load_sane
@@ -23,11 +25,18 @@ from sane_ray.train import TrainConfig, run_pretraining
 from sane_ray.train.checkpoint import TrainState, verify_checkpoint
 from sane_ray.train.config import OptimConfig
 from sane_ray.train.optim import build_optimizer
-from sane_ray.train.resume import RAY_SNAPSHOT, ResumeError, checkpoint_dirs, restore
+from sane_ray.train.resume import (
+    RAY_SNAPSHOT,
+    ResumeError,
+    ResumeStorageError,
+    checkpoint_dirs,
+    preflight,
+    restore,
+)
 from sane_ray.train.synthetic import synthetic_dataset
 from sane_ray.train.trainer import PretrainingFailedError
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.faults]
 
 MODEL = dataclasses.replace(tiny(), window_size=8, d_model=32, d_z=8, projection_dim=8)
 WORKERS = dict(num_workers=2, resources_per_worker={"CPU": 1}, controller_failure_limit=0)
@@ -199,6 +208,95 @@ def test_checkpoint_digests_need_every_rank(interrupted_run, tmp_path):
         verify_checkpoint(newest)
 
 
+# ---------------------------------------------------------------- storage errors while resuming
+
+
+@pytest.fixture()
+def s3_run(s3) -> tuple[str, list[str]]:
+    """A run directory in the test's bucket with checkpoints of epochs 1 and 2, saved in this process."""
+    from sane_ray.train.checkpoint import save_checkpoint
+
+    run = f"s3://{s3['bucket']}/runs/run"
+    fs, path = storage.open_uri(run)
+    names = []
+    for epoch in (1, 2):
+        state = _fresh_state()
+        state.epoch = epoch
+        local = tempfile.mkdtemp(prefix="sane-test-ckpt-")
+        save_checkpoint(state, local)
+        names.append(f"checkpoint_2026-01-01_00-00-0{epoch}.000000")
+        fs.put(local + "/", f"{path}/{names[-1]}/", recursive=True)
+        shutil.rmtree(local)
+    return run, names
+
+
+def _keys(uri: str) -> list[str]:
+    fs, path = storage.open_uri(uri)
+    return sorted(fs.find(path))
+
+
+def _faulty(s3: dict, newest: str, fault: str, times: int | None = None) -> FaultyS3Proxy:
+    """A proxy that answers ``fault`` to GETs of the newest checkpoint's shard (the first ``times`` only)."""
+    def rule(method: str, path: str) -> str | None:
+        if method != "GET" or not path.endswith(f"/{newest}/__0_0.distcp"):
+            return None
+        return fault if times is None or len(proxy.injected) < times else None
+
+    proxy = FaultyS3Proxy(s3["endpoint"], rule)
+    return proxy
+
+
+FAST_S3 = dict(retries=1, connect_timeout_s=1, request_timeout_s=5)  # seconds per fault, not minutes
+
+
+@pytest.mark.parametrize("fault", ["503", "403", "cut"])
+def test_storage_errors_while_verifying_delete_nothing(s3_run, s3, monkeypatch, fault):
+    """Throttling, a refused permission and a body cut short are no proof of a bad checkpoint: the
+    resume stops in one line naming the file, on the driver and in a worker, and every file stays."""
+    run, (older, newest) = s3_run
+    before = _keys(run)
+    monkeypatch.setattr(checksums, "READ_BACKOFF_S", 0.1)
+    proxy = _faulty(s3, newest, fault)
+    opts = storage.S3Options(endpoint_url=proxy.endpoint, **FAST_S3)
+    try:
+        with pytest.raises(ResumeStorageError) as driver:  # the driver's check before fit()
+            preflight(run, opts)
+        with pytest.raises(ResumeStorageError) as worker:  # every worker start; keep=1 would prune the older
+            restore(_fresh_state(), run, keep=1, s3=opts)
+    finally:
+        proxy.close()
+    assert len(proxy.injected) >= 2 * checksums.READ_ATTEMPTS  # retried on both paths
+    for e in (driver.value, worker.value):
+        msg = str(e)
+        assert "\n" not in msg
+        assert msg.startswith(f"cannot resume {run}: checkpoint {newest} could not be read "
+                              f"(cannot read {run}/{newest}/__0_0.distcp: ")
+        assert msg.endswith("nothing was deleted, rerun once the storage answers")
+    assert _keys(run) == before
+
+
+def test_a_transient_storage_error_while_verifying_is_ridden_out(s3_run, s3, monkeypatch):
+    run, (older, newest) = s3_run
+    monkeypatch.setattr(checksums, "READ_BACKOFF_S", 0.1)
+    proxy = _faulty(s3, newest, "refuse", times=3)
+    try:
+        state = _fresh_state()
+        restore(state, run, keep=2, s3=storage.S3Options(endpoint_url=proxy.endpoint, **FAST_S3))
+    finally:
+        proxy.close()
+    assert len(proxy.injected) == 3
+    assert state.epoch == 2 and checkpoint_dirs(run) == [older, newest]
+
+
+def test_a_truncated_checkpoint_on_s3_is_still_proven_bad(s3_run):
+    run, (older, newest) = s3_run
+    fs, path = storage.open_uri(f"{run}/{newest}/__0_0.distcp")
+    fs.pipe_file(path, fs.cat_file(path)[:100])
+    state = _fresh_state()
+    restore(state, run, keep=2)
+    assert state.epoch == 1 and checkpoint_dirs(run) == [older]
+
+
 # ---------------------------------------------------------------- storage outage
 
 
@@ -285,6 +383,7 @@ def test_storage_outage_mid_run_is_ridden_out(datasets, s3):
     assert len(kept) == 4
     for name in kept:
         verify_checkpoint(f"{run}/{name}")
+    assert len(storage.listdir(f"{run}/logs")) == 1  # the run's log, written locally, copied to S3 at the end
 
 
 def test_s3_retry_settings_reach_both_filesystems():
@@ -392,32 +491,53 @@ def test_two_concurrent_make_zoo_one_is_refused(ray_cluster, tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and out in lines[0] and "overwrite=true" in lines[0]
 
 
-def test_interrupted_overwrite_keeps_the_old_zoo(ray_cluster, tmp_path, monkeypatch):
+def _check(zoo: str, capsys) -> tuple[int, list[str]]:
+    """``sane-ray zoo info --check``: exit code and stripped output lines."""
+    from sane_ray.cli import main
+
+    capsys.readouterr()
+    code = main(["zoo", "info", zoo, "--check", "--no-verify"])
+    return code, [line.strip() for line in capsys.readouterr().out.splitlines()]
+
+
+def test_interrupted_overwrites_keep_the_old_zoo_and_leave_no_orphans(ray_cluster, tmp_path, monkeypatch, capsys):
+    """Each prefix in turn: an overwrite interrupted before publishing keeps the old zoo; the next
+    successful one leaves only the files its manifest names, whichever prefix the interrupted one used."""
     from sane_ray.zoo import generate
     from sane_ray.zoo.generate import ZooGenConfig, generate_zoo
+    from sane_ray.zoo.native import manifest_paths
     from sane_ray.zoo.reader import open_zoo
 
     out = str(tmp_path / "zoo")
-    old_cfg = ZooGenConfig(out=out, models=2, epochs=1, seed=3)
-    generate_zoo(old_cfg, progress=False)
-    new_cfg = ZooGenConfig(out=out, models=1, epochs=1, seed=4, overwrite=True)
+    published = ZooGenConfig(out=out, models=2, epochs=0, seed=3)
+    generate_zoo(published, progress=False)
 
     def interrupted(*args, **kwargs):  # Ctrl-C after every new checkpoint is written, before publishing
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as m:
-        m.setattr(generate, "publish_manifest", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            generate_zoo(new_cfg, progress=False)
-    assert os.path.isdir(os.path.join(out, "next", "models", "model_0000"))  # the new one was written beside
-    zoo = open_zoo(out, verify=True)
-    assert zoo.metadata["generation"] == old_cfg.identity() and len(zoo.models) == 2
-    assert not os.path.exists(os.path.join(out, lease.LEASE_FILE))
+    for prefix, seed in (("next", 4), ("models", 5)):
+        # 2 models, the next zoo 1: the interrupted writer's model_0001 is no one's
+        with monkeypatch.context() as m:
+            m.setattr(generate, "publish_manifest", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                generate_zoo(ZooGenConfig(out=out, models=2, epochs=0, seed=seed, overwrite=True), progress=False)
+        left = os.path.join(out, *(["next"] if prefix == "next" else []), "models", "model_0001")
+        assert os.path.isdir(left)  # the new one was written beside the old
+        zoo = open_zoo(out, verify=True)
+        assert zoo.metadata["generation"] == published.identity() and not os.path.exists(os.path.join(out, lease.LEASE_FILE))
+        code, listed = _check(out, capsys)
+        assert code == 1 and f"{os.path.relpath(left, out)}/epoch_0000.safetensors" in listed
 
-    generate_zoo(new_cfg, progress=False)
-    zoo = open_zoo(out, verify=True)
-    assert zoo.metadata["generation"] == new_cfg.identity() and len(zoo.models) == 1
-    assert sorted(os.listdir(out)) == ["manifest.parquet", "next"]  # the old checkpoints went with the old zoo
+        published = ZooGenConfig(out=out, models=1, epochs=0, seed=seed + 10, overwrite=True)
+        generate_zoo(published, progress=False)
+        zoo = open_zoo(out, verify=True)
+        assert zoo.metadata["generation"] == published.identity() and len(zoo.models) == 1
+        paths = manifest_paths(out)
+        assert all(p.startswith(f"{prefix}/") for p in paths)
+        assert storage.find(out) == sorted(paths + ["manifest.parquet"])  # the old zoo and the orphans went
+        assert sorted(os.listdir(out)) == sorted(["manifest.parquet", prefix])  # no empty directories either
+        code, listed = _check(out, capsys)
+        assert code == 0 and "unlisted:     0 file(s) under the zoo that its manifest does not name" in listed
 
 
 def test_failed_zoo_generation_is_one_line_exit_1(ray_cluster, tmp_path, capsys):
@@ -439,10 +559,10 @@ def test_wrong_s3_credentials_on_write_name_the_uri(s3, monkeypatch, capsys):
     assert f"{out}/{lease.LEASE_FILE}" in lines[0]
 
 
-def test_more_workers_than_cores_refused_before_a_local_cluster(monkeypatch, capsys):
+@pytest.fixture()
+def no_ray(monkeypatch):
+    """Fail where Ray would start: what the test runs must refuse before it."""
     import ray
-
-    from sane_ray import pretrain
 
     def no_cluster(*args, **kwargs):
         raise AssertionError("a local cluster was started")
@@ -450,11 +570,71 @@ def test_more_workers_than_cores_refused_before_a_local_cluster(monkeypatch, cap
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", no_cluster)
+
+
+def test_more_workers_than_cores_refused_before_a_local_cluster(no_ray, capsys):
+    from sane_ray import pretrain
+
     code, lines = _cli(["pretrain", "--workers", "4096"], capsys)
     assert code == 2 and len(lines) == 1
     assert f"4096 workers x 1 CPU need 4096 CPU, but this machine has {os.cpu_count()} CPU cores" in lines[0]
     with pytest.raises(ValueError, match="run.local_cpus=8"):
         cluster.check_local_capacity(pretrain.RunSettings(workers=9, local_cpus=8))
+
+
+@pytest.mark.parametrize("case", ["same run name", "ftp out", "missing zoo", "no usable checkpoint"])
+def test_a_run_that_cannot_go_anywhere_is_refused_in_seconds_before_ray_starts(case, tmp_path, no_ray, capsys):
+    import zoo_builders as zb
+
+    zoo, out = str(tmp_path / "zoo"), str(tmp_path / "runs")
+    zb.build_native_zoo(zoo, n_models=2)
+    run = os.path.join(out, "r")
+    argv = {"zoo": zoo, "out": out}
+    holder = None
+    if case == "same run name":
+        holder = lease.acquire(run, "pretraining")  # a live writer (this process) holds the run directory
+        want = f"{run} is being written by pretraining on host {socket.gethostname()} pid {os.getpid()} since"
+    elif case == "ftp out":
+        argv["out"], want = "ftp://x", "unsupported storage scheme 'ftp' in 'ftp://x' (use a path or s3://)"
+    elif case == "missing zoo":
+        argv["zoo"], want = str(tmp_path / "nope"), f"no zoo at {tmp_path / 'nope'}: it does not exist"
+    else:  # an upload that never finished: no checksums
+        os.makedirs(os.path.join(run, "checkpoint_2026-01-01_00-00-01.000000"))
+        want = f"no usable checkpoint in {run}: {run}/checkpoint_2026-01-01_00-00-01.000000: no checksums"
+    start = time.monotonic()
+    try:
+        code, lines = _cli(["pretrain", "--zoo", argv["zoo"], "--out", argv["out"], "--name", "r"], capsys)
+    finally:
+        if holder is not None:
+            holder.release()
+    elapsed = time.monotonic() - start
+    assert code == 2 and len(lines) == 1 and want in lines[0], lines
+    assert elapsed < 10, f"refused after {elapsed:.1f} s"
+    assert not os.path.exists(os.path.join(run, lease.LEASE_FILE))
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_worker_is_one_console_line_and_its_traceback_is_in_the_run_log(tmp_path):
+    """A real run in its own process and local cluster (Ray streams every worker's output to the
+    driver, as for a user); rank 1's process is SIGKILLed once after epoch 1 and the run restarts."""
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    script = os.path.join(os.path.dirname(__file__), "kill_worker_run.py")
+    done = subprocess.run([sys.executable, script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=540)
+    console = (done.stdout + done.stderr).splitlines()
+    assert done.returncode == 0 and "finished" in console, "\n".join(console[-30:])
+    epochs = [i for i, line in enumerate(console) if "epoch 1/2 |" in line or "epoch 2/2 |" in line]
+    restart = console[epochs[0] + 1:epochs[-1]]  # between the epoch before the fault and the one after
+    assert len(restart) <= 5, "\n".join(restart)
+    assert any(line.startswith("sane-ray: rank 1: its process (pid ") and " died on node " in line
+               and line.endswith("restarting from the newest checkpoint, restart 1 of 1") for line in restart), restart
+    assert any(f"resuming {tmp_path}/run after epoch 1 from checkpoint_" in line for line in restart), restart
+    assert not any("Traceback" in line or "Error" in line for line in console if not line.startswith("sane-ray:"))
+    (log,) = os.listdir(os.path.join(tmp_path, "run", "logs"))
+    text = open(os.path.join(tmp_path, "run", "logs", log)).read()
+    assert "Traceback (most recent call last)" in text and "ActorDiedError" in text
 
 
 @pytest.mark.parametrize("error,code", [

@@ -2,6 +2,7 @@
 
 import dataclasses
 import threading
+import time
 import uuid
 
 import boto3
@@ -10,9 +11,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sane_ray import storage
+from sane_ray import lease, storage
 from sane_ray.data import DataConfig, DataPreparationError, SplitError, WindowSizeError, prepare_data
-from sane_ray.data.canonical import cache_key, load_manifest
+from sane_ray.data.canonical import MANIFEST, cache_key, load_manifest
 from sane_ray.data.stream import token_rows
 from sane_ray.weights.tokenize import detokenize, layout_mask, layout_positions
 from sane_ray.zoo import native
@@ -228,6 +229,38 @@ def test_cache_is_reused_and_invalidated(prepared, zoo_cfg):
     first = zoo.models[0]
     rewritten = dataclasses.replace(first, checkpoints=[dataclasses.replace(first.checkpoints[0], sha256="0" * 64)])
     assert cache_key(dataclasses.replace(zoo, models=[rewritten, *zoo.models[1:]]), zoo_cfg) != cache_key(zoo, zoo_cfg)
+
+
+@pytest.mark.faults
+def test_a_second_run_waits_for_the_cache_another_run_builds(prepared, zoo_cfg, monkeypatch, caplog):
+    """While another run holds the cache's lease (it is building), a second run writes nothing
+    beside it: it waits, then reuses what the first one publishes."""
+    from sane_ray.data import pipeline
+
+    monkeypatch.setattr(pipeline, "CACHE_POLL_S", 0.2)
+    manifest = storage.join(prepared.cache_uri, MANIFEST)
+    body = storage.read_bytes(manifest)
+    storage.remove(manifest)  # the cache as its builder leaves it until the end: no manifest yet
+    fs, path = storage.open_uri(prepared.cache_uri)
+    before = {p: fs.info(p)["LastModified"] for p in fs.find(path)}
+    builder = lease.acquire(prepared.cache_uri, "canonical zoo build")
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(prepare_data(zoo_cfg)), daemon=True)
+    try:
+        with caplog.at_level("INFO", logger="sane_ray.data.pipeline"):
+            waiter.start()
+            deadline = time.monotonic() + 120
+            while "waiting for the canonical zoo another run is building" not in caplog.text:
+                assert waiter.is_alive() and time.monotonic() < deadline, got
+                time.sleep(0.1)
+        assert f"{prepared.cache_uri} is being written by canonical zoo build" in caplog.text
+        time.sleep(1)
+        assert {p: fs.info(p)["LastModified"] for p in fs.find(path) if not p.endswith(lease.LEASE_FILE)} == before
+        storage.write_bytes_atomic(manifest, body)  # the builder publishes
+    finally:
+        builder.release()
+    waiter.join(timeout=120)
+    assert got and got[0].cache_hit and got[0].cache_uri == prepared.cache_uri
 
 
 def test_token_column_is_viewed_without_copies():

@@ -26,13 +26,15 @@ small (a few batches) or leave it off.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
-from sane_ray import storage
+from sane_ray import lease, storage
 from sane_ray.data.canonical import (
     CanonicalZoo,
     DataPreparationError,
     LayoutGroup,
+    Plan,
     build_canonical,
     cache_key,
     default_cache_uri,
@@ -50,6 +52,8 @@ from sane_ray.zoo.reader import open_zoo
 from sane_ray.zoo.spec import Skipped
 
 log = logging.getLogger(__name__)
+
+CACHE_POLL_S = 2.0  # how often a run waiting for another run's canonical zoo looks for it
 
 
 @dataclass
@@ -105,6 +109,36 @@ class PreparedData:
         return self.stats[self.canonical.group_for(architecture, arch_kwargs).layout_id]
 
 
+def _build_or_reuse(p: Plan, cfg: DataConfig, uri: str, key: str, s3: storage.S3Options,
+                    node_types: bool) -> tuple[CanonicalZoo, bool]:
+    """The canonical zoo at ``uri`` and whether it was reused; built under its own lease.
+
+    The cache is shared by every run of the same zoo and settings: one builder holds its
+    lease, and a second run waits for that one's manifest instead of writing the same
+    shards beside it (a builder that died leaves a stale lease, which is taken over).
+    """
+    waiting = False
+    while True:
+        canonical = load_manifest(uri, s3)
+        if canonical is not None:
+            log.info("reusing the canonical tokenized zoo at %s", uri)
+            return canonical, True
+        try:
+            held = lease.acquire(uri, "canonical zoo build", s3)
+        except lease.LeaseHeldError as e:
+            if not waiting:
+                log.info("waiting for the canonical zoo another run is building: %s", e)
+                waiting = True
+            time.sleep(CACHE_POLL_S)
+            continue
+        with held:
+            canonical = load_manifest(uri, s3)  # finished while this run waited for the lease
+            if canonical is not None:
+                return canonical, True
+            log.info("building the canonical tokenized zoo of %s at %s", p.zoo.uri, uri)
+            return build_canonical(p, cfg, uri, key, s3, node_types), False
+
+
 def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None, node_types: bool = False) -> PreparedData:
     """Validate, build or reuse the canonical tokenized zoo, and return one window dataset per split.
 
@@ -118,13 +152,7 @@ def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None, node_type
 
     key = cache_key(zoo, cfg)
     uri = storage.join(storage.parse_uri(cfg.cache_uri or default_cache_uri(zoo.uri), s3).uri, key)
-    canonical = load_manifest(uri, s3)
-    hit = canonical is not None
-    if canonical is None:
-        log.info("building the canonical tokenized zoo of %s at %s", zoo.uri, uri)
-        canonical = build_canonical(p, cfg, uri, key, s3, node_types)
-    else:
-        log.info("reusing the canonical tokenized zoo at %s", uri)
+    canonical, hit = _build_or_reuse(p, cfg, uri, key, s3, node_types)
     if canonical.skipped:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in canonical.skipped[:5])
         log.warning("left out %d checkpoint(s)/model(s) of %s, e.g. %s",

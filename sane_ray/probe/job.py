@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import yaml
 
-from sane_ray import storage
+from sane_ray import lease, storage
 from sane_ray.config import dump_config
 from sane_ray.data.config import epoch_filter
 from sane_ray.data.splits import split_models
@@ -376,6 +376,13 @@ def run_probe(cfg: ProbeConfig) -> tuple[str, ProbeResults]:
     """The whole job; returns the output URI and the results."""
     if not cfg.run:
         raise ValueError("probe: set run (the directory of an exported pretraining run)")
+    out = storage.parse_uri(cfg.out).uri if cfg.out else storage.join(cfg.run, "probe")
+    with lease.acquire(out, "probe"):  # before the run or the zoo is read
+        return out, _probe(cfg, out)
+
+
+def _probe(cfg: ProbeConfig, out: str) -> ProbeResults:
+    """The job inside its lease on ``out``."""
     run = load_run(cfg.run, device=cfg.device or None)
     run_doc = _run_document(cfg.run)
     zoo_uri = cfg.zoo or (run.canonical.zoo_uri if run.canonical is not None else "")
@@ -388,6 +395,5 @@ def run_probe(cfg: ProbeConfig) -> tuple[str, ProbeResults]:
     split_of, split_how = model_splits(run, sorted(set(data.model_id)))
     data.assign_splits(split_of, {m for m, s in run.splits().items() if s == "train"})
     res = probe(data, cfg)
-    out = storage.parse_uri(cfg.out).uri if cfg.out else storage.join(cfg.run, "probe")
     write_results(res, data, zoo, cfg, out, split_how, run.splits())
-    return out, res
+    return res

@@ -218,6 +218,12 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
     s3 = (s3 or storage.S3Options()).resolved()
     out = storage.parse_uri(cfg.out or storage.join(cfg.run, "sample"), s3).uri
     get_task(cfg.task)  # an unknown task fails here, naming the known ones
+    with lease.acquire(out, "sample", s3):  # before Ray starts or a prompt is read
+        return _sample(cfg, out, s3)
+
+
+def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any]:
+    """The job inside its lease on ``out``."""
     run = load_run(cfg.run, device="cpu")
     prompt_zoo_uri = cfg.prompts or (run.canonical.zoo_uri if run.canonical is not None else "")
     if not prompt_zoo_uri:
@@ -245,55 +251,54 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
     )
     make = ray.remote(make_candidates).options(**opts)
     tune = ray.remote(finetune_one).options(**opts)
-    with lease.acquire(out, "sample", s3):
-        storage.makedirs(out, s3)
-        ctx_ref = ray.put(ctx)
-        kde = _distribution(cfg, run, prompt_set, window, halo)
-        kdes, rows = [kde], []
-        t0 = time.perf_counter()
-        for round_ in range(cfg.bootstrap + 1):
-            kde_ref = ray.put(kdes[round_])
-            chunks = [list(range(i, min(i + cfg.candidates_per_task, cfg.candidates)))
-                      for i in range(0, cfg.candidates, cfg.candidates_per_task)]
-            for part in _collect([make.remote(ctx_ref, kde_ref, round_, c) for c in chunks], f"round {round_}"):
-                rows.extend({**r, **{f"hparams_{k}": v for k, v in json.loads(r["hparams"]).items()
-                                     if k in ("round", "index")}} for r in part)
-            kept = rank(rows, cfg.keep)
-            if not kept:
-                _publish_candidates(ctx, rows, cfg, s3)
-                raise SamplingFailedError(
-                    f"all {len(rows)} candidates are broken (non-finite loss or accuracy on {cfg.task}); "
-                    f"they are in the zoo {ctx.candidates_uri}")
-            log.info("round %d: best val acc %.3f, kept mean val acc %.3f", round_, kept[0]["val_acc"],
-                     float(np.mean([r["val_acc"] for r in kept])))
-            if round_ < cfg.bootstrap:
-                latents = torch.cat([kdes[r["hparams_round"]].sample([json.loads(r["hparams"])["draw_seed"]])
-                                     for r in kept])
-                kdes.append(TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, anchor=cfg.kde_anchor))
-        sample_s = time.perf_counter() - t0
-        _publish_candidates(ctx, rows, cfg, s3)
+    storage.makedirs(out, s3)
+    ctx_ref = ray.put(ctx)
+    kde = _distribution(cfg, run, prompt_set, window, halo)
+    kdes, rows = [kde], []
+    t0 = time.perf_counter()
+    for round_ in range(cfg.bootstrap + 1):
+        kde_ref = ray.put(kdes[round_])
+        chunks = [list(range(i, min(i + cfg.candidates_per_task, cfg.candidates)))
+                  for i in range(0, cfg.candidates, cfg.candidates_per_task)]
+        for part in _collect([make.remote(ctx_ref, kde_ref, round_, c) for c in chunks], f"round {round_}"):
+            rows.extend({**r, **{f"hparams_{k}": v for k, v in json.loads(r["hparams"]).items()
+                                 if k in ("round", "index")}} for r in part)
+        kept = rank(rows, cfg.keep)
+        if not kept:
+            _publish_candidates(ctx, rows, cfg, s3)
+            raise SamplingFailedError(
+                f"all {len(rows)} candidates are broken (non-finite loss or accuracy on {cfg.task}); "
+                f"they are in the zoo {ctx.candidates_uri}")
+        log.info("round %d: best val acc %.3f, kept mean val acc %.3f", round_, kept[0]["val_acc"],
+                 float(np.mean([r["val_acc"] for r in kept])))
+        if round_ < cfg.bootstrap:
+            latents = torch.cat([kdes[r["hparams_round"]].sample([json.loads(r["hparams"])["draw_seed"]])
+                                 for r in kept])
+            kdes.append(TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, anchor=cfg.kde_anchor))
+    sample_s = time.perf_counter() - t0
+    _publish_candidates(ctx, rows, cfg, s3)
 
-        jobs = [("sampled", r["model_id"], r, i) for i, r in enumerate(kept)]
-        jobs += [("prompt", p.name, _prompt_source(p), i) for i, p in enumerate(prompts)]
-        jobs += [("scratch", f"scratch-{i:02d}", {}, i) for i in range(cfg.keep)]
-        curves = _collect([tune.remote(ctx_ref, *j) for j in jobs], "fine-tuning")
-        publish_manifest(ctx.kept_uri, [row for c in curves for row in c["rows"]],
-                         metadata={"sample": dataclasses.asdict(cfg)}, s3=s3)
-        compared = novelty_rows(ctx, run, prompt_set, kept, opts) if cfg.novelty else {}
-        novelty, memo = compared.get("models", {}), compared.get("memorization", [])
+    jobs = [("sampled", r["model_id"], r, i) for i, r in enumerate(kept)]
+    jobs += [("prompt", p.name, _prompt_source(p), i) for i, p in enumerate(prompts)]
+    jobs += [("scratch", f"scratch-{i:02d}", {}, i) for i in range(cfg.keep)]
+    curves = _collect([tune.remote(ctx_ref, *j) for j in jobs], "fine-tuning")
+    publish_manifest(ctx.kept_uri, [row for c in curves for row in c["rows"]],
+                     metadata={"sample": dataclasses.asdict(cfg)}, s3=s3)
+    compared = novelty_rows(ctx, run, prompt_set, kept, opts) if cfg.novelty else {}
+    novelty, memo = compared.get("models", {}), compared.get("memorization", [])
 
-        table = report.candidate_table(rows, {r["model_id"] for r in kept}, curves, novelty, broken)
-        _write_table(out, "candidates", table, s3)
-        _write_table(out, "curves", report.curve_table(curves), s3)
-        storage.write_bytes_atomic(storage.join(out, "finetune.png"), report.curves_png(curves, cfg.task), s3)
-        if memo:
-            _write_table(out, "memorization", pa.Table.from_pylist(memo), s3)
-            storage.write_bytes_atomic(storage.join(out, "memorization.png"), report.memorization_png(memo, cfg.task), s3)
-        storage.write_bytes_atomic(storage.join(out, "sample_config.yaml"), dump_config(cfg).encode(), s3)
-        summary = report.summarize(cfg, prompts, kdes, rows, kept, curves, novelty, sample_s,
-                                   sum(map(broken, rows)), memo)
-        storage.write_bytes_atomic(storage.join(out, "summary.json"), json.dumps(summary, indent=1).encode(), s3)
-        storage.write_bytes_atomic(storage.join(out, "summary.md"), report.summary_markdown(summary).encode(), s3)
+    table = report.candidate_table(rows, {r["model_id"] for r in kept}, curves, novelty, broken)
+    _write_table(out, "candidates", table, s3)
+    _write_table(out, "curves", report.curve_table(curves), s3)
+    storage.write_bytes_atomic(storage.join(out, "finetune.png"), report.curves_png(curves, cfg.task), s3)
+    if memo:
+        _write_table(out, "memorization", pa.Table.from_pylist(memo), s3)
+        storage.write_bytes_atomic(storage.join(out, "memorization.png"), report.memorization_png(memo, cfg.task), s3)
+    storage.write_bytes_atomic(storage.join(out, "sample_config.yaml"), dump_config(cfg).encode(), s3)
+    summary = report.summarize(cfg, prompts, kdes, rows, kept, curves, novelty, sample_s,
+                               sum(map(broken, rows)), memo)
+    storage.write_bytes_atomic(storage.join(out, "summary.json"), json.dumps(summary, indent=1).encode(), s3)
+    storage.write_bytes_atomic(storage.join(out, "summary.md"), report.summary_markdown(summary).encode(), s3)
     log.info("sampled %d candidates in %.1fs (%.2f/s); results in %s", len(rows), sample_s, len(rows) / sample_s, out)
     print(f"sampling finished. Results: {out}/summary.md, {out}/candidates.csv, kept models: {out}/kept")
     return summary

@@ -89,12 +89,14 @@ def verify_checkpoint(uri: str, s3: storage.S3Options | None = None) -> dict[str
     """Every file of the checkpoint at ``uri`` (local or S3), checked against all ranks' digests.
 
     Raises :class:`~sane_ray.checksums.IntegrityError` naming the bad file, or the
-    missing digests of a checkpoint whose upload did not finish.
+    missing digests of a checkpoint whose upload did not finish, and
+    :class:`~sane_ray.storage.StorageError` when the storage could not be read (which
+    proves nothing about the checkpoint).
     """
     try:
         names = storage.listdir(uri, s3)
-    except storage.StorageError as e:
-        raise checksums.IntegrityError(f"{uri}: unreadable checkpoint ({e})") from e
+    except storage.NotFoundError as e:
+        raise checksums.IntegrityError(f"{uri}: checkpoint directory gone ({e})") from e
     ranks = {(int(m[1]), int(m[2])) for m in map(_RANK_DIGESTS.fullmatch, names) if m}
     worlds = {w for _, w in ranks}
     if len(worlds) != 1:

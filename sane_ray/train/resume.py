@@ -8,6 +8,11 @@ ones that fail are reported, with the reason, and removed; only the newest
 ``checkpoints_to_keep`` directories are kept, whoever wrote them. Ray's own
 ``num_to_keep`` is off, so deleting has one owner.
 
+Nothing is deleted on doubt: a checkpoint fails only on proof (a file the storage says
+is absent, or a complete read that differs from its digest). A storage error while
+verifying (after retries) stops the resume with :class:`ResumeStorageError`, naming
+what could not be read, and leaves every checkpoint where it is.
+
 The driver calls :func:`preflight` before ``fit()`` (a run whose checkpoints are all
 unusable stops there, in one line); every worker start, also after an in-fit restart
 where only the workers run, calls :func:`restore`; rank 0 calls :func:`prune` after
@@ -40,6 +45,10 @@ class ResumeError(ValueError):
     """A run directory holds checkpoints but none of them can be loaded."""
 
 
+class ResumeStorageError(storage.StorageError):
+    """The checkpoints could not be read to decide which to resume from; nothing was deleted."""
+
+
 @dataclass
 class Found:
     """The newest usable checkpoint (``name`` None: there is none) and the newer ones that failed."""
@@ -57,7 +66,10 @@ def checkpoint_dirs(run_uri: str, s3: storage.S3Options | None = None) -> list[s
 
 
 def find_usable(run_uri: str, s3: storage.S3Options | None = None) -> Found:
-    """Verify checkpoints newest first; the first intact one wins. Raises :class:`ResumeError` if all fail."""
+    """Verify checkpoints newest first; the first intact one wins.
+
+    Raises :class:`ResumeError` if all fail, :class:`ResumeStorageError` if one could not be read.
+    """
     found = Found(None)
     names = checkpoint_dirs(run_uri, s3)
     for name in reversed(names):
@@ -66,6 +78,11 @@ def find_usable(run_uri: str, s3: storage.S3Options | None = None) -> Found:
         except IntegrityError as e:
             found.failed[name] = str(e)
             continue
+        except storage.StorageError as e:
+            raise ResumeStorageError(
+                f"cannot resume {run_uri}: checkpoint {name} could not be read ({_first_line(e)}); "
+                "nothing was deleted, rerun once the storage answers"
+            ) from e
         found.name = name
         return found
     if names:
@@ -103,14 +120,14 @@ def restore(state: TrainState, run_uri: str | None, keep: int, s3: storage.S3Opt
     if rank == 0:
         try:
             found = find_usable(run_uri, s3)
-        except ResumeError as e:
-            error = str(e)
+        except (ResumeError, ResumeStorageError) as e:  # every rank raises it, none waits for rank 0
+            error = e
     choice = [found.name, error]
     if distributed:
         dist.broadcast_object_list(choice, src=0)
     name, error = choice
     if error is not None:
-        raise ResumeError(error)
+        raise error
     if name is None:
         return
     uri = storage.join(run_uri, name)
@@ -134,6 +151,10 @@ def prune(run_uri: str, keep: int, s3: storage.S3Options | None = None, remove: 
     for name in doomed:
         storage.remove(storage.join(run_uri, name), s3)
     return doomed
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from sane_ray import lease, storage
 from sane_ray.train import resume
 from sane_ray.train.config import TrainConfig
+from sane_ray.train.console import FaultReporter, RunConsole, describe_failure, root_failure
 from sane_ray.train.loop import train_loop_per_worker
 from sane_ray.train.runtime import select_runtime
 
@@ -65,6 +66,7 @@ def run_pretraining(
     s3: storage.S3Options | None = None,
     tracking: Mapping[str, Any] | None = None,
     callbacks: Sequence[Any] = (),
+    leased: bool = False,
 ) -> Result:
     """Pretrain SANE with ``num_workers`` FSDP2 workers; returns Ray's ``Result``.
 
@@ -82,6 +84,8 @@ def run_pretraining(
     ``callbacks``: Ray Train callbacks (a sweep's trial passes Tune's ``TuneReportCallback``).
     Raises :class:`~sane_ray.lease.LeaseHeldError` if another run writes the directory,
     :class:`~sane_ray.train.resume.ResumeError` if it holds checkpoints but none is usable.
+    ``leased``: the caller holds the run directory's lease and ran the resume preflight
+    under it (:func:`sane_ray.pretrain.run_pretrain` does both before it starts Ray).
     """
     unknown = sorted(set(datasets) - set(DATASET_NAMES))
     if "train" not in datasets or unknown:
@@ -126,30 +130,37 @@ def run_pretraining(
             # None: Ray deletes nothing; resume.prune keeps checkpoints_to_keep of all directories.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO goes to its log files only
-            callbacks=list(callbacks),
+            callbacks=[FaultReporter(train_cfg.max_failures), *callbacks],
         ),
         datasets=fixed,
     )
+    if leased:
+        return _fit(trainer, run_uri, train_cfg.max_failures, s3)
     with lease.acquire(run_uri, "pretraining", s3):
         resume.preflight(run_uri, s3)
-        try:
+        return _fit(trainer, run_uri, train_cfg.max_failures, s3)
+
+
+def _fit(trainer: TorchTrainer, run_uri: str, max_failures: int, s3: storage.S3Options) -> Result:
+    """``trainer.fit()`` with Ray's output in the run's log file; a run that gives up raises one line."""
+    console = RunConsole(run_uri, s3)
+    try:
+        with console:
             return trainer.fit()
-        except TrainingFailedError as e:
-            raise PretrainingFailedError(
-                f"pretraining into {run_uri} failed after {train_cfg.max_failures} restart(s) "
-                f"(train.max_failures): {failure_cause(e)}; its checkpoints are kept, rerun to resume"
-            ) from e
+    except TrainingFailedError as e:
+        raise PretrainingFailedError(
+            f"pretraining into {run_uri} failed after {max_failures} restart(s) "
+            f"(train.max_failures): {failure_cause(e)}; its checkpoints are kept, rerun to resume "
+            f"(Ray's tracebacks: {console.uri})"
+        ) from e
 
 
 def failure_cause(e: TrainingFailedError) -> str:
-    """One line for what made Ray Train give up: the lowest failing rank's error, or the controller's."""
+    """One line for what made Ray Train give up: the failing rank's error (a dead process first), or the controller's."""
     failures = getattr(e, "worker_failures", None)
     if failures:
-        rank = min(failures)
-        cause: BaseException = failures[rank]
-        cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the user's exception
-        where = f"rank {rank}: "
-    else:
-        cause, where = getattr(e, "controller_failure", None) or e, ""
+        rank = root_failure(failures)
+        return describe_failure(rank, failures[rank])
+    cause = getattr(e, "controller_failure", None) or e
     text = (str(cause).strip().splitlines() or [""])[0]
-    return f"{where}{type(cause).__name__}: {text}"
+    return f"{type(cause).__name__}: {text}"

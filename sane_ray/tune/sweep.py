@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import ray
 
-from sane_ray import storage
+from sane_ray import lease, storage
 from sane_ray.cluster import LOCAL_OBJECT_STORE_BYTES, ensure_ray, local_cpus
 from sane_ray.config import ConfigError, dump_config, from_dict, to_dict, with_values
 from sane_ray.pretrain import PretrainConfig, prepare_run
@@ -192,20 +192,26 @@ def run_sweep(cfg: SweepConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]
     ``callbacks`` are extra Tune callbacks (progress, tests). Raises :class:`SweepInterruptedError`
     when the sweep stops before every trial finished (rerun to resume).
     """
+    check_objective(cfg, parse_space(cfg.space, PretrainConfig))  # before Ray starts: these fail at once
+    if cfg.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ValueError("search=optuna needs the optuna package: pip install 'sane-ray[optuna]', or use search=random")
+    uri = sweep_uri(cfg)
+    _check_resume(uri, cfg)
+    with lease.acquire(uri, "tune"):  # one sweep writes the directory; taken before Ray starts
+        return _sweep(cfg, uri, callbacks)
+
+
+def _sweep(cfg: SweepConfig, uri: str, callbacks: Sequence[Any]) -> dict[str, Any]:
+    """The sweep inside its lease on ``uri``."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    check_objective(cfg, parse_space(cfg.space, PretrainConfig))  # before Ray starts: these fail at once
-    if cfg.search == "optuna" and importlib.util.find_spec("optuna") is None:
-        raise ValueError("search=optuna needs the optuna package: pip install 'sane-ray[optuna]', or use search=random")
     _start_ray(cfg)
     limit = concurrency(cfg)
     dims, base = check_sweep(cfg)
     metric, mode = OBJECTIVES[cfg.objective]
-    uri = sweep_uri(cfg)
     fs, path = storage.pyarrow_fs(uri)
-    _check_resume(uri, cfg)
 
     point = base_point(dims, base) if cfg.include_base else None
     if cfg.search == "optuna":

@@ -14,8 +14,10 @@ failed run leaves no zoo. The generation config is stored in the manifest metada
 While a zoo is written its root is leased (:mod:`sane_ray.lease`): a second writer is
 refused. ``overwrite`` writes the new zoo beside the published one (under
 ``next/`` when the old one is in ``models/``, and back), and publishing its manifest is
-the single step that replaces the old zoo, whose files are removed only then; an
-interrupted overwrite leaves the old zoo as it was.
+the single step that replaces the old zoo; an interrupted overwrite leaves the old zoo
+as it was. Only once a manifest is published does its writer remove every file under
+the root that the manifest does not name: the old zoo's, and whatever interrupted
+writers left, under either prefix.
 
 ``format: public`` writes the same models (same ids, weights and metrics) in the public
 model-zoo layout (:mod:`sane_ray.zoo.public`), which has no manifest to publish last.
@@ -50,7 +52,14 @@ from sane_ray.cluster import ensure_ray
 from sane_ray.config import to_dict
 from sane_ray.zoo import public
 from sane_ray.zoo.architectures import ACTIVATIONS, build_model, get_architecture
-from sane_ray.zoo.native import MANIFEST, manifest_paths, publish_manifest, read_manifest, write_checkpoint
+from sane_ray.zoo.native import (
+    MANIFEST,
+    manifest_paths,
+    publish_manifest,
+    read_manifest,
+    unlisted_files,
+    write_checkpoint,
+)
 from sane_ray.zoo.spec import with_ggap
 from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, Task, evaluate, get_task
 
@@ -373,23 +382,22 @@ def generate_zoo(cfg: ZooGenConfig, progress: bool = True, s3: storage.S3Options
 
 def _generate_native(cfg: ZooGenConfig, root: str, replaces: str | None, progress: bool,
                      s3: storage.S3Options) -> None:
-    """Write beside the zoo being replaced (layout ``replaces``), publish the manifest, then remove the old files."""
+    """Write beside the zoo being replaced (layout ``replaces``), publish the manifest, then remove every
+    file it does not name (the old zoo's, and leftovers of interrupted writers under either prefix)."""
     in_use: set[str] = set()
     if replaces == "native":
         in_use = {p.split("/", 1)[0] for p in manifest_paths(root, s3)}
-    elif replaces == "public":  # its model directories and marker go once the manifest is published
+    elif replaces == "public":
         in_use = set(public.list_model_dirs(root, s3)) | {public.ZOO_MARKER}
     prefix = next(p for p in _PREFIXES if p not in in_use)
-    # Only the zoo's own prefix goes: checkpoints are written as root/models/... or root/next/models/...
+    # Checkpoints are written as root/models/... or root/next/models/...; a leftover of the
+    # same name is replaced atomically, the others go with the sweep after publishing.
     target = root if prefix == "models" else storage.join(root, prefix)
-    if prefix != "models":
-        storage.remove(target, s3)  # what an interrupted overwrite left
     rows = _train_all(cfg, target, root, progress, s3, f"no manifest published at {root}")
     if target != root:
         rows = [{**r, "path": f"{prefix}/{r['path']}"} for r in rows]
     publish_manifest(root, rows, metadata={"generation": cfg.identity()}, s3=s3)
-    for old in in_use - {prefix}:
-        storage.remove(storage.join(root, old), s3)
+    storage.remove_files(root, unlisted_files(root, s3), s3)
 
 
 def _beside(path: str, what: str) -> str:

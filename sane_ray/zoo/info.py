@@ -59,4 +59,7 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append("final test_acc: not recorded")
     lines.append(f"skipped:      {len(info['skipped'])}")
     lines += [f"  {s['path']}: {s['reason']}" for s in info["skipped"]]
+    if "unlisted" in info:  # zoo info --check
+        lines.append(f"unlisted:     {len(info['unlisted'])} file(s) under the zoo that its manifest does not name")
+        lines += [f"  {path}" for path in info["unlisted"]]
     return "\n".join(lines)

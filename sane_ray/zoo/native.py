@@ -7,7 +7,9 @@ Layout under the zoo root::
 
 A zoo exists only once ``manifest.parquet`` exists, and it is published after every
 checkpoint it lists has been written, so a crashed writer leaves no zoo a reader would
-trust. Each row carries the checkpoint's SHA-256, so truncation is caught on load.
+trust. What such a writer leaves under the root is no part of the zoo:
+:func:`unlisted_files` names it (``sane-ray zoo info --check``), and the next writer
+removes it once its own manifest is published. Each row carries the checkpoint's SHA-256, so truncation is caught on load.
 Reading a zoo needs the manifest alone; checkpoint files are opened only when loaded.
 """
 
@@ -25,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from sane_ray import storage
+from sane_ray import lease, storage
 from sane_ray.zoo.architectures import UnknownArchitectureError
 from sane_ray.zoo.checks import BadCheckpointError, ZooError, as_float, reference_layout, skip
 from sane_ray.zoo.spec import METRICS, CheckpointRecord, ModelRecord, Skipped, Zoo, with_ggap
@@ -114,6 +116,16 @@ def manifest_paths(root: str, s3: storage.S3Options | None = None) -> list[str]:
         return pq.read_table(io.BytesIO(storage.read_bytes(uri, s3)), columns=["path"]).column("path").to_pylist()
     except (pa.ArrowException, KeyError) as e:
         raise ZooError(f"{uri} is not a readable Parquet manifest: {e}") from e
+
+
+def unlisted_files(root: str, s3: storage.S3Options | None = None) -> list[str]:
+    """Files under a native zoo's root (relative paths, sorted) that its manifest does not name.
+
+    The manifest and a writer's lease belong to the zoo; anything else unnamed was left
+    by an interrupted or replaced writer.
+    """
+    named = set(manifest_paths(root, s3)) | {MANIFEST, lease.LEASE_FILE}
+    return [p for p in storage.find(root, s3) if p not in named]
 
 
 def read_manifest(root: str, s3: storage.S3Options | None = None) -> Zoo:

@@ -44,24 +44,43 @@ def open_zoo(
     if ``progress``); failures move to ``zoo.skipped`` and models left without
     checkpoints are dropped.
     """
-    try:
-        root = storage.parse_uri(uri, s3).uri
-    except storage.StorageError as e:
-        raise ZooError(str(e)) from e
-    names = _list_root(root, s3)
-    if native.MANIFEST in names:
+    root, dirs = _locate(uri, s3)
+    if dirs is None:
         zoo = native.read_manifest(root, s3)
     else:
         try:
-            dirs = public.list_model_dirs(root, s3)
-            if not any(public.PARAMS in d.files for d in dirs.values()):
-                raise ZooError(_not_a_zoo(root, names))
             zoo = public.read_public(root, dirs, s3)
         except OSError as e:
             raise ZooError(f"cannot read zoo {root}: {e}") from e
     if verify:
         zoo = verify_zoo(zoo, s3=s3, progress=progress, max_abs=max_abs, workers=workers)
     return zoo
+
+
+def check_zoo(uri: str, s3: storage.S3Options | None = None) -> str:
+    """The zoo's root URI if a zoo is published there, from listings alone; else :class:`ZooError` saying why.
+
+    What a job checks before it starts Ray: no manifest or checkpoint is read.
+    """
+    return _locate(uri, s3)[0]
+
+
+def _locate(uri: str, s3: storage.S3Options | None) -> tuple[str, dict[str, public.ModelDir] | None]:
+    """(root, None) for a native zoo, (root, its model directories) for a public one."""
+    try:
+        root = storage.parse_uri(uri, s3).uri
+    except storage.StorageError as e:
+        raise ZooError(str(e)) from e
+    names = _list_root(root, s3)
+    if native.MANIFEST in names:
+        return root, None
+    try:
+        dirs = public.list_model_dirs(root, s3)
+    except OSError as e:
+        raise ZooError(f"cannot read zoo {root}: {e}") from e
+    if not any(public.PARAMS in d.files for d in dirs.values()):
+        raise ZooError(_not_a_zoo(root, names))
+    return root, dirs
 
 
 def _list_root(root: str, s3: storage.S3Options | None) -> list[str]:
