@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from sane_ray import storage
-from sane_ray.cluster import check_capacity, check_node_types, ensure_ray_for, worker_resources
+from sane_ray.cluster import Plan, check_node_types, ensure_ray_for, size_run, worker_resources
 from sane_ray.config import dump_config, to_dict
 from sane_ray.data.config import DataConfig
 from sane_ray.model.config import PRESETS as MODEL_PRESETS
@@ -37,15 +37,16 @@ class RunSettings:
 
     name: str = "sane-digits"
     out: str = ""  # storage for checkpoints and results; "": ~/.cache/sane-ray/runs
-    workers: int = 2
+    # Train workers; 0: sized to the cluster (sane_ray.cluster.plan_run: one per node, or per GPU).
+    workers: int = 0
     gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.0  # 0: the largest share that fits next to the data stream
     # The cluster may grow (autoscaler): skip the check that it can hold every worker now.
     autoscaling: bool = False
     # Data stages on nodes declaring sane_cpu_node, Train workers on sane_gpu_node nodes
     # (sane_ray.cluster, cluster/); false: anywhere, as on one machine.
     node_types: bool = False
-    # Logical CPUs for a local cluster started by this job (0: enough for workers + data actors).
+    # Logical CPUs for a local cluster started by this job (0: Ray's default, as `ray start --head`).
     local_cpus: int = 0
 
 
@@ -137,10 +138,10 @@ def preset_config(name: str) -> PretrainConfig:
 
 
 def check_run_settings(run: RunSettings) -> None:
-    if run.workers < 1:
-        raise ValueError(f"run.workers must be >= 1, got {run.workers}")
-    if run.gpus_per_worker < 0 or run.cpus_per_worker <= 0:
-        raise ValueError("run.gpus_per_worker must be >= 0 and run.cpus_per_worker > 0")
+    if run.workers < 0:
+        raise ValueError(f"run.workers must be >= 1, or 0 to size the run to the cluster, got {run.workers}")
+    if run.gpus_per_worker < 0 or run.cpus_per_worker < 0:
+        raise ValueError("run.gpus_per_worker and run.cpus_per_worker must be >= 0 (cpus_per_worker 0: sized)")
 
 
 def check_data_facts(cfg: PretrainConfig) -> None:
@@ -179,7 +180,8 @@ def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_pos
 class PreparedRun:
     """A run checked against its zoo and cluster, its data prepared: what :func:`run_pretrain` trains."""
 
-    cfg: PretrainConfig  # resolved: zoo URI, model sizes, steps per epoch and probe data filled in
+    cfg: PretrainConfig  # resolved: the plan's sizes, zoo URI, model sizes, steps per epoch and probe data filled in
+    plan: Plan  # how the run was sized to its cluster
     prepared: Any  # sane_ray.data.pipeline.PreparedData
     out: str  # the runs directory (URI)
     run_uri: str
@@ -199,10 +201,10 @@ def prepare_run(cfg: PretrainConfig) -> PreparedRun:
     check_run_settings(cfg.run)
     check_data_facts(cfg)
     check_tracking(cfg.tracking)
-    ensure_ray_for(cfg.run, cfg.data)
+    ensure_ray_for(cfg.run, cfg.data, cfg.train.num_threads)
     quiet_data_context(DataContext.get_current(), cfg.data.progress_bars)
-    check_capacity(cfg.run, cfg.data)
     check_node_types(cfg.run.node_types, cfg.run.autoscaling)
+    cfg, plan = size_run(cfg)
     data_cfg = cfg.data
     if not data_cfg.zoo_uri:
         from sane_ray.zoo.generate import ensure_default_zoo
@@ -219,7 +221,7 @@ def prepare_run(cfg: PretrainConfig) -> PreparedRun:
     train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps, probe_data=prepared.cache_uri)
     resolved = dataclasses.replace(cfg, data=data_cfg, train=train_cfg)
     out = storage.parse_uri(cfg.run.out or default_runs_dir()).uri
-    return PreparedRun(resolved, prepared, out, storage.join(out, cfg.run.name))
+    return PreparedRun(resolved, plan, prepared, out, storage.join(out, cfg.run.name))
 
 
 def run_pretrain(
@@ -235,10 +237,11 @@ def run_pretrain(
 
     run = prepare_run(cfg)
     resolved, prepared = run.cfg, run.prepared
-    log.info("pretraining %s: %d workers, windows per pass %s, run dir %s",
-             resolved.data.zoo_uri, cfg.run.workers, prepared.num_windows, run.run_uri)
+    log.info("%s", run.plan.line())
+    log.info("pretraining %s: windows per pass %s, run dir %s", resolved.data.zoo_uri, prepared.num_windows, run.run_uri)
     export_files = {"pretrain_config.yaml": dump_config(resolved).encode(), **run_export_files(prepared)}
-    resources = worker_resources(cfg.run.cpus_per_worker, cfg.run.gpus_per_worker, node_types=cfg.run.node_types)
+    resources = worker_resources(resolved.run.cpus_per_worker, resolved.run.gpus_per_worker,
+                                 node_types=resolved.run.node_types)
     tracking = {"config": to_dict(cfg.tracking), "run_name": cfg.run.name, "run_uri": run.run_uri,
                 "params": flat_params(to_dict(resolved))}
     result = run_pretraining(
@@ -246,8 +249,8 @@ def run_pretrain(
         {k: v for k, v in prepared.streams.items() if k in ("train", "val")},
         storage_path=run.out,
         name=cfg.run.name,
-        num_workers=cfg.run.workers,
-        use_gpu=cfg.run.gpus_per_worker > 0,
+        num_workers=resolved.run.workers,
+        use_gpu=resolved.run.gpus_per_worker > 0,
         resources_per_worker=resources,
         export_files=export_files,
         on_epoch_end=on_epoch_end,

@@ -172,7 +172,7 @@ def no_trials(monkeypatch):
     ({"data.token_size": {"randint": [16, 33]}}, [], "must be a choice"),
     ({"data.window_size": {"choice": [16, 100000]}}, [], "100000"),
     ({"train.optim.lr": {"choice": [1.0e-3]}}, ["--objective", "probe_r2"], "probe_every >= 1"),
-    ({"train.optim.lr": {"choice": [1.0e-3]}}, ["--max-concurrent", "8"], "do not fit the cluster's 6 CPU"),
+    ({"train.optim.lr": {"choice": [1.0e-3]}}, ["--max-concurrent", "8"], "8 concurrent trials x (1 worker x at least 0.25 CPU"),
     ({"train.optim.lr": {"choice": [1.0e-3]}}, ["--pretrain.data.split_fractions", "[0.8,0,0.2]"],
      "has none; raise the val share"),
 ])
