@@ -208,6 +208,18 @@ def size_run(cfg: PretrainConfig, nodes: Sequence[Mapping[str, float]] | None = 
     return dataclasses.replace(cfg, run=run, train=dataclasses.replace(cfg.train, num_threads=plan.threads)), plan
 
 
+def task_plan(what: str, tasks: int, num_cpus: float, num_gpus: float = 0.0) -> str:
+    """The plan of a job of ``tasks`` Ray tasks in one line: Ray runs as many at once as the attached
+    cluster holds (e.g. "2 CPUs: 48 model-training tasks, up to 2 at once x 1 CPU")."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    at_once = min(tasks, math.floor(cpus / num_cpus + _EPS),
+                  math.floor(gpus / num_gpus + _EPS) if num_gpus else tasks)
+    where = f"{cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
+    gpu = f" + {num_gpus:g} GPU" if num_gpus else ""
+    return f"{where}: {tasks} {what} task{'s' * (tasks != 1)}, up to {at_once} at once x {num_cpus:g} CPU{gpu}"
+
+
 # ---------------------------------------------------------------- placement
 
 CPU_NODE = "sane_cpu_node"
