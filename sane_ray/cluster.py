@@ -169,30 +169,29 @@ def plan_run(run: RunSettings, data: DataConfig, threads: int, nodes: Sequence[M
 
     def slots(share: float) -> int:
         """Workers of ``share`` CPU (and ``gpw`` GPU) that the pool holds."""
-        return sum(min(math.floor(c / share + _EPS), math.floor(g / gpw + _EPS) if gpw else c_max) for c, g in pool)
+        return sum(min(math.floor(c / share + _EPS), math.floor(g / gpw + _EPS) if gpw else workers) for c, g in pool)
 
-    c_max = 10**9
     workers = run.workers or (sum(math.floor(g / gpw + _EPS) for _, g in pool) if gpw
                               else sum(c >= MIN_WORKER_CPUS - _EPS for c, _ in pool))
+    named = f"{workers or 1} worker{'s' * (workers > 1)}"
     if gpw and (not workers or workers * gpw > gpus / trials + _EPS):
-        raise ValueError(
-            f"{workers or 1} worker{'s' * (workers > 1)} x {gpw:g} GPU need {(workers or 1) * gpw * trials:g} GPU, but {where} has "
-            f"{gpus:g}; lower run.workers or run.gpus_per_worker, {hint}")
+        raise ValueError(f"{named} x {gpw:g} GPU need {(workers or 1) * gpw * trials:g} GPU, but {where} has "
+                         f"{gpus:g}; lower run.workers or run.gpus_per_worker, {hint}")
     share = run.cpus_per_worker
     if not share and workers:  # the largest share that every worker gets on some node
         fits = [s for s in (c / k for c, _ in pool if c > 0 for k in range(1, workers + 1)) if slots(s) >= workers]
         share = math.floor(round(max(fits, default=0.0) * 100, 6)) / 100
     if not workers or (not run.cpus_per_worker and share < MIN_WORKER_CPUS - _EPS) or slots(share) < workers:
         each = f"{share:g}" if run.cpus_per_worker else f"at least {MIN_WORKER_CPUS:g}"
-        what = f"{workers or 1} worker{'s' * (workers > 1)} x {each} CPU plus {stream:g} CPU for the data stream"
+        what = f"{named} x {each} CPU plus {stream:g} CPU for the data stream"
         need = (workers or 1) * (run.cpus_per_worker or MIN_WORKER_CPUS) + stream + trial_cpus
         if trial_cpus:
             what += f" and {trial_cpus:g} for the trial"
         if trials > 1:
             what, need = f"{trials} concurrent trials x ({what})", need * trials
-        nodes_note = "" if need > cpus + _EPS else " on nodes that cannot hold them all"
-        raise ValueError(f"{what} need {need:g} CPU, but {where} has {cpus:g}{nodes_note}; lower run.workers, run.cpus_per_worker or "
-                         f"data.stream_cpus, {hint}")
+        spread = "" if need > cpus + _EPS else " on nodes that cannot hold them all"
+        raise ValueError(f"{what} need {need:g} CPU, but {where} has {cpus:g}{spread}; lower run.workers, "
+                         f"run.cpus_per_worker or data.stream_cpus, {hint}")
     if data.actor_cpus > max((n.get("CPU", 0.0) for n in nodes), default=0.0) + _EPS:
         raise ValueError(f"data.actor_cpus={data.actor_cpus:g} exceeds every node's CPUs of {where}; lower it, {hint}")
     return Plan(cpus, gpus, workers, share, gpw, threads or math.ceil(share - _EPS), stream, trials, trial_cpus)

@@ -238,7 +238,8 @@ def run_pretrain(
     run = prepare_run(cfg)
     resolved, prepared = run.cfg, run.prepared
     log.info("%s", run.plan.line())
-    log.info("pretraining %s: windows per pass %s, run dir %s", resolved.data.zoo_uri, prepared.num_windows, run.run_uri)
+    log.info("pretraining %s: windows per pass %s, run dir %s",
+             resolved.data.zoo_uri, prepared.num_windows, run.run_uri)
     export_files = {"pretrain_config.yaml": dump_config(resolved).encode(), **run_export_files(prepared)}
     resources = worker_resources(resolved.run.cpus_per_worker, resolved.run.gpus_per_worker,
                                  node_types=resolved.run.node_types)

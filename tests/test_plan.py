@@ -71,7 +71,8 @@ def test_trials_plan_on_their_share_of_every_node():
     run = RunSettings(workers=1)
     plan = plan_run(run, DataConfig(), 0, [{"CPU": 6.0}], trials=3, trial_cpus=0.25)
     assert (plan.cpus_per_worker, plan.threads) == (1.25, 2)
-    assert plan.line() == "6 CPUs / 3 trials at once: 1 Train worker x 2 threads (1.25 CPU), stream 0.5 CPU, trial 0.25 CPU"
+    assert plan.line() == ("6 CPUs / 3 trials at once: 1 Train worker x 2 threads (1.25 CPU), stream 0.5 CPU, "
+                           "trial 0.25 CPU")
     with pytest.raises(ValueError, match=r"^8 concurrent trials x \(1 worker x at least 0.25 CPU .*need 8 CPU"):
         plan_run(run, DataConfig(), 0, [{"CPU": 6.0}], trials=8, trial_cpus=0.25)
 
