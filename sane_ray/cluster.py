@@ -1,8 +1,10 @@
 """Ray start-up, capacity checks and placement: the one place a job meets its cluster.
 
 Jobs call :func:`ensure_ray` (attach to ``RAY_ADDRESS`` or an initialized Ray, else start
-a local cluster) and then :func:`check_capacity`, so a run the cluster can never schedule
-fails with one line before any worker starts, instead of waiting forever.
+a local cluster at Ray's default size, as ``ray start --head`` would). A pretraining run
+(or a sweep's trials) is then sized to the cluster it met (:func:`plan_run`): what the user
+left at 0 is filled in to fit, what they gave is kept, and a run the cluster can never
+schedule fails with one line before any worker starts, instead of waiting forever.
 
 Placement: which node type each stage runs on, CPU nodes for data work, GPU nodes for
 training.
@@ -22,15 +24,17 @@ here: the Ray Data preprocessing and window tasks (``kind="cpu"``), the Ray Trai
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import ray
 
 if TYPE_CHECKING:
     from sane_ray.data.config import DataConfig
-    from sane_ray.pretrain import RunSettings
+    from sane_ray.pretrain import PretrainConfig, RunSettings
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 
@@ -75,64 +79,152 @@ def point_state_api_at(dashboard_port: int) -> None:
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
 
 
-def local_cpus(run: RunSettings, data: DataConfig) -> int:
-    """Logical CPUs for a local cluster that runs ``run`` over ``data``.
+def ensure_ray_for(run: RunSettings, data: DataConfig, threads: int = 0, trials: int = 1,
+                   trial_cpus: float = 0.0) -> None:
+    """:func:`ensure_ray` for a pretraining run (or ``trials`` at once): a local cluster at Ray's
+    default size (``run.local_cpus`` if set), the one a bare ``ray start --head`` makes.
 
-    More than the cores: Train workers and Data actors must all be placeable at once, or
-    Ray Data waits forever for an actor slot.
+    What cannot fit this machine is refused before a local cluster starts.
     """
-    need = run.workers * run.cpus_per_worker + data.num_actors * data.actor_cpus + data.stream_cpus + 1
-    return run.local_cpus or max(4, math.ceil(need))
+    check_local_fit(run, data, threads, trials, trial_cpus)
+    ensure_ray(num_cpus=run.local_cpus or None, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
 
 
-def check_local_capacity(run: RunSettings) -> None:
-    """Refuse, before a local cluster is started, more workers than this machine's cores.
-
-    A local cluster is sized to fit the request, so :func:`check_capacity` would pass,
-    and the machine would run out of memory instead.
-    """
-    cores = run.local_cpus or os.cpu_count() or 1
-    need = run.workers * run.cpus_per_worker
-    if need > cores + 1e-9:
-        what = f"run.local_cpus={run.local_cpus}" if run.local_cpus else f"this machine has {cores} CPU cores"
-        raise ValueError(
-            f"{run.workers} workers x {run.cpus_per_worker:g} CPU need {need:g} CPU, but {what} and no cluster "
-            "is given (RAY_ADDRESS); lower run.workers or run.cpus_per_worker, or run on a cluster"
-        )
-
-
-def ensure_ray_for(run: RunSettings, data: DataConfig) -> None:
-    """:func:`ensure_ray` with a local cluster sized for a pretraining run (refused if it cannot fit)."""
+def check_local_fit(run: RunSettings, data: DataConfig, threads: int = 0, trials: int = 1,
+                    trial_cpus: float = 0.0) -> None:
+    """Refuse, without starting anything, a run that the local cluster this process would start
+    cannot hold (a no-op when attached to a cluster or when ``RAY_ADDRESS`` names one): jobs call
+    it before taking their lease."""
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        check_local_capacity(run)
-    ensure_ray(num_cpus=local_cpus(run, data), object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+        where = f"a local cluster of run.local_cpus={run.local_cpus}" if run.local_cpus else "this machine"
+        plan_run(run, data, threads, local_nodes(run), trials, trial_cpus, where=f"{where} (no RAY_ADDRESS)")
 
 
-def check_capacity(run: RunSettings, data: DataConfig) -> None:
-    """Refuse work the cluster can never schedule (unless it autoscales).
+def cluster_nodes() -> list[dict[str, float]]:
+    """The resources of every alive node of the cluster this process is attached to."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
 
-    The data stream's tasks run next to the Train workers: with every CPU held by a
-    worker, no window is ever drawn and training waits forever instead of failing.
+
+def local_nodes(run: RunSettings) -> list[dict[str, float]]:
+    """The one node of a local cluster not yet started: the machine's cores (``run.local_cpus`` if set)
+    and its visible GPUs. Ray may detect fewer CPUs (a cgroup quota); the plan on the started cluster
+    then uses those."""
+    import torch
+
+    return [{"CPU": float(run.local_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+# Below this share a Train worker is a rounding error of its node: such a plan is refused, not run.
+MIN_WORKER_CPUS = 0.25
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a pretraining run (a sweep: each of ``trials`` runs at once) takes of its cluster."""
+
+    cpus: float  # the cluster's logical CPUs
+    gpus: float
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    threads: int  # torch threads per worker
+    stream_cpus: float
+    trials: int = 1
+    trial_cpus: float = 0.0
+    autoscaling: bool = False
+
+    def line(self) -> str:
+        """The plan in one line, e.g. "2 CPUs: 1 Train worker x 2 threads (1.5 CPU), stream 0.5 CPU"."""
+        where = f"{self.cpus:g} CPUs" + (f", {self.gpus:g} GPUs" if self.gpus else "")
+        if self.autoscaling:
+            where = f"autoscaling cluster (now {where})"
+        if self.trials > 1:
+            where += f" / {self.trials} trials at once"
+        gpu = f" + {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else ""
+        each = " each" if self.workers > 1 else ""
+        line = (f"{where}: {self.workers} Train worker{'s' * (self.workers > 1)} x {self.threads} "
+                f"thread{'s' * (self.threads > 1)} ({self.cpus_per_worker:g} CPU{gpu}{each}), "
+                f"stream {self.stream_cpus:g} CPU")
+        return line + (f", trial {self.trial_cpus:g} CPU" if self.trial_cpus else "")
+
+
+def plan_run(run: RunSettings, data: DataConfig, threads: int, nodes: Sequence[Mapping[str, float]],
+             trials: int = 1, trial_cpus: float = 0.0, where: str = "the cluster") -> Plan:
+    """Size a run to ``nodes``: what the user left at 0 is filled in, what they gave is kept.
+
+    Left at 0, ``run.workers`` is one worker per node that can hold one (one per GPU with
+    ``run.gpus_per_worker``), ``run.cpus_per_worker`` the largest share every worker gets
+    (the data stream's and the trial's CPUs set aside on the largest node) and ``threads``
+    that share rounded up. Each of ``trials`` runs at once plans on its share of every node.
+    Raises ``ValueError`` (one line) for a run that cannot fit, naming the settings to change;
+    an autoscaling cluster is never refused (it grows), and unsized values are 1 there.
+    ``where`` names ``nodes`` in the refusal.
     """
+    cpus, gpus = (sum(n.get(r, 0.0) for n in nodes) for r in ("CPU", "GPU"))
+    gpw, stream = run.gpus_per_worker, data.stream_cpus
     if run.autoscaling:
-        return
+        share = run.cpus_per_worker or 1.0
+        return Plan(cpus, gpus, run.workers or 1, share, gpw, threads or math.ceil(share - _EPS), stream,
+                    trials, trial_cpus, autoscaling=True)
+    hint = "or set run.autoscaling=true on an autoscaling cluster"
+    # Each trial's share of each node that may hold a Train worker, largest first.
+    pool = sorted(((n.get("CPU", 0.0) / trials, n.get("GPU", 0.0) / trials) for n in nodes
+                   if not run.node_types or n.get(GPU_NODE, 0.0) > 0), reverse=True)
+    reserve = trial_cpus + (0.0 if run.node_types else stream)  # typed clusters draw windows on CPU nodes
+    if pool:
+        pool[0] = (pool[0][0] - reserve, pool[0][1])
+
+    def slots(share: float) -> int:
+        """Workers of ``share`` CPU (and ``gpw`` GPU) that the pool holds."""
+        return sum(min(math.floor(c / share + _EPS), math.floor(g / gpw + _EPS) if gpw else workers) for c, g in pool)
+
+    workers = run.workers or (sum(math.floor(g / gpw + _EPS) for _, g in pool) if gpw
+                              else sum(c >= MIN_WORKER_CPUS - _EPS for c, _ in pool))
+    named = f"{workers or 1} worker{'s' * (workers > 1)}"
+    if gpw and (not workers or workers * gpw > gpus / trials + _EPS):
+        raise ValueError(f"{named} x {gpw:g} GPU need {(workers or 1) * gpw * trials:g} GPU, but {where} has "
+                         f"{gpus:g}; lower run.workers or run.gpus_per_worker, {hint}")
+    share = run.cpus_per_worker
+    if not share and workers:  # the largest share that every worker gets on some node
+        fits = [s for s in (c / k for c, _ in pool if c > 0 for k in range(1, workers + 1)) if slots(s) >= workers]
+        share = math.floor(round(max(fits, default=0.0) * 100, 6)) / 100
+    if not workers or (not run.cpus_per_worker and share < MIN_WORKER_CPUS - _EPS) or slots(share) < workers:
+        each = f"{share:g}" if run.cpus_per_worker else f"at least {MIN_WORKER_CPUS:g}"
+        what = f"{named} x {each} CPU plus {stream:g} CPU for the data stream"
+        need = (workers or 1) * (run.cpus_per_worker or MIN_WORKER_CPUS) + stream + trial_cpus
+        if trial_cpus:
+            what += f" and {trial_cpus:g} for the trial"
+        if trials > 1:
+            what, need = f"{trials} concurrent trials x ({what})", need * trials
+        spread = "" if need > cpus + _EPS else " on nodes that cannot hold them all"
+        raise ValueError(f"{what} need {need:g} CPU, but {where} has {cpus:g}{spread}; lower run.workers, "
+                         f"run.cpus_per_worker or data.stream_cpus, {hint}")
+    if data.actor_cpus > max((n.get("CPU", 0.0) for n in nodes), default=0.0) + _EPS:
+        raise ValueError(f"data.actor_cpus={data.actor_cpus:g} exceeds every node's CPUs of {where}; lower it, {hint}")
+    return Plan(cpus, gpus, workers, share, gpw, threads or math.ceil(share - _EPS), stream, trials, trial_cpus)
+
+
+def size_run(cfg: PretrainConfig, nodes: Sequence[Mapping[str, float]] | None = None, trials: int = 1,
+             trial_cpus: float = 0.0) -> tuple[PretrainConfig, Plan]:
+    """``cfg`` with its workers, CPUs per worker and threads from :func:`plan_run` on ``nodes``
+    (default: the attached cluster's), and the plan."""
+    plan = plan_run(cfg.run, cfg.data, cfg.train.num_threads, cluster_nodes() if nodes is None else nodes,
+                    trials, trial_cpus)
+    run = dataclasses.replace(cfg.run, workers=plan.workers, cpus_per_worker=plan.cpus_per_worker)
+    return dataclasses.replace(cfg, run=run, train=dataclasses.replace(cfg.train, num_threads=plan.threads)), plan
+
+
+def task_plan(what: str, tasks: int, num_cpus: float, num_gpus: float = 0.0) -> str:
+    """The plan of a job of ``tasks`` Ray tasks in one line: Ray runs as many at once as the attached
+    cluster holds (e.g. "2 CPUs: 48 model-training tasks, up to 2 at once x 1 CPU")."""
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    hint = "or set run.autoscaling=true on an autoscaling cluster"
-    if run.workers * run.gpus_per_worker > gpus + 1e-9:
-        raise ValueError(
-            f"{run.workers} workers x {run.gpus_per_worker:g} GPU need {run.workers * run.gpus_per_worker:g} GPU, "
-            f"but the cluster has {gpus:g}; lower run.workers or run.gpus_per_worker, {hint}"
-        )
-    need = run.workers * run.cpus_per_worker + data.stream_cpus
-    if need > cpus + 1e-9:
-        raise ValueError(
-            f"{run.workers} workers x {run.cpus_per_worker:g} CPU plus {data.stream_cpus:g} CPU for the data stream "
-            f"need {need:g} CPU, but the cluster has {cpus:g}; lower run.workers, run.cpus_per_worker or "
-            f"data.stream_cpus, {hint}"
-        )
-    if data.actor_cpus > cpus + 1e-9:
-        raise ValueError(f"data.actor_cpus={data.actor_cpus:g} exceeds the cluster's {cpus:g} CPU; lower it, {hint}")
+    at_once = min(tasks, math.floor(cpus / num_cpus + _EPS),
+                  math.floor(gpus / num_gpus + _EPS) if num_gpus else tasks)
+    where = f"{cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
+    gpu = f" + {num_gpus:g} GPU" if num_gpus else ""
+    return f"{where}: {tasks} {what} task{'s' * (tasks != 1)}, up to {at_once} at once x {num_cpus:g} CPU{gpu}"
 
 
 # ---------------------------------------------------------------- placement

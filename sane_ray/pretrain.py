@@ -24,10 +24,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import ray
-
 from sane_ray import lease, storage
-from sane_ray.cluster import check_capacity, check_local_capacity, check_node_types, ensure_ray_for, worker_resources
+from sane_ray.cluster import Plan, check_local_fit, check_node_types, ensure_ray_for, size_run, worker_resources
 from sane_ray.config import dump_config, to_dict
 from sane_ray.data.config import DataConfig
 from sane_ray.model.config import PRESETS as MODEL_PRESETS
@@ -53,15 +51,16 @@ class RunSettings:
 
     name: str = "sane-digits"
     out: str = ""  # storage for checkpoints and results; "": ~/.cache/sane-ray/runs
-    workers: int = 2
+    # Train workers; 0: sized to the cluster (sane_ray.cluster.plan_run: one per node, or per GPU).
+    workers: int = 0
     gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.0  # 0: the largest share that fits next to the data stream
     # The cluster may grow (autoscaler): skip the check that it can hold every worker now.
     autoscaling: bool = False
     # Data stages on nodes declaring sane_cpu_node, Train workers on sane_gpu_node nodes
     # (sane_ray.cluster, cluster/); false: anywhere, as on one machine.
     node_types: bool = False
-    # Logical CPUs for a local cluster started by this job (0: enough for workers + data actors).
+    # Logical CPUs for a local cluster started by this job (0: Ray's default, as `ray start --head`).
     local_cpus: int = 0
 
 
@@ -153,10 +152,10 @@ def preset_config(name: str) -> PretrainConfig:
 
 
 def check_run_settings(run: RunSettings) -> None:
-    if run.workers < 1:
-        raise ValueError(f"run.workers must be >= 1, got {run.workers}")
-    if run.gpus_per_worker < 0 or run.cpus_per_worker <= 0:
-        raise ValueError("run.gpus_per_worker must be >= 0 and run.cpus_per_worker > 0")
+    if run.workers < 0:
+        raise ValueError(f"run.workers must be >= 1, or 0 to size the run to the cluster, got {run.workers}")
+    if run.gpus_per_worker < 0 or run.cpus_per_worker < 0:
+        raise ValueError("run.gpus_per_worker and run.cpus_per_worker must be >= 0 (cpus_per_worker 0: sized)")
 
 
 def check_data_facts(cfg: PretrainConfig) -> None:
@@ -195,7 +194,8 @@ def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_pos
 class PreparedRun:
     """A run checked against its zoo and cluster, its data prepared: what :func:`run_pretrain` trains."""
 
-    cfg: PretrainConfig  # resolved: zoo URI, model sizes, steps per epoch and probe data filled in
+    cfg: PretrainConfig  # resolved: the plan's sizes, zoo URI, model sizes, steps per epoch and probe data filled in
+    plan: Plan  # how the run was sized to its cluster
     prepared: Any  # sane_ray.data.pipeline.PreparedData
     out: str  # the runs directory (URI)
     run_uri: str
@@ -208,8 +208,7 @@ def check_run(cfg: PretrainConfig) -> str:
     check_run_settings(cfg.run)
     check_data_facts(cfg)
     check_tracking(cfg.tracking)
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        check_local_capacity(cfg.run)  # the local cluster this run would start must fit the machine
+    check_local_fit(cfg.run, cfg.data, cfg.train.num_threads)  # the local cluster this run would start
     if not cfg.run.name or "/" in cfg.run.name:
         raise ValueError(f"run.name must be a non-empty name without '/', got {cfg.run.name!r}")
     out = runs_dir(cfg.run)
@@ -221,19 +220,18 @@ def check_run(cfg: PretrainConfig) -> str:
 
 
 def start_ray(cfg: PretrainConfig) -> None:
-    """Attach to the cluster or start a local one sized for the run, and check that it can hold the run."""
+    """Attach to the cluster or start a local one at Ray's default size, refusing what cannot fit it."""
     from ray.data import DataContext
 
     from sane_ray.data.stream import quiet_data_context
 
-    ensure_ray_for(cfg.run, cfg.data)
+    ensure_ray_for(cfg.run, cfg.data, cfg.train.num_threads)
     quiet_data_context(DataContext.get_current(), cfg.data.progress_bars)
-    check_capacity(cfg.run, cfg.data)
     check_node_types(cfg.run.node_types, cfg.run.autoscaling)
 
 
 def prepare_run(cfg: PretrainConfig) -> PreparedRun:
-    """Check ``cfg``, start Ray, check it against the zoo and the cluster, and build (or reuse) the canonical zoo.
+    """Check ``cfg``, start Ray, size it to the cluster and build (or reuse) the canonical zoo.
 
     Every mistake a user can make in the config fails here, before any worker starts.
     """
@@ -243,10 +241,12 @@ def prepare_run(cfg: PretrainConfig) -> PreparedRun:
 
 
 def _prepare(cfg: PretrainConfig, run_uri: str) -> PreparedRun:
-    """With Ray up: the zoo (the built-in one generated on first use), the canonical zoo, the resolved config."""
+    """With Ray up: the plan, the zoo (the built-in one generated on first use), the canonical zoo,
+    the resolved config."""
     from sane_ray.data.pipeline import prepare_data
     from sane_ray.train.trainer import steps_per_epoch
 
+    cfg, plan = size_run(cfg)
     data_cfg = cfg.data
     if not data_cfg.zoo_uri:
         from sane_ray.zoo.generate import ensure_default_zoo
@@ -262,7 +262,7 @@ def _prepare(cfg: PretrainConfig, run_uri: str) -> PreparedRun:
         train.rows_per_rank(cfg.train.seed, cfg.run.workers) * cfg.run.workers, cfg.run.workers, cfg.train.batch_size)
     train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps, probe_data=prepared.cache_uri)
     resolved = dataclasses.replace(cfg, data=data_cfg, train=train_cfg)
-    return PreparedRun(resolved, prepared, runs_dir(cfg.run), run_uri)
+    return PreparedRun(resolved, plan, prepared, runs_dir(cfg.run), run_uri)
 
 
 def run_pretrain(
@@ -289,8 +289,8 @@ def _train(run: PreparedRun, on_epoch_end: Callable[[int, int], None] | None, ca
     from sane_ray.train.trainer import run_pretraining
 
     cfg, prepared = run.cfg, run.prepared
-    log.info("pretraining %s: %d workers, windows per pass %s, run dir %s",
-             cfg.data.zoo_uri, cfg.run.workers, prepared.num_windows, run.run_uri)
+    log.info("%s", run.plan.line())
+    log.info("pretraining %s: windows per pass %s, run dir %s", cfg.data.zoo_uri, prepared.num_windows, run.run_uri)
     export_files = {"pretrain_config.yaml": dump_config(cfg).encode(), **run_export_files(prepared)}
     resources = worker_resources(cfg.run.cpus_per_worker, cfg.run.gpus_per_worker, node_types=cfg.run.node_types)
     tracking = {"config": to_dict(cfg.tracking), "run_name": cfg.run.name, "run_uri": run.run_uri,

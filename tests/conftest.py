@@ -7,7 +7,6 @@ afterwards inherit the endpoint and credentials exactly as on a real cluster.
 from __future__ import annotations
 
 import os
-import time
 import uuid
 
 import pytest
@@ -57,7 +56,7 @@ def s3(s3_server):
 def ray_cluster(s3_server):
     """One local Ray cluster for the whole session (logical CPUs oversubscribed on purpose:
     Train workers + Data actors must fit at once on a 2-core machine). Its dashboard runs
-    on a free port so `ray job submit` can reach the job server (:func:`ray_job_address`)."""
+    on a free port, where this cluster's State API is (Tune's ASHA needs it)."""
     import ray
 
     from sane_ray.cluster import free_port, point_state_api_at
@@ -75,30 +74,3 @@ def ray_cluster(s3_server):
     )
     yield ctx
     ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def ray_job_address(ray_cluster) -> str:
-    """The session cluster's job server, as ``ray job submit --address`` takes it.
-
-    The server refuses jobs until the node's dashboard agent has registered (a few
-    seconds after start): wait for it with a no-op job.
-    """
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    address = f"http://{ray_cluster.dashboard_url}"
-    client = JobSubmissionClient(address)
-    deadline = time.monotonic() + 180  # the agent can take a minute on a loaded 2-core machine
-    while True:
-        try:
-            job = client.submit_job(entrypoint="true")
-            break
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the no-op job on {address} did not finish in time")
-        time.sleep(0.2)
-    return address

@@ -152,6 +152,7 @@ def main(zoo: str, out: str, flag_dir: str, report: str) -> None:
 
         cfg = load_config(PretrainConfig, overrides=[
             f"data.zoo_uri={zoo}", f"run.out={out}", "run.name=multinode", "run.node_types=true", "run.workers=2",
+            "run.cpus_per_worker=1",  # both workers fit the GPU-type node that is left
             f"train.epochs={EPOCHS}", "train.batch_size=4", "train.num_threads=1", "train.max_failures=1",
             "data.num_actors=2",
         ], base=preset_config("tiny"))

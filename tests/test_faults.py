@@ -19,6 +19,7 @@ from s3_proxy import FaultyS3Proxy
 
 from sane_ray import checksums, cluster, lease, storage
 from sane_ray.checksums import IntegrityError
+from sane_ray.data.config import DataConfig
 from sane_ray.model import SaneModel, tiny
 from sane_ray.model.export import load_sane
 from sane_ray.train import TrainConfig, run_pretraining
@@ -577,9 +578,10 @@ def test_more_workers_than_cores_refused_before_a_local_cluster(no_ray, capsys):
 
     code, lines = _cli(["pretrain", "--workers", "4096"], capsys)
     assert code == 2 and len(lines) == 1
-    assert f"4096 workers x 1 CPU need 4096 CPU, but this machine has {os.cpu_count()} CPU cores" in lines[0]
-    with pytest.raises(ValueError, match="run.local_cpus=8"):
-        cluster.check_local_capacity(pretrain.RunSettings(workers=9, local_cpus=8))
+    assert (f"4096 workers x at least 0.25 CPU plus 0.5 CPU for the data stream need 1024.5 CPU, but this machine "
+            f"(no RAY_ADDRESS) has {os.cpu_count()}") in lines[0]
+    with pytest.raises(ValueError, match=r"9 workers x 1 CPU .* need 9.5 CPU, but a local cluster of run.local_cpus=8"):
+        cluster.ensure_ray_for(pretrain.RunSettings(workers=9, cpus_per_worker=1, local_cpus=8), DataConfig())
 
 
 @pytest.mark.parametrize("case", ["same run name", "ftp out", "missing zoo", "no usable checkpoint"])

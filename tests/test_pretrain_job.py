@@ -77,13 +77,14 @@ def test_more_workers_than_the_cluster_holds(ray_cluster, no_work, tiny_zoo, tmp
 
 def test_workers_leave_no_cpu_for_the_data_stream(ray_cluster, no_work, tiny_zoo, tmp_path, capsys):
     """6 one-CPU workers fit the 6-CPU cluster, but then no window is ever drawn: refuse, don't hang."""
-    err = _fails(["--zoo", tiny_zoo, "--out", str(tmp_path / "runs"), "--workers", "6"], capsys)
-    assert "data stream" in err and "need 7 CPU" in err
+    err = _fails(["--zoo", tiny_zoo, "--out", str(tmp_path / "runs"), "--workers", "6", "--run.cpus_per_worker", "1"],
+                 capsys)
+    assert "data stream" in err and "need 6.5 CPU" in err
 
 
 def test_gpus_on_a_cpu_cluster(ray_cluster, no_work, tiny_zoo, tmp_path, capsys):
     err = _fails(["--zoo", tiny_zoo, "--out", str(tmp_path / "runs"), "--gpus-per-worker", "1"], capsys)
-    assert "need 2 GPU" in err and "cluster has 0" in err
+    assert "1 worker x 1 GPU need 1 GPU" in err and "cluster has 0" in err
 
 
 def test_window_longer_than_every_model(ray_cluster, no_work, tiny_zoo, tmp_path, capsys):

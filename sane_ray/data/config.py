@@ -58,7 +58,7 @@ class DataConfig:
     # distinct models: keep it >= the per-worker batch size.
     models_per_block: int = 64
     max_block_bytes: int = 512 * 1024**2  # caps models_per_block for large models
-    stream_cpus: float = 1.0  # logical CPUs per window-drawing task
+    stream_cpus: float = 0.5  # logical CPUs per window-drawing task (they mostly read and copy)
     progress_bars: bool = False  # Ray Data's per-operator progress bars on the console
 
     # ---- preprocessing compute

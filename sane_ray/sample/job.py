@@ -38,7 +38,7 @@ import ray
 import torch
 
 from sane_ray import lease, storage
-from sane_ray.cluster import ensure_ray, remote_args
+from sane_ray.cluster import ensure_ray, remote_args, task_plan
 from sane_ray.config import dump_config
 from sane_ray.embed.preprocess import run_max_abs
 from sane_ray.embed.run import Run, load_run
@@ -241,6 +241,7 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
     ensure_ray(num_cpus=cfg.local_cpus or None)
     gpus = _gpus(cfg)
     opts = remote_args("gpu" if gpus else "cpu", cfg.cpus_per_task, gpus, node_types=cfg.node_types)
+    log.info("%s", task_plan("sampling", math.ceil(cfg.candidates / cfg.candidates_per_task), cfg.cpus_per_task, gpus))
     ctx = Context(
         run_uri=run.uri, architecture=arch, arch_kwargs=kwargs, layout_json=prompt_set.layout.to_json(),
         stats_json=prompt_set.stats.to_json(), task=cfg.task, seed=cfg.seed, window_size=window, halo=halo,

@@ -51,7 +51,9 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
     max_failures: int = 3  # worker-group restarts from the last checkpoint (tests that inject faults set 0)
     seed: int = 0
-    num_threads: int = 0  # torch intra-op threads per worker; 0 keeps the default
+    # torch intra-op threads per worker; 0: the run's plan (sane_ray.cluster.plan_run: the worker's
+    # CPU share rounded up), or torch's default where no plan sizes the run
+    num_threads: int = 0
     mixed_precision: bool = True  # bf16 compute, fp32 reduction: CUDA, and CPUs with native bf16
     # Every N epochs (and at the last) report val_probe_r2, the validation R^2 of a test-accuracy
     # probe on the current embeddings (sane_ray.probe.signal); 0 disables it.

@@ -16,6 +16,7 @@ from their newest checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 import ray
 
 from sane_ray import lease, storage
-from sane_ray.cluster import LOCAL_OBJECT_STORE_BYTES, ensure_ray, local_cpus
+from sane_ray.cluster import Plan, ensure_ray_for, size_run
 from sane_ray.config import ConfigError, dump_config, from_dict, to_dict, with_values
 from sane_ray.pretrain import PretrainConfig, prepare_run
 from sane_ray.tune.config import OBJECTIVES, SweepConfig
@@ -56,41 +57,23 @@ def trial_need(cfg: SweepConfig) -> tuple[float, float]:
     return cfg.trial_cpus + run.workers * run.cpus_per_worker + data.stream_cpus, run.workers * run.gpus_per_worker
 
 
+def size_trials(cfg: SweepConfig) -> tuple[SweepConfig, Plan]:
+    """``cfg`` with each trial's run sized to its share of the cluster (``max_concurrent`` trials, default 1).
+
+    Every trial then runs exactly the base's sizes (a trial's own run plans nothing), and the
+    plan refuses, in one line, more concurrent trials than the cluster holds.
+    """
+    pretrain, plan = size_run(cfg.pretrain, trials=cfg.max_concurrent or 1, trial_cpus=cfg.trial_cpus)
+    return dataclasses.replace(cfg, pretrain=pretrain), plan
+
+
 def concurrency(cfg: SweepConfig) -> int:
-    """Trials at once: ``cfg.max_concurrent``, refused if the cluster cannot hold that many, or as many as fit."""
+    """Trials at once: ``cfg.max_concurrent`` (checked by :func:`size_trials`), or as many as fit."""
     cpus_each, gpus_each = trial_need(cfg)
-    run = cfg.pretrain.run
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     fit = min(math.floor(cpus / cpus_each + 1e-9), math.floor(gpus / gpus_each + 1e-9) if gpus_each else 10**6)
-    if run.autoscaling:
-        return cfg.max_concurrent or max(fit, 1)
-    gpu_text = f" and {gpus_each:g} GPU" if gpus_each else ""
-    what = (f"{cpus_each:g} CPU ({cfg.trial_cpus:g} for the trial, {run.workers} worker(s) x {run.cpus_per_worker:g}, "
-            f"{cfg.pretrain.data.stream_cpus:g} for the data stream){gpu_text}")
-    if fit < 1 or cfg.max_concurrent > fit:
-        want = cfg.max_concurrent or 1
-        raise ValueError(
-            f"{want} concurrent trial(s) x {what} do not fit the cluster's {cpus:g} CPU and {gpus:g} GPU "
-            f"(it holds {fit}); lower max_concurrent, trial_cpus, pretrain.run.workers or "
-            "pretrain.data.stream_cpus, or set pretrain.run.autoscaling=true on an autoscaling cluster"
-        )
-    return min(cfg.max_concurrent or fit, cfg.samples)
-
-
-def _start_ray(cfg: SweepConfig) -> None:
-    """Attach to the cluster, or start a local one sized for ``max_concurrent`` trials (default 1)."""
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        ensure_ray()
-        return
-    run, want = cfg.pretrain.run, cfg.max_concurrent or 1
-    cores = run.local_cpus or os.cpu_count() or 1
-    if want * run.workers * run.cpus_per_worker > cores + 1e-9:
-        raise ValueError(f"{want} concurrent trial(s) x {run.workers} worker(s) x {run.cpus_per_worker:g} CPU exceed "
-                         f"this machine's {cores} CPU cores and no cluster is given (RAY_ADDRESS); "
-                         "lower max_concurrent or pretrain.run.workers, or run on a cluster")
-    cpus = max(local_cpus(run, cfg.pretrain.data), math.ceil(want * trial_need(cfg)[0]))
-    ensure_ray(num_cpus=cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+    return min(cfg.max_concurrent or max(fit, 1), cfg.samples)
 
 
 def check_objective(cfg: SweepConfig, dims: list[Dimension]) -> None:
@@ -207,7 +190,9 @@ def _sweep(cfg: SweepConfig, uri: str, callbacks: Sequence[Any]) -> dict[str, An
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    _start_ray(cfg)
+    given, pretrain = cfg, cfg.pretrain
+    ensure_ray_for(pretrain.run, pretrain.data, pretrain.train.num_threads, cfg.max_concurrent or 1, cfg.trial_cpus)
+    cfg, plan = size_trials(cfg)
     limit = concurrency(cfg)
     dims, base = check_sweep(cfg)
     metric, mode = OBJECTIVES[cfg.objective]
@@ -239,7 +224,7 @@ def _sweep(cfg: SweepConfig, uri: str, callbacks: Sequence[Any]) -> dict[str, An
         # (Tuner.restore takes no RunConfig; the run config is reachable on the local tuner only).
         tuner._local_tuner.get_run_config().callbacks = list(callbacks)
     else:
-        storage.write_bytes_atomic(storage.join(uri, SWEEP_CONFIG), dump_config(cfg).encode())
+        storage.write_bytes_atomic(storage.join(uri, SWEEP_CONFIG), dump_config(given).encode())
         tuner = tune.Tuner(
             trainable,
             param_space={d.key: d.tune_domain() for d in dims},
@@ -253,6 +238,7 @@ def _sweep(cfg: SweepConfig, uri: str, callbacks: Sequence[Any]) -> dict[str, An
                 failure_config=tune.FailureConfig(max_failures=0), callbacks=list(callbacks), verbose=1,
             ),
         )
+    log.info("%s", plan.line())
     log.info("sweep %s: %d trials, %d at once, %s + %s, objective %s (%s)",
              cfg.name, cfg.samples, limit, cfg.search, cfg.scheduler, metric, mode)
     start = time.perf_counter()

@@ -48,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sane_ray import lease, storage
-from sane_ray.cluster import ensure_ray
+from sane_ray.cluster import ensure_ray, task_plan
 from sane_ray.config import to_dict
 from sane_ray.zoo import public
 from sane_ray.zoo.architectures import ACTIVATIONS, build_model, get_architecture
@@ -301,7 +301,10 @@ def _published(root: str, s3: storage.S3Options) -> tuple[str, dict[str, Any]] |
     return None
 
 
-@ray.remote(num_cpus=1)
+MODEL_TASK_CPUS = 1  # training is single-threaded (bit-identical weights wherever it runs)
+
+
+@ray.remote(num_cpus=MODEL_TASK_CPUS)
 def _train_task(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options,
                 zoo_format: ZooFormat) -> list[dict[str, Any]]:
     return train_model(plan, task, root, s3, zoo_format)
@@ -351,7 +354,9 @@ def _train_all(cfg: ZooGenConfig, target: str, root: str, progress: bool, s3: st
     # The task's tensors are built once here and shared through the object store, so
     # workers need not import scikit-learn.
     task = ray.put(get_task(cfg.task, cfg.split_seed))
-    refs = {_train_task.remote(p, task, target, s3, cfg.format): p for p in plan_models(cfg)}
+    plans = plan_models(cfg)
+    log.info("%s", task_plan("model-training", len(plans), MODEL_TASK_CPUS))
+    refs = {_train_task.remote(p, task, target, s3, cfg.format): p for p in plans}
     return _collect(refs, root, progress, unpublished)
 
 
