@@ -2,10 +2,12 @@
 
 Each variant is the same pretraining command with a few flags changed; each runs
 ``jobs/pretrain.py`` (with the probe signal on) and then ``jobs/probe.py`` on the run, in
-subprocesses, exactly as a user would. The table collects the test-split and grouped
-k-fold R^2 of test accuracy for W, s(W), SANE and the untrained control, and the probe
-signal curve, as ``ablation.csv`` / ``ablation.md`` under ``--out``. A variant whose run
-already has a ``probe/results.json`` is not rerun (reruns resume a partial table).
+subprocesses, exactly as a user would. The table collects the validation, test-split and
+grouped k-fold R^2 of test accuracy for W, s(W), SANE, the SANE embedding the probe selects on
+validation and the untrained control, and the probe signal curve, as ``ablation.csv`` /
+``ablation.md`` under ``--out``. The variant it names as chosen is the one with the best
+*validation* R^2 of the selected SANE embedding (test scores are reported, never compared).
+A variant whose run already has a ``probe/results.json`` is not rerun (reruns resume a partial table).
 
     python bench/bench_probe_ablation.py --zoo /tmp/zoo200 --out /tmp/ablation \
         --small-zoo /tmp/zoo100 --variants base,width,window32,paper,no_align,zoo100
@@ -44,7 +46,8 @@ VARIANTS: dict[str, list[str]] = {
 }
 SMALL_ZOO_VARIANTS = {"zoo100"}
 
-METHODS = ("W", "s(W)", "SANE", "SANE (untrained)")
+METHODS = ("W", "s(W)", "SANE", "SANE (selected on val)", "SANE (untrained)")
+SELECTED = "SANE (selected on val)"
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -87,7 +90,9 @@ def main() -> None:
         wall = json.loads((run_dir / "probe" / "wall.json").read_text())
         row = {"variant": name, "flags": " ".join(flags) or "(base)"}
         for m in METHODS:
-            row[f"test {m}"] = res["test_r2"]["Acc"].get(m)
+            row[f"val {m}"] = res.get("val_r2", {}).get("Acc", {}).get(m, float("nan"))
+            row[f"test {m}"] = res["test_r2"]["Acc"].get(m, float("nan"))
+        row["selected embedding"] = res.get("selected", {}).get("Acc", "")
         for m in METHODS:
             mean, std = res["kfold_r2"]["Acc"].get(m, (float("nan"), float("nan")))
             row[f"kfold {m}"] = f"{mean:.3f} ± {std:.3f}"
@@ -103,6 +108,11 @@ def main() -> None:
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    scored = [r for r in rows if r[f"val {SELECTED}"] == r[f"val {SELECTED}"]]  # not NaN
+    if scored:
+        best = max(scored, key=lambda r: r[f"val {SELECTED}"])
+        md.append(f"\nChosen on validation: {best['variant']} (val R² {best[f'val {SELECTED}']:.3f}, "
+                  f"test {best[f'test {SELECTED}']:.3f}, embedding {best['selected embedding']}).")
     (out / "ablation.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -1,4 +1,5 @@
-"""Probe building blocks: the baselines W and s(W), ridge and classification probes, grouped folds."""
+"""Probe building blocks: the baselines W and s(W), per-layer SANE summaries, ridge and classification probes,
+grouped folds, choices made on validation."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sane_ray.probe.features import PERCENTILES, STAT_NAMES, flat_weights, weight_statistics
-from sane_ray.probe.linear import classifier_probe, fold_of_groups, grouped_kfold, ridge_probe
+from sane_ray.probe.features import PERCENTILES, STAT_NAMES, flat_weights, layer_moments, weight_statistics
+from sane_ray.probe.linear import (classifier_probe, fold_of_groups, grouped_kfold, nested_kfold_selection, ridge_probe,
+                                   select_on_validation)
 from sane_ray.probe.report import table_csv, table_markdown
 from sane_ray.weights.tokenize import tokenize_stack
 from sane_ray.zoo.architectures import build_model
@@ -59,6 +61,46 @@ def test_classifier_probe_separable_categories_and_chance():
     assert 0.0 < res.chance < 0.7
     noise = classifier_probe(rng.normal(size=(len(groups), 4)), labels, split)
     assert noise.score < 0.7
+
+
+def test_classifier_chance_is_the_training_majority_scored_on_test_rows():
+    groups, split = _model_split(20, 2)
+    labels = np.where(split == "train", "relu", "tanh")  # the training majority never occurs in the test rows
+    labels[np.flatnonzero(split == "train")[:4]] = "tanh"  # two classes to train on
+    res = classifier_probe(np.random.default_rng(3).normal(size=(len(groups), 2)), labels, split)
+    assert res.chance == 0.0  # "relu" on every test row
+    assert res.test_majority == 1.0  # the table's other column says a constant could score 1.0 there
+
+
+def test_select_on_validation_and_nested_folds_never_read_test_scores():
+    assert select_on_validation({"a": 0.2, "b": float("nan"), "c": 0.5, "d": 0.5}) == "c"
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(25), 4)
+    signal = rng.normal(size=(len(groups), 3))
+    y = signal @ [1.0, 0.5, -1.0] + 0.1 * rng.normal(size=len(groups))
+    folds = {"noise": grouped_kfold(rng.normal(size=(len(groups), 3)), y, groups, 5),
+             "signal": grouped_kfold(signal, y, groups, 5)}
+    nested, chosen = nested_kfold_selection(folds)
+    assert chosen == ["signal"] * 5 and nested.scores == folds["signal"].scores
+    # A candidate that is best on test in a fold but worse on validation there is not picked.
+    trap = grouped_kfold(signal, y, groups, 5)
+    trap.scores, trap.val_scores = [2.0] * 5, [v - 1 for v in folds["signal"].val_scores]
+    assert nested_kfold_selection({**folds, "trap": trap})[1] == ["signal"] * 5
+
+
+def test_layer_moments_keep_what_the_mean_over_all_tokens_mixes():
+    layer = torch.tensor([0, 0, 1, 1, 1])
+    z = torch.arange(2 * 5 * 2, dtype=torch.float32).reshape(2, 5, 2)
+    z[1] = z[0, [2, 3, 4, 0, 1]]  # model 1: the same token latents, moved between the two layers
+    mean = layer_moments(z, layer)
+    np.testing.assert_allclose(mean[0], [*z[0, :2].mean(0), *z[0, 2:].mean(0)])
+    assert z[0].mean(0).tolist() == z[1].mean(0).tolist() and not np.allclose(mean[0], mean[1])
+    both = layer_moments(z, layer, with_std=True)
+    assert both.shape == (2, 8)
+    np.testing.assert_allclose(both[0], [*z[0, :2].mean(0), *z[0, :2].std(0, correction=0),
+                                         *z[0, 2:].mean(0), *z[0, 2:].std(0, correction=0)])
+    with pytest.raises(ValueError, match="does not match"):
+        layer_moments(z, layer[:4])
 
 
 def test_grouped_folds_keep_each_model_in_one_fold():

@@ -12,7 +12,8 @@ import pytest
 import zoo_builders as zb
 from sane_ray import storage
 from sane_ray.cli import main
-from sane_ray.probe.job import CONTROL, FULL, MEAN_STD, SANE, ProbeData, hyperparameter_targets
+from sane_ray.probe.job import (CHANCE, CONTROL, CONTROL_LAYER, FULL, LAYER_MEAN, LAYER_MEAN_STD, MEAN_STD, SANE,
+                                SELECTED, TEST_MAJORITY, VARIANTS, ProbeData, hyperparameter_targets)
 from sane_ray.zoo import native
 
 PRETRAIN = ["--preset", "tiny", "--workers", "1", "--epochs", "1", "--batch-size", "4",
@@ -69,13 +70,22 @@ def test_probe_job_on_the_public_layout_with_its_own_run(public_run, capsys):
     # Public zoos have no metrics for epoch 0 (the initialization): those rows drop out of the Acc probe.
     assert main(["probe", "--run", run, "--out", out, "--folds", "3", "--max_flat_features", "1000"]) == 0
     assert f"{out}/results.md" in capsys.readouterr().out
-    _check_outputs(out, ["s(W)", SANE, MEAN_STD, CONTROL])  # 2,464 weights > 1000: W (and the full sequence) skipped
+    # 2,464 weights > 1000: W (and the full sequence) skipped
+    _check_outputs(out, ["s(W)", SANE, MEAN_STD, LAYER_MEAN, LAYER_MEAN_STD, CONTROL, CONTROL_LAYER, SELECTED])
     md = storage.read_bytes(storage.join(out, "results.md")).decode()
     assert "W skipped: 2,464 weights per model > max_flat_features 1,000" in md
     hp = _table(storage.join(out, "hyperparameters.csv"))
     assert list(hp) == ["model::nlin (accuracy)"]
-    assert hp["model::nlin (accuracy)"]["chance"] == pytest.approx(0.5)
+    assert hp["model::nlin (accuracy)"][CHANCE] == pytest.approx(0.5)
+    assert hp["model::nlin (accuracy)"][TEST_MAJORITY] == pytest.approx(0.5)
     res = json.loads(storage.read_bytes(storage.join(out, "results.json")))
+    # The SANE column that counts is chosen on validation: the variant with the best validation R².
+    for row in ("Acc", "Epoch", "Ggap"):
+        pick = res["selected"][row]
+        assert pick in VARIANTS and res["val_r2"][row][pick] == max(res["val_r2"][row][m] for m in VARIANTS
+                                                                    if m in res["val_r2"][row])
+        assert res["test_r2"][row][SELECTED] == res["test_r2"][row][pick]
+        assert len(res["kfold_selected"][row]) == 3
     assert res["split"] == "the run's own split"
     assert res["counts"]["test"] == {"models": 2, "checkpoints": 8}  # 10 models: 6/2/2, epochs 0..3
     # The run's probe test models were never in its pretraining split.
@@ -90,7 +100,8 @@ def test_probe_job_on_a_native_zoo_the_run_never_saw(public_run):
     zb.build_native_zoo(zoo, n_models=12, epochs=3)
     out = str(tmp / "probe-native")
     assert main(["probe", "--run", run, "--zoo", zoo, "--out", out, "--folds", "3"]) == 0
-    table = _check_outputs(out, ["W", "s(W)", SANE, MEAN_STD, FULL, CONTROL])
+    table = _check_outputs(out, ["W", "s(W)", SANE, MEAN_STD, LAYER_MEAN, LAYER_MEAN_STD, FULL, CONTROL,
+                                 CONTROL_LAYER, SELECTED])
     # The fake zoo's accuracy rises with the epoch and the weights drift with it: s(W) sees that.
     assert table["Epoch"]["s(W)"] > 0.5
     res = json.loads(storage.read_bytes(storage.join(out, "results.json")))

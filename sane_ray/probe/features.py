@@ -1,4 +1,5 @@
-"""The two baselines SANE embeddings are compared with: flattened weights W and weight statistics s(W).
+"""The two baselines SANE embeddings are compared with (flattened weights W and weight statistics s(W)),
+and SANE embeddings summarized per layer the way s(W) summarizes weights (:func:`layer_moments`).
 
 Both are computed from token stacks ``(B, N, d_t)`` of one token layout, i.e. exactly
 the input SANE sees (aligned and standardized the way the run did it). Standardization
@@ -62,3 +63,29 @@ def flat_weights(tokens: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndar
 def num_weights(mask: torch.Tensor | np.ndarray) -> int:
     """How many real values (weights and biases) one model of this mask has: W's width."""
     return int(torch.as_tensor(mask, dtype=torch.bool).sum())
+
+
+def layer_moments(z: torch.Tensor, layer_index: torch.Tensor, with_std: bool = False) -> np.ndarray:
+    """Per tokenized layer, the mean (and with ``with_std`` the population std) over that layer's tokens
+    of the token latents ``z`` (B, N, d_z), concatenated layer by layer: (B, L * d_z), or with the std
+    after each layer's mean (B, 2 * L * d_z).
+
+    The paper's embedding averages over all tokens, so layers with many tokens dominate it and
+    which latent came from which layer is lost; s(W) keeps one block per layer. This is the
+    embedding counterpart of that per-layer structure, from the same encoder pass.
+    ``layer_index`` (N,) is each token's layer (the tokens' ``pos[:, 1]``).
+    """
+    z = torch.as_tensor(z).detach().to(torch.float64)
+    if z.ndim == 2:
+        z = z[None]
+    idx = torch.as_tensor(layer_index, dtype=torch.int64, device=z.device)
+    if idx.shape != (z.shape[1],):
+        raise ValueError(f"layer_index of shape {tuple(idx.shape)} does not match {z.shape[1]} tokens")
+    layers = torch.unique(idx)  # sorted; a layer index without tokens gets no block
+    blocks = []
+    for layer in layers:
+        part = z[:, idx == layer]
+        blocks.append(part.mean(1))
+        if with_std:
+            blocks.append(part.std(1, correction=0))
+    return torch.cat(blocks, 1).cpu().numpy()

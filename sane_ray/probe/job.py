@@ -39,8 +39,9 @@ from sane_ray.embed.preprocess import model_tokens, population_stats, run_max_ab
 from sane_ray.embed.run import untrained_control
 from sane_ray.probe import report
 from sane_ray.probe.config import ProbeConfig
-from sane_ray.probe.features import flat_weights, num_weights, weight_statistics
-from sane_ray.probe.linear import classifier_probe, grouped_kfold, ridge_probe
+from sane_ray.probe.features import flat_weights, layer_moments, num_weights, weight_statistics
+from sane_ray.probe.linear import (FoldScores, classifier_probe, grouped_kfold, nested_kfold_selection, ridge_probe,
+                                   select_on_validation)
 from sane_ray.weights.standardize import StandardizationStats
 from sane_ray.weights.tokenize import TokenLayout
 from sane_ray.zoo.reader import open_zoo
@@ -51,6 +52,12 @@ log = logging.getLogger("sane_ray.probe")
 TARGETS = {"Acc": "test_acc", "Epoch": "epoch", "Ggap": "ggap"}  # the paper's rows -> checkpoint values
 SANE, CONTROL, FULL = "SANE", "SANE (untrained)", "SANE (full sequence)"
 MEAN_STD = "SANE (mean, std)"  # the paper's mean token latent with the tokens' std beside it
+LAYER_MEAN = "SANE (per-layer mean)"  # the mean token latent of each layer, concatenated (like s(W)'s blocks)
+LAYER_MEAN_STD = "SANE (per-layer mean, std)"  # ... with each layer's std of token latents beside its mean
+CONTROL_LAYER = "SANE (untrained, per-layer mean)"  # the control for LAYER_MEAN
+CHANCE, TEST_MAJORITY = "chance (train majority)", "test majority"  # hyperparameter table, see ProbeScore
+SELECTED = "SANE (selected on val)"  # per target, the variant of VARIANTS with the best validation score
+VARIANTS = (SANE, MEAN_STD, LAYER_MEAN, LAYER_MEAN_STD, FULL)  # what the trained encoder's embedding is
 # Hyperparameter keys that identify a model or its run rather than describe its training.
 IDENTIFIERS = {"seed", "index", "split_seed", "epochs", "epochs_train", "task", "model_id"}
 MAX_CLASSES = 20  # a "category" with more distinct values is an identifier, not a hyperparameter
@@ -164,14 +171,19 @@ def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeD
                 data.notes += _uncovered_notes(run, toks.layout, model, lid in data.fallback)
             emb = embed_tokens(run, toks, window_size=window, halo=halo, keep_tokens=True)
             full_ok = full_ok and emb.tokens[0].numel() <= cfg.max_flat_features
+            layer_of = toks.pos[:, 1]
             feats = {"s(W)": weight_statistics(toks.tokens, toks.layout)[0], SANE: emb.mean.cpu().numpy(),
-                     MEAN_STD: torch.cat([emb.mean, emb.std], 1).cpu().numpy()}
+                     MEAN_STD: torch.cat([emb.mean, emb.std], 1).cpu().numpy(),
+                     LAYER_MEAN: layer_moments(emb.tokens, layer_of),
+                     LAYER_MEAN_STD: layer_moments(emb.tokens, layer_of, with_std=True)}
             if flat_ok:
                 feats["W"] = flat_weights(toks.tokens, toks.mask)
             if full_ok:
                 feats[FULL] = emb.tokens.flatten(1).cpu().numpy()
             if control is not None:
-                feats[CONTROL] = embed_tokens(control, toks, window_size=window, halo=halo).mean.cpu().numpy()
+                ctl = embed_tokens(control, toks, window_size=window, halo=halo, keep_tokens=True)
+                feats[CONTROL] = ctl.mean.cpu().numpy()
+                feats[CONTROL_LAYER] = layer_moments(ctl.tokens, layer_of)
             for k, v in feats.items():
                 data.features.setdefault(k, []).append(v)
             data.spread.append(emb.layer_spread.cpu().numpy())
@@ -205,7 +217,7 @@ def _uncovered_notes(run: Run, layout: TokenLayout, model: ModelRecord, fallback
 
 
 def _methods(data: ProbeData) -> list[str]:
-    order = ["W", "s(W)", SANE, MEAN_STD, FULL, CONTROL]
+    order = ["W", "s(W)", SANE, MEAN_STD, LAYER_MEAN, LAYER_MEAN_STD, FULL, CONTROL, CONTROL_LAYER]
     return [m for m in order if m in data.features]
 
 
@@ -250,36 +262,57 @@ class ProbeResults:
     hparams: dict[str, dict[str, float]]
     alphas: dict[str, dict[str, float]]
     points: dict[str, tuple[np.ndarray, np.ndarray, float]]
+    val: dict[str, dict[str, float]] = field(default_factory=dict)  # validation score of the chosen alpha
+    selected: dict[str, str] = field(default_factory=dict)  # target -> the SANE variant validation picked
+    kfold_selected: dict[str, list[str]] = field(default_factory=dict)  # target -> each fold's pick
+
+
+def _select(scores: dict[str, dict[str, float]], val: dict[str, dict[str, float]], row: str) -> str:
+    """Copy the SANE variant with the best validation score into the :data:`SELECTED` column of ``row``."""
+    best = select_on_validation({m: val[row][m] for m in VARIANTS if m in val[row]})
+    scores[row][SELECTED], val[row][SELECTED] = scores[row][best], val[row][best]
+    return best
 
 
 def probe(data: ProbeData, cfg: ProbeConfig) -> ProbeResults:
-    """All probes on collected features."""
+    """All probes on collected features; which SANE embedding variant counts is chosen on validation only."""
     split = np.asarray(data.split)
     groups = np.asarray(data.model_id)
     test: dict[str, dict[str, float]] = {row: {} for row in TARGETS}
+    val: dict[str, dict[str, float]] = {row: {} for row in TARGETS}
     alphas: dict[str, dict[str, float]] = {row: {} for row in TARGETS}
     kfold: dict[str, dict[str, tuple[float, float]]] = {row: {} for row in TARGETS}
+    folds: dict[str, dict[str, FoldScores]] = {row: {} for row in TARGETS}
     points = {}
     for method in _methods(data):
         x = data.matrix(method)
         for row, key in TARGETS.items():
             res = ridge_probe(x, data.target(key), split, name=f"{row} from {method}")
-            test[row][method], alphas[row][method] = res.score, res.alpha
+            test[row][method], val[row][method], alphas[row][method] = res.score, res.val_score, res.alpha
             if row == "Acc":
                 points[method] = (res.test_true, res.test_pred, res.score)
             if cfg.folds:
                 f = grouped_kfold(x, data.target(key), groups, cfg.folds, cfg.seed, name=f"{row} from {method}")
-                kfold[row][method] = (f.mean, f.std)
+                kfold[row][method], folds[row][method] = (f.mean, f.std), f
         log.info("probe: %s done (test R^2 Acc %.3f)", method, test["Acc"][method])
+    selected = {row: _select(test, val, row) for row in TARGETS}
+    kfold_selected = {}
+    if cfg.folds:
+        for row in TARGETS:
+            nested, kfold_selected[row] = nested_kfold_selection({m: folds[row][m] for m in VARIANTS
+                                                                  if m in folds[row]})
+            kfold[row][SELECTED] = (nested.mean, nested.std)
     hp: dict[str, dict[str, float]] = {}
     for name, (y, categorical) in hyperparameter_targets(data).items():
         row = f"{name} ({'accuracy' if categorical else 'R²'})"
-        hp[row] = {}
+        hp[row], val[row] = {}, {}
         for method in _methods(data):
             fit = (classifier_probe if categorical else ridge_probe)(data.matrix(method), y, split, name=name)
-            hp[row][method] = fit.score
-        hp[row]["chance"] = fit.chance  # the same for every method (NaN for a regression)
-    return ProbeResults(test, kfold if cfg.folds else {}, hp, alphas, points)
+            hp[row][method], val[row][method] = fit.score, fit.val_score
+        selected[row] = _select(hp, val, row)
+        # The same for every method (NaN for a regression); see ProbeScore.
+        hp[row][CHANCE], hp[row][TEST_MAJORITY] = fit.chance, fit.test_majority
+    return ProbeResults(test, kfold if cfg.folds else {}, hp, alphas, points, val, selected, kfold_selected)
 
 
 def _split_counts(data: ProbeData) -> dict[str, dict[str, int]]:
@@ -316,16 +349,30 @@ def results_markdown(res: ProbeResults, data: ProbeData, zoo: Zoo, run_uri: str,
         "standardized features, alpha picked on the validation split from 1e3..1e-5; R² on the test models.\n",
         report.table_markdown(res.test, "R²"),
     ]
+    if res.val:
+        picks = "; ".join(f"{row}: {res.selected[row]}" for row in TARGETS)
+        parts += ["## Selection on the validation split (R²)\n",
+                  f"The validation R² (at the alpha chosen there) of every column. `{SELECTED}` is, per target, "
+                  f"the SANE embedding ({', '.join(m for m in VARIANTS)}) with the best validation R²; its "
+                  f"test R² is the one above. Chosen: {picks}.\n",
+                  report.table_markdown({row: res.val[row] for row in TARGETS}, "R² (val)")]
     if res.kfold:
         parts += ["## Grouped k-fold (R², mean ± std over folds of models)\n",
                   "Every model is in one test fold once; the next fold picks alpha. The folds mix models SANE "
                   f"was pretrained on (self-supervised, {n_pretrained} of {n_models} models) with ones it was not, "
-                  "so this estimate is not free of pretraining exposure; the test-split table above is.\n",
+                  "so this estimate is not free of pretraining exposure; the test-split table above is. "
+                  f"`{SELECTED}` is chosen in each fold on that fold's validation models (nested).\n",
                   report.table_markdown(res.kfold, "R²")]
+        if res.kfold_selected:
+            parts.append("Picks per fold: " + "; ".join(f"{row}: {', '.join(v)}" for row, v in res.kfold_selected.items())
+                         + ".\n")
     if res.hparams:
         parts += ["## Hyperparameters (test split)\n",
-                  "Classification accuracy (ridge classifier) for categories, with the majority-class chance; "
-                  "R² for continuous values.\n",
+                  "Classification accuracy (ridge classifier) for categories, R² for continuous values. "
+                  f"`{CHANCE}`: the test accuracy of always answering the training split's most frequent class "
+                  "(0.000 when no test model has that class); "
+                  f"`{TEST_MAJORITY}`: the share of the test split's most frequent class, the best any constant "
+                  "answer scores (both n/a for R² rows).\n",
                   report.table_markdown(res.hparams, "target")]
     if data.notes:
         parts += ["## Notes\n", "\n".join(f"- {n}" for n in data.notes) + "\n"]
@@ -348,7 +395,8 @@ def write_results(res: ProbeResults, data: ProbeData, zoo: Zoo, cfg: ProbeConfig
             "test_models": sorted({m for m, s in zip(data.model_id, data.split) if s == "test"}),
             "test_models_pretrained": data.test_models_pretrained(),
             "fallback_stats": sorted(data.fallback),
-            "test_r2": res.test, "alpha": res.alphas, "kfold_r2": res.kfold, "hyperparameters": res.hparams,
+            "test_r2": res.test, "val_r2": res.val, "alpha": res.alphas, "kfold_r2": res.kfold,
+            "selected": res.selected, "kfold_selected": res.kfold_selected, "hyperparameters": res.hparams,
             "notes": data.notes,
         }, indent=1, default=float).encode(),
     }

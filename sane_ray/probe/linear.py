@@ -10,7 +10,7 @@ protocol over folds of models, for small zoos where one test split is noisy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.linear_model import Ridge
@@ -29,7 +29,11 @@ class ProbeScore:
     val_score: float
     test_pred: np.ndarray
     test_true: np.ndarray
-    chance: float = float("nan")  # classification: the majority class's share of the test rows
+    # Classification only (NaN for a regression): ``chance`` is the test accuracy of always answering the
+    # training split's majority class (0 when that class has no test rows); ``test_majority`` is the
+    # test split's own majority share, the best any constant answer can score there.
+    chance: float = float("nan")
+    test_majority: float = float("nan")
 
 
 def _masks(split: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,8 +83,9 @@ def classifier_probe(x: np.ndarray, labels: np.ndarray, split: np.ndarray, alpha
 
     Like scikit-learn's ``RidgeClassifier``: ridge regression on +-1 class indicators,
     the class with the largest output wins. Labels are compared as strings; rows
-    labelled None are left out. ``chance`` is the accuracy of always answering the
-    training split's most frequent class.
+    labelled None are left out. ``chance`` is the accuracy on the test rows of always answering
+    the training split's most frequent class (what a probe that learned nothing but the class
+    frequencies scores); ``test_majority`` is the share of the test split's most frequent class.
     """
     known = np.array([v is not None for v in labels])
     labels = np.array([str(v) for v in labels], dtype=object)
@@ -102,7 +107,9 @@ def classifier_probe(x: np.ndarray, labels: np.ndarray, split: np.ndarray, alpha
     best = int(np.argmax(val))
     pred = predict(te)[best]
     chance = float(np.mean(labels[te] == classes[np.argmax(counts)]))
-    return ProbeScore(float(accuracy_score(labels[te], pred)), alphas[best], float(val[best]), pred, labels[te], chance)
+    test_majority = float(np.unique(labels[te].astype(str), return_counts=True)[1].max() / te.sum())
+    return ProbeScore(float(accuracy_score(labels[te], pred)), alphas[best], float(val[best]), pred, labels[te],
+                      chance, test_majority)
 
 
 def fold_of_groups(groups: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -116,9 +123,12 @@ def fold_of_groups(groups: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 @dataclass
 class FoldScores:
-    """A score per fold and its mean and standard deviation."""
+    """A test score per fold, its mean and standard deviation over folds, and each fold's validation score
+    (the score of the alpha chosen on that fold's validation models: what a nested choice between
+    feature sets compares)."""
 
     scores: list[float]
+    val_scores: list[float] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -134,8 +144,28 @@ def grouped_kfold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, k: int = 5, 
     """The probe protocol over ``k`` folds of models: fold f is the test set, fold f+1 picks alpha, the rest trains."""
     fold = fold_of_groups(np.asarray(groups), k, seed)
     probe = classifier_probe if categorical else ridge_probe
-    scores = []
+    scores, val_scores = [], []
     for f in range(k):
         split = np.where(fold == f, "test", np.where(fold == (f + 1) % k, "val", "train"))
-        scores.append(probe(x, y, split, alphas, name).score)
-    return FoldScores(scores)
+        res = probe(x, y, split, alphas, name)
+        scores.append(res.score)
+        val_scores.append(res.val_score)
+    return FoldScores(scores, val_scores)
+
+
+def select_on_validation(val_scores: dict[str, float]) -> str:
+    """The candidate with the best validation score (NaN counts as worst; the first listed wins ties)."""
+    if not val_scores:
+        raise ValueError("select_on_validation: no candidates")
+    return max(val_scores, key=lambda m: -np.inf if np.isnan(val_scores[m]) else val_scores[m])
+
+
+def nested_kfold_selection(folds: dict[str, FoldScores]) -> tuple[FoldScores, list[str]]:
+    """Per fold, the test score of the candidate whose validation score on that fold is best: a choice
+    between feature sets made without the fold's test models. Returns the scores and each fold's choice."""
+    k = {len(f.scores) for f in folds.values()}
+    if len(k) != 1 or any(len(f.val_scores) != len(f.scores) for f in folds.values()):
+        raise ValueError("nested_kfold_selection: every candidate needs a test and a validation score per fold")
+    chosen = [select_on_validation({m: f.val_scores[i] for m, f in folds.items()}) for i in range(k.pop())]
+    return FoldScores([folds[m].scores[i] for i, m in enumerate(chosen)],
+                      [folds[m].val_scores[i] for i, m in enumerate(chosen)]), chosen
