@@ -73,6 +73,11 @@ def _dir(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_")
 
 
+def _pm(x: np.ndarray) -> str:
+    """mean ± std over seeds, n/a without values (e.g. no training model of the prompts' layout)."""
+    return "n/a" if np.isnan(x).all() else f"{np.nanmean(x):.2f} ± {np.nanstd(x):.2f}"
+
+
 def _mean(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
@@ -146,7 +151,7 @@ def main() -> None:
         acc = 100 * np.asarray(per_seed)
         val = 100 * np.asarray([v for v, _ in extra[name]])
         l2 = np.asarray([d for _, d in extra[name]])
-        dist = "n/a" if np.isnan(l2).all() else f"{np.nanmean(l2):.2f} ± {np.nanstd(l2):.2f}"
+        dist = _pm(l2)
         cells = [f"{acc[:, e].mean():.1f} ± {acc[:, e].std():.1f}" for e in shown]
         vcell = "n/a" if np.isnan(val).all() else f"{val.mean():.1f} ± {val.std():.1f}"
         lines.append(f"| {name} | {vcell} | " + " | ".join(cells) + f" | {dist} |")
@@ -159,8 +164,7 @@ def main() -> None:
             cell = {k: np.asarray([v[k][0] for v in per_seed]) for k in ("val_acc", "test_acc", "nearest_train_l2")}
             lines.append(f"| {source} | {per_seed[0]['n']} | {100 * cell['val_acc'].mean():.1f} ± "
                          f"{100 * cell['val_acc'].std():.1f} | {100 * cell['test_acc'].mean():.1f} ± "
-                         f"{100 * cell['test_acc'].std():.1f} | {cell['nearest_train_l2'].mean():.2f} ± "
-                         f"{cell['nearest_train_l2'].std():.2f} |")
+                         f"{100 * cell['test_acc'].std():.1f} | {_pm(cell['nearest_train_l2'])} |")
     table = "\n".join(lines)
     note = (f"\nmean ± std over seeds {args.seeds} of each seed's mean over its models; KDE anchor per {args.anchor}, bandwidth {args.bandwidth or 'rule'}, "
             f"halo {not args.no_halo}, BN-cond {not args.no_bn_cond}; candidates/s per run "
