@@ -129,7 +129,8 @@ def submit(head: Head, *job: str, timeout: float = 420) -> str:
     cmd = [RAY, "job", "submit", "--address", head.address, "--working-dir", ".", "--", "python", *job]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=head.env)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "succeeded" in log, log[-6000:]
+    head_log = Path(head.tmp, "head.log").read_text(errors="replace")[-3000:]  # why the node went away, if it did
+    assert proc.returncode == 0 and "succeeded" in log, log[-6000:] + "\n--- head.log ---\n" + head_log
     return log
 
 
