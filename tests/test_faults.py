@@ -627,12 +627,16 @@ def test_a_killed_worker_is_one_console_line_and_its_traceback_is_in_the_run_log
     done = subprocess.run([sys.executable, script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=540)
     console = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 0 and "finished" in console, "\n".join(console[-30:])
+    # Ray streams each process's output on its own, so the controller's fault line may reach the
+    # console after the new workers' lines: it is looked for anywhere, once.
+    shown = "\n".join(console[-30:])
+    deaths = [line for line in console if line.startswith("sane-ray: rank ")]
+    assert len(deaths) == 1, shown
+    assert deaths[0].startswith("sane-ray: rank 1: its process (pid ") and " died on node " in deaths[0], shown
+    assert deaths[0].endswith("restarting from the newest checkpoint, restart 1 of 1"), shown
+    assert sum(f"resuming {tmp_path}/run after epoch 1 from checkpoint_" in line for line in console) == 1, shown
     epochs = [i for i, line in enumerate(console) if "epoch 1/2 |" in line or "epoch 2/2 |" in line]
-    restart = console[epochs[0] + 1:epochs[-1]]  # between the epoch before the fault and the one after
-    assert len(restart) <= 5, "\n".join(restart)
-    assert any(line.startswith("sane-ray: rank 1: its process (pid ") and " died on node " in line
-               and line.endswith("restarting from the newest checkpoint, restart 1 of 1") for line in restart), restart
-    assert any(f"resuming {tmp_path}/run after epoch 1 from checkpoint_" in line for line in restart), restart
+    assert len(console[epochs[0] + 1:epochs[-1]]) <= 5, shown  # no flood between the fault and the next epoch
     assert not any("Traceback" in line or "Error" in line for line in console if not line.startswith("sane-ray:"))
     (log,) = os.listdir(os.path.join(tmp_path, "run", "logs"))
     text = open(os.path.join(tmp_path, "run", "logs", log)).read()

@@ -45,6 +45,7 @@ class Head:
         # The State API of this cluster (Tune's ASHA needs it; with several clusters on the machine
         # Ray cannot find it alone). The job's processes inherit it from the node.
         self.env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": tmp, "SANE_RAY_CACHE": f"{tmp}/cache",
+                    "PYTHONUNBUFFERED": "1",  # head.log complete at any moment (it says why a node went away)
                     "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard}"}
         self.address = f"http://127.0.0.1:{self.dashboard}"
         self.log = open(f"{tmp}/head.log", "w")
@@ -74,6 +75,17 @@ class Head:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the no-op job on {self.address} did not finish in time")
             time.sleep(0.5)
+
+    def diagnosis(self) -> str:
+        """What a failed test prints about the node: alive or not, its console, and its dashboard's log."""
+        state = "running" if self.proc.poll() is None else f"exited with {self.proc.returncode}"
+        parts = [f"\n--- ray start --head: {state}; head.log ---\n" + Path(self.tmp, "head.log").read_text(errors="replace")[-3000:]]
+        for name in ("dashboard.log", "dashboard.err", "monitor.log", "raylet.err", "gcs_server.err"):
+            for path in Path(self.tmp).glob(f"session_*/logs/{name}"):
+                if path.parent.parent.is_symlink():
+                    continue
+                parts.append(f"\n--- {path.relative_to(self.tmp)} ---\n" + path.read_text(errors="replace")[-2000:])
+        return "".join(parts)
 
     def stop(self) -> None:
         """Stop the node and everything it started (its processes name its temp dir), nothing else."""
@@ -129,8 +141,7 @@ def submit(head: Head, *job: str, timeout: float = 420) -> str:
     cmd = [RAY, "job", "submit", "--address", head.address, "--working-dir", ".", "--", "python", *job]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=head.env)
     log = proc.stdout + proc.stderr
-    head_log = Path(head.tmp, "head.log").read_text(errors="replace")[-3000:]  # why the node went away, if it did
-    assert proc.returncode == 0 and "succeeded" in log, log[-6000:] + "\n--- head.log ---\n" + head_log
+    assert proc.returncode == 0 and "succeeded" in log, log[-6000:] + head.diagnosis()
     return log
 
 
