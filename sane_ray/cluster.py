@@ -24,19 +24,41 @@ here: the Ray Data preprocessing and window tasks (``kind="cpu"``), the Ray Trai
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Protocol, Sequence
 
 import ray
 
-if TYPE_CHECKING:
-    from sane_ray.data.config import DataConfig
-    from sane_ray.pretrain import PretrainConfig, RunSettings
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
+
+
+class DataShares(Protocol):
+    """What a plan needs of the data section (``sane_ray.data.config.DataConfig``): its CPU shares."""
+
+    stream_cpus: float
+    actor_cpus: float
+
+
+@dataclass
+class RunSettings:
+    """A run's ``run`` section: where it lives and what it runs on (the cluster's to plan, hence here)."""
+
+    name: str = "sane-digits"
+    out: str = ""  # storage for checkpoints and results; "": ~/.cache/sane-ray/runs
+    # Train workers; 0: sized to the cluster (sane_ray.cluster.plan_run: one per node, or per GPU).
+    workers: int = 0
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 0.0  # 0: the largest share that fits next to the data stream
+    # The cluster may grow (autoscaler): skip the check that it can hold every worker now.
+    autoscaling: bool = False
+    # Data stages on nodes declaring sane_cpu_node, Train workers on sane_gpu_node nodes
+    # (sane_ray.cluster, cluster/); false: anywhere, as on one machine.
+    node_types: bool = False
+    # Logical CPUs for a local cluster started by this job (0: Ray's default, as `ray start --head`).
+    local_cpus: int = 0
 
 
 def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
@@ -79,7 +101,7 @@ def point_state_api_at(dashboard_port: int) -> None:
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
 
 
-def ensure_ray_for(run: RunSettings, data: DataConfig, threads: int = 0, trials: int = 1,
+def ensure_ray_for(run: RunSettings, data: DataShares, threads: int = 0, trials: int = 1,
                    trial_cpus: float = 0.0) -> None:
     """:func:`ensure_ray` for a pretraining run (or ``trials`` at once): a local cluster at Ray's
     default size (``run.local_cpus`` if set), the one a bare ``ray start --head`` makes.
@@ -90,7 +112,7 @@ def ensure_ray_for(run: RunSettings, data: DataConfig, threads: int = 0, trials:
     ensure_ray(num_cpus=run.local_cpus or None, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
 
 
-def check_local_fit(run: RunSettings, data: DataConfig, threads: int = 0, trials: int = 1,
+def check_local_fit(run: RunSettings, data: DataShares, threads: int = 0, trials: int = 1,
                     trial_cpus: float = 0.0) -> None:
     """Refuse, without starting anything, a run that the local cluster this process would start
     cannot hold (a no-op when attached to a cluster or when ``RAY_ADDRESS`` names one): jobs call
@@ -149,7 +171,7 @@ class Plan:
         return line + (f", trial {self.trial_cpus:g} CPU" if self.trial_cpus else "")
 
 
-def plan_run(run: RunSettings, data: DataConfig, threads: int, nodes: Sequence[Mapping[str, float]],
+def plan_run(run: RunSettings, data: DataShares, threads: int, nodes: Sequence[Mapping[str, float]],
              trials: int = 1, trial_cpus: float = 0.0, where: str = "the cluster") -> Plan:
     """Size a run to ``nodes``: what the user left at 0 is filled in, what they gave is kept.
 
@@ -203,16 +225,6 @@ def plan_run(run: RunSettings, data: DataConfig, threads: int, nodes: Sequence[M
     if data.actor_cpus > max((n.get("CPU", 0.0) for n in nodes), default=0.0) + _EPS:
         raise ValueError(f"data.actor_cpus={data.actor_cpus:g} exceeds every node's CPUs of {where}; lower it, {hint}")
     return Plan(cpus, gpus, workers, share, gpw, threads or math.ceil(share - _EPS), stream, trials, trial_cpus)
-
-
-def size_run(cfg: PretrainConfig, nodes: Sequence[Mapping[str, float]] | None = None, trials: int = 1,
-             trial_cpus: float = 0.0) -> tuple[PretrainConfig, Plan]:
-    """``cfg`` with its workers, CPUs per worker and threads from :func:`plan_run` on ``nodes``
-    (default: the attached cluster's), and the plan."""
-    plan = plan_run(cfg.run, cfg.data, cfg.train.num_threads, cluster_nodes() if nodes is None else nodes,
-                    trials, trial_cpus)
-    run = dataclasses.replace(cfg.run, workers=plan.workers, cpus_per_worker=plan.cpus_per_worker)
-    return dataclasses.replace(cfg, run=run, train=dataclasses.replace(cfg.train, num_threads=plan.threads)), plan
 
 
 def task_plan(what: str, tasks: int, num_cpus: float, num_gpus: float = 0.0) -> str:

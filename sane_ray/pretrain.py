@@ -22,10 +22,11 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from sane_ray import lease, storage
-from sane_ray.cluster import Plan, check_local_fit, check_node_types, ensure_ray_for, size_run, worker_resources
+from sane_ray.cluster import (Plan, RunSettings, check_local_fit, check_node_types, cluster_nodes, ensure_ray_for, plan_run,
+                              worker_resources)
 from sane_ray.config import dump_config, to_dict
 from sane_ray.data.config import DataConfig
 from sane_ray.model.config import PRESETS as MODEL_PRESETS
@@ -43,25 +44,6 @@ def default_runs_dir() -> str:
 def runs_dir(run: RunSettings) -> str:
     """The URI runs go under: ``run.out``, else :func:`default_runs_dir`."""
     return storage.parse_uri(run.out or default_runs_dir()).uri
-
-
-@dataclass
-class RunSettings:
-    """Where the run lives and what it runs on."""
-
-    name: str = "sane-digits"
-    out: str = ""  # storage for checkpoints and results; "": ~/.cache/sane-ray/runs
-    # Train workers; 0: sized to the cluster (sane_ray.cluster.plan_run: one per node, or per GPU).
-    workers: int = 0
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 0.0  # 0: the largest share that fits next to the data stream
-    # The cluster may grow (autoscaler): skip the check that it can hold every worker now.
-    autoscaling: bool = False
-    # Data stages on nodes declaring sane_cpu_node, Train workers on sane_gpu_node nodes
-    # (sane_ray.cluster, cluster/); false: anywhere, as on one machine.
-    node_types: bool = False
-    # Logical CPUs for a local cluster started by this job (0: Ray's default, as `ray start --head`).
-    local_cpus: int = 0
 
 
 @dataclass
@@ -149,6 +131,16 @@ def preset_config(name: str) -> PretrainConfig:
         return PRESETS[name]()
     except KeyError:
         raise ValueError(f"unknown pretraining preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+def size_run(cfg: PretrainConfig, nodes: Sequence[Mapping[str, float]] | None = None, trials: int = 1,
+             trial_cpus: float = 0.0) -> tuple[PretrainConfig, Plan]:
+    """``cfg`` with its workers, CPUs per worker and threads from :func:`plan_run` on ``nodes``
+    (default: the attached cluster's), and the plan."""
+    plan = plan_run(cfg.run, cfg.data, cfg.train.num_threads, cluster_nodes() if nodes is None else nodes,
+                    trials, trial_cpus)
+    run = dataclasses.replace(cfg.run, workers=plan.workers, cpus_per_worker=plan.cpus_per_worker)
+    return dataclasses.replace(cfg, run=run, train=dataclasses.replace(cfg.train, num_threads=plan.threads)), plan
 
 
 def check_run_settings(run: RunSettings) -> None:
@@ -260,7 +252,7 @@ def _prepare(cfg: PretrainConfig, run_uri: str) -> PreparedRun:
     train = prepared.streams["train"]
     steps = cfg.train.steps_per_epoch or steps_per_epoch(
         train.rows_per_rank(cfg.train.seed, cfg.run.workers) * cfg.run.workers, cfg.run.workers, cfg.train.batch_size)
-    train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps, probe_data=prepared.cache_uri)
+    train_cfg = dataclasses.replace(cfg.train, model=model, steps_per_epoch=steps)
     resolved = dataclasses.replace(cfg, data=data_cfg, train=train_cfg)
     return PreparedRun(resolved, plan, prepared, runs_dir(cfg.run), run_uri)
 
@@ -295,6 +287,11 @@ def _train(run: PreparedRun, on_epoch_end: Callable[[int, int], None] | None, ca
     resources = worker_resources(cfg.run.cpus_per_worker, cfg.run.gpus_per_worker, node_types=cfg.run.node_types)
     tracking = {"config": to_dict(cfg.tracking), "run_name": cfg.run.name, "run_uri": run.run_uri,
                 "params": flat_params(to_dict(cfg))}
+    signal = None
+    if cfg.train.probe_every:  # scikit-learn and the embedding path: imported only when asked for
+        from sane_ray.probe.signal import probe_signal
+
+        signal = functools.partial(probe_signal, uri=prepared.cache_uri, seed=cfg.train.seed)
     result = run_pretraining(
         cfg.train,
         {k: v for k, v in prepared.streams.items() if k in ("train", "val")},
@@ -305,6 +302,7 @@ def _train(run: PreparedRun, on_epoch_end: Callable[[int, int], None] | None, ca
         resources_per_worker=resources,
         export_files=export_files,
         on_epoch_end=on_epoch_end,
+        epoch_signal=signal,
         tracking=tracking,
         callbacks=callbacks,
         leased=True,

@@ -574,14 +574,12 @@ def no_ray(monkeypatch):
 
 
 def test_more_workers_than_cores_refused_before_a_local_cluster(no_ray, capsys):
-    from sane_ray import pretrain
-
     code, lines = _cli(["pretrain", "--workers", "4096"], capsys)
     assert code == 2 and len(lines) == 1
     assert (f"4096 workers x at least 0.25 CPU plus 0.5 CPU for the data stream need 1024.5 CPU, but this machine "
             f"(no RAY_ADDRESS) has {os.cpu_count()}") in lines[0]
     with pytest.raises(ValueError, match=r"9 workers x 1 CPU .* need 9.5 CPU, but a local cluster of run.local_cpus=8"):
-        cluster.ensure_ray_for(pretrain.RunSettings(workers=9, cpus_per_worker=1, local_cpus=8), DataConfig())
+        cluster.ensure_ray_for(cluster.RunSettings(workers=9, cpus_per_worker=1, local_cpus=8), DataConfig())
 
 
 @pytest.mark.parametrize("case", ["same run name", "ftp out", "missing zoo", "no usable checkpoint"])

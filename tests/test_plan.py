@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sane_ray.cluster import CPU_NODE, GPU_NODE, plan_run, size_run
+from sane_ray.cluster import CPU_NODE, GPU_NODE, RunSettings, plan_run
 from sane_ray.data.config import DataConfig
-from sane_ray.pretrain import PretrainConfig, RunSettings
+from sane_ray.pretrain import PretrainConfig, size_run
 
 
 def _plan(nodes, threads: int = 0, data: DataConfig | None = None, **run):

@@ -137,10 +137,30 @@ def room_edges(root: Path = ROOT) -> dict[str, set[str]]:
     return rooms
 
 
+def reaches(edges: dict[str, set[str]], start: str, goal: str, avoid: str) -> bool:
+    """Whether ``goal`` is reachable from ``start`` without passing through ``avoid``."""
+    seen, todo = {start}, [start]
+    while todo:
+        for nxt in edges.get(todo.pop(), ()):
+            if nxt == goal:
+                return True
+            if nxt not in seen and nxt != avoid:
+                seen.add(nxt)
+                todo.append(nxt)
+    return False
+
+
+def implied(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``edges`` less each edge a -> b that another path from a to b already shows (a readable picture)."""
+    return {a: {b for b in targets if not any(reaches(edges, c, b, a) for c in targets - {b})}
+            for a, targets in edges.items()}
+
+
 def mermaid(root: Path = ROOT) -> str:
-    """The room-level graph as a Mermaid flowchart (what imports what; arrows point at the imported room)."""
+    """The room-level graph as a Mermaid flowchart: an arrow points at the room imported; an import
+    that a longer path already shows is left out."""
     lines = ["```mermaid", "flowchart TD"]
-    for source, targets in sorted(room_edges(root).items()):
+    for source, targets in sorted(implied(room_edges(root)).items()):
         lines += [f"    {source} --> {target}" for target in sorted(targets)]
     return "\n".join(lines + ["```"])
 

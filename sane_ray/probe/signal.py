@@ -1,7 +1,8 @@
 """A representation-quality signal during pretraining: the validation R^2 of a test-accuracy probe.
 
-Reconstruction loss alone does not say whether the embeddings are useful. Every
-``TrainConfig.probe_every`` epochs the train loop calls :func:`probe_signal`: the current
+Reconstruction loss alone does not say whether the embeddings are useful. The pretraining
+job installs :func:`probe_signal` as the train loop's epoch signal, which the loop calls every
+``TrainConfig.probe_every`` epochs (``train/`` does not import the probe): the current
 encoder embeds every checkpoint of the training and validation models of the run's
 canonical zoo (haloed, mean over tokens), a ridge probe is fitted on the training
 models (alpha picked on a fifth of them, held out by model) and scored on the

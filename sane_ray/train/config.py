@@ -58,7 +58,6 @@ class TrainConfig:
     # Every N epochs (and at the last) report val_probe_r2, the validation R^2 of a test-accuracy
     # probe on the current embeddings (sane_ray.probe.signal); 0 disables it.
     probe_every: int = 0
-    probe_data: str = ""  # the canonical zoo the probe embeds; set by the pretraining job
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every", "checkpoints_to_keep"):

@@ -19,6 +19,10 @@ FSDP, optimizer and checkpoint format come from their own modules.
 - ``export_files``: extra ``{name: bytes}`` written next to the exported model
 - ``on_epoch_end``: optional ``callable(rank, epoch)`` run on every worker after each
   epoch's report (a hook for logging or fault injection)
+- ``epoch_signal``: optional ``callable(model) -> {name: value}`` run on every worker every
+  ``TrainConfig.probe_every`` epochs (and after the last), its values reported with the
+  epoch's metrics; the pretraining job installs the probe signal
+  (:func:`sane_ray.probe.signal.probe_signal`), so ``train/`` never imports the probe
 - ``tracking``: optional experiment-tracking spec (:func:`sane_ray.train.tracking.open_tracker`):
   rank 0 logs the config once and every epoch's metrics
 """
@@ -119,6 +123,7 @@ def _run_epochs(
     val_data = _epoch_data(config, "val", cfg.seed, rank, world)
     gather = gather_rows if distributed else None
     on_epoch_end: Callable[[int, int], None] | None = config.get("on_epoch_end")
+    epoch_signal: Callable[[torch.nn.Module], dict[str, float]] | None = config.get("epoch_signal")
 
     epoch_ends = [time.perf_counter()]  # the loop's start, then the end of each epoch run here
     upcoming = _EpochBatches(train_data(state.epoch), cfg, device, state.epoch, rank) if state.epoch < cfg.epochs else None
@@ -133,10 +138,8 @@ def _run_epochs(
         upcoming = _EpochBatches(train_data(epoch + 1), cfg, device, epoch + 1, rank) if epoch + 1 < cfg.epochs else None
         if val_data is not None:
             metrics.update(_evaluate(model, val_data(epoch), cfg, runtime, device, gather, distributed))
-        if cfg.probe_every and cfg.probe_data and ((epoch + 1) % cfg.probe_every == 0 or epoch + 1 == cfg.epochs):
-            from sane_ray.probe.signal import probe_signal  # scikit-learn: imported only when asked for
-
-            metrics.update(probe_signal(model, cfg.probe_data, cfg.seed))
+        if epoch_signal is not None and cfg.probe_every and ((epoch + 1) % cfg.probe_every == 0 or epoch + 1 == cfg.epochs):
+            metrics.update(epoch_signal(model))
         metrics["lr"] = float(scheduler.get_last_lr()[0])
         metrics["peak_rss_mb"] = _peak_rss_mb(device)
         metrics["resumed_from_epoch"] = float(resumed_from)

@@ -27,7 +27,7 @@ from sane_ray.data.config import CANONICAL_FIELDS
 KINDS = ("choice", "uniform", "loguniform", "randint")
 # Where a run lives, what it runs on, or what the job fills in: not hyperparameters.
 NOT_TUNABLE = ("data.zoo_uri", "data.cache_uri", "data.progress_bars", "data.stream_cpus", "data.num_actors",
-               "data.actor_cpus", "train.model.d_t", "train.model.window_size", "train.probe_data",
+               "data.actor_cpus", "train.model.d_t", "train.model.window_size",
                "train.steps_per_epoch", "train.max_failures", "train.checkpoints_to_keep")
 NOT_TUNABLE_SECTIONS = ("run.", "tracking.")
 PREPROCESSING = tuple(f"data.{f}" for f in CANONICAL_FIELDS)
