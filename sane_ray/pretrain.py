@@ -50,18 +50,22 @@ class RunSettings:
     """Where the run lives and what it runs on."""
 
     name: str = "sane-digits"
-    out: str = ""  # storage for checkpoints and results; "": ~/.cache/sane-ray/runs
-    # Train workers; 0: sized to the cluster (sane_ray.cluster.plan_run: one per node, or per GPU).
+    """The run's directory under out; rerunning with the same name resumes it."""
+    out: str = ""
+    """Storage for checkpoints and results (path or s3://); "": ~/.cache/sane-ray/runs."""
     workers: int = 0
+    """Train workers; 0: sized to the cluster (sane_ray.cluster.plan_run: one per node, or per GPU)."""
     gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 0.0  # 0: the largest share that fits next to the data stream
-    # The cluster may grow (autoscaler): skip the check that it can hold every worker now.
+    """GPUs per Train worker (fractions share a GPU); 0: train on CPUs."""
+    cpus_per_worker: float = 0.0
+    """Logical CPUs per Train worker; 0: the largest share that fits next to the data stream."""
     autoscaling: bool = False
-    # Data stages on nodes declaring sane_cpu_node, Train workers on sane_gpu_node nodes
-    # (sane_ray.cluster, cluster/); false: anywhere, as on one machine.
+    """The cluster may grow (autoscaler): skip the check that it can hold every worker now."""
     node_types: bool = False
-    # Logical CPUs for a local cluster started by this job (0: Ray's default, as `ray start --head`).
+    """Data stages on nodes declaring sane_cpu_node, Train workers on sane_gpu_node nodes
+    (sane_ray.cluster, cluster/); false: anywhere, as on one machine."""
     local_cpus: int = 0
+    """Logical CPUs for a local cluster started by this job (0: Ray's default, as `ray start --head`)."""
 
 
 @dataclass
