@@ -94,6 +94,26 @@ SAMPLE_ALIASES = {
 }
 
 
+def config_jobs() -> dict[str, tuple[type, dict[str, str]]]:
+    """Subcommand -> (its config dataclass, its short flags) for every job configured by one.
+
+    The one list that :func:`build_parser` and ``tools/config_doc.py`` (docs/config.md) read.
+    """
+    from sane_ray.pretrain import PRETRAIN_ALIASES, PretrainConfig
+    from sane_ray.probe.config import ProbeConfig
+    from sane_ray.sample.config import SampleConfig
+    from sane_ray.tune.config import SWEEP_ALIASES, SweepConfig
+    from sane_ray.zoo.generate import ZooGenConfig
+
+    return {
+        "make-zoo": (ZooGenConfig, {}),
+        "pretrain": (PretrainConfig, PRETRAIN_ALIASES),
+        "tune": (SweepConfig, SWEEP_ALIASES),
+        "probe": (ProbeConfig, {}),
+        "sample": (SampleConfig, SAMPLE_ALIASES),
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sane-ray", description="SANE weight-space learning on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -108,35 +128,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also list files under the zoo that its manifest does not name (exit 1 if any)")
     info.set_defaults(func=_zoo_info)
 
-    from sane_ray.zoo.generate import ZooGenConfig
-
+    jobs = config_jobs()
     make = sub.add_parser("make-zoo", help="train a model zoo on scikit-learn's digits (Ray tasks)")
-    add_config_arguments(make, ZooGenConfig, aliases={})
+    add_config_arguments(make, *jobs["make-zoo"])
     make.set_defaults(func=_make_zoo)
 
-    from sane_ray.pretrain import PRETRAIN_ALIASES, PRESETS, PretrainConfig
+    from sane_ray.pretrain import PRESETS
 
     pre = sub.add_parser("pretrain", help="pretrain SANE on a zoo with Ray Train + FSDP2")
     pre.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration")
-    add_config_arguments(pre, PretrainConfig, aliases=PRETRAIN_ALIASES)
+    add_config_arguments(pre, *jobs["pretrain"])
     pre.set_defaults(func=_pretrain)
 
-    from sane_ray.tune.config import SWEEP_ALIASES, SweepConfig
-
     tune = sub.add_parser("tune", help="sweep pretraining hyperparameters with Ray Tune (ASHA, random or optuna)")
-    add_config_arguments(tune, SweepConfig, aliases=SWEEP_ALIASES)
+    add_config_arguments(tune, *jobs["tune"])
     tune.set_defaults(func=_tune)
 
-    from sane_ray.probe.config import ProbeConfig
-
     probe = sub.add_parser("probe", help="embed a zoo with a pretrained run and probe model properties")
-    add_config_arguments(probe, ProbeConfig, aliases={})
+    add_config_arguments(probe, *jobs["probe"])
     probe.set_defaults(func=_probe)
 
-    from sane_ray.sample.config import SampleConfig
-
     sample = sub.add_parser("sample", help="sample new models from a pretrained run (KDE / Gaussian prior), rank them")
-    add_config_arguments(sample, SampleConfig, aliases=SAMPLE_ALIASES)
+    add_config_arguments(sample, *jobs["sample"])
     sample.add_argument("--no-bn-cond", action="store_true", help="same as --bn_condition false")
     sample.add_argument("--no-halo", action="store_true", help="same as --halo false (plain decoding windows)")
     sample.set_defaults(func=_sample)

@@ -47,6 +47,37 @@ class RunSettings:
     """A run's ``run`` section: where it lives and what it runs on (the cluster's to plan, hence here)."""
 
     name: str = "sane-digits"
+    """The run's directory under out; rerunning with the same name resumes it."""
+    out: str = ""
+    """Storage for checkpoints and results (path or s3://); "": ~/.cache/sane-ray/runs."""
+    workers: int = 0
+    """Train workers; 0: sized to the cluster (sane_ray.cluster.plan_run: one per node, or per GPU)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per Train worker (fractions share a GPU); 0: train on CPUs."""
+    cpus_per_worker: float = 0.0
+    """Logical CPUs per Train worker; 0: the largest share that fits next to the data stream."""
+    autoscaling: bool = False
+    """The cluster may grow (autoscaler): skip the check that it can hold every worker now."""
+    node_types: bool = False
+    """Data stages on nodes declaring sane_cpu_node, Train workers on sane_gpu_node nodes
+    (sane_ray.cluster, cluster/); false: anywhere, as on one machine."""
+    local_cpus: int = 0
+    """Logical CPUs for a local cluster started by this job (0: Ray's default, as `ray start --head`)."""
+
+
+
+class DataShares(Protocol):
+    """What a plan needs of the data section (``sane_ray.data.config.DataConfig``): its CPU shares."""
+
+    stream_cpus: float
+    actor_cpus: float
+
+
+@dataclass
+class RunSettings:
+    """A run's ``run`` section: where it lives and what it runs on (the cluster's to plan, hence here)."""
+
+    name: str = "sane-digits"
     out: str = ""  # storage for checkpoints and results; "": ~/.cache/sane-ray/runs
     # Train workers; 0: sized to the cluster (sane_ray.cluster.plan_run: one per node, or per GPU).
     workers: int = 0

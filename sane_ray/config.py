@@ -3,18 +3,27 @@
 Every job's settings are a (nested) dataclass with defaults. :func:`load_config` reads
 an optional file and then applies command-line overrides, checking every key and
 coercing every value to the declared type, so a typo fails before any work starts.
+
+Each field is described by a string literal right after it (an attribute docstring, as
+Sphinx and jsonargparse read them); :func:`config_keys` gathers them for ``--help`` and
+for ``docs/config.md`` (``tools/config_doc.py``), so a key's meaning is written once.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import itertools
 import json
 import os
+import textwrap
 import tomllib
 import types
 import typing
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 import yaml
 
@@ -105,33 +114,92 @@ def dump_config(cfg: Any) -> str:
 
 def leaf_keys(cls: type, prefix: str = "") -> list[str]:
     """Dotted names of every non-dataclass field of a (nested) config dataclass."""
+    return [key for key, _, _, _ in _leaves(cls, prefix)]
+
+
+def _leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, type, str, Any]]:
+    """``(dotted key, owning dataclass, field name, type)`` of every leaf field, in declaration order."""
     hints = typing.get_type_hints(cls)
-    keys: list[str] = []
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            keys += leaf_keys(tp, f"{prefix}{f.name}.")
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaves(hints[f.name], f"{prefix}{f.name}.")
         else:
-            keys.append(prefix + f.name)
-    return keys
+            yield prefix + f.name, cls, f.name, hints[f.name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigKey:
+    """One leaf of a config tree as a user sees it: in ``--help`` and in ``docs/config.md``."""
+
+    key: str
+    """Dotted name, the ``--key`` flag and the override's ``key=``."""
+    type: str
+    """The declared type, as written in the dataclass."""
+    default: str
+    """The default of this job (a nested section's may differ from its class's), as JSON."""
+    help: str
+    """The field's docstring on one line; "" where it has none."""
+    aliases: tuple[str, ...]
+    """Short flags for the same key (without the ``--``)."""
+
+
+def config_keys(cls: type, aliases: dict[str, str] | None = None) -> list[ConfigKey]:
+    """Every leaf key of config ``cls``: its type, default, description and short flags."""
+    defaults = to_dict(cls())
+    out = []
+    for key, owner, name, tp in _leaves(cls):
+        default: Any = defaults
+        for part in key.split("."):
+            default = default[part]
+        out.append(ConfigKey(
+            key=key,
+            type=tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", ""),
+            default=json.dumps(default),
+            help=field_docs(owner).get(name, ""),
+            aliases=tuple(a for a, k in (aliases or {}).items() if k == key),
+        ))
+    unknown = sorted(set(aliases or {}) - {a for k in out for a in k.aliases})
+    if unknown:
+        raise ValueError(f"alias --{unknown[0]} names no key of {cls.__name__}")
+    return out
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the string literal right after the field in ``cls``'s body, on one line."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    return {
+        field.target.id: " ".join(doc.value.value.split())
+        for field, doc in itertools.pairwise(body)
+        if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+        and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
+    }
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Names an option's value once after all its spellings (``--epochs, --train.epochs VALUE``)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        value = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {value}"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, str] | None = None) -> None:
-    """Add ``--config FILE`` and one ``--dotted.key VALUE`` flag per config field.
+    """Add ``--config FILE`` and one ``--dotted.key VALUE`` flag per config field, described in ``--help``.
 
-    ``aliases`` maps short flags (``--zoo``) to dotted keys (``data.zoo``). Values are
-    parsed like overrides (YAML scalars); :func:`overrides_from_args` collects them.
+    ``aliases`` maps short flags (``--zoo``) to dotted keys (``data.zoo_uri``); each is listed
+    beside its key. Values are parsed like overrides (YAML scalars); :func:`overrides_from_args`
+    collects them.
     """
+    parser.formatter_class = _HelpFormatter
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it")
-    group = parser.add_argument_group("config keys (override the file)")
-    for alias, key in (aliases or {}).items():
-        group.add_argument(f"--{alias}", dest=f"cfg:{key}", metavar="VALUE", help=f"same as --{key}")
-    defaults = to_dict(cls())
-    for key in leaf_keys(cls):
-        default = defaults
-        for part in key.split("."):
-            default = default[part]
-        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar="VALUE", default=None, help=f"default: {default}")
+    group = parser.add_argument_group("config keys (override the file; values are YAML: 3e-4, true, [a, b])")
+    for k in config_keys(cls, aliases):
+        text = f"{k.help} (default: {k.default})" if k.help else f"default: {k.default}"
+        group.add_argument(*(f"--{a}" for a in (*k.aliases, k.key)), dest=f"cfg:{k.key}", metavar="VALUE",
+                           default=None, help=text.replace("%", "%%"))
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:

@@ -28,42 +28,60 @@ class DataConfig:
     """Where the zoo is, how it becomes tokens, and how training windows are drawn from them."""
 
     zoo_uri: str = ""
-    # Where the canonical tokenized zoo is cached; "" puts it next to the zoo
-    # (``<zoo_uri>.canonical``), on the same storage, so every node of a cluster can read it.
+    """The zoo to train on (path or s3://); "": the built-in digits zoo, generated on first use."""
     cache_uri: str = ""
+    """Where the canonical tokenized zoo is cached; "" puts it next to the zoo (<zoo_uri>.canonical),
+    on the same storage, so every node of a cluster can read it."""
 
     # ---- preprocessing (part of the cache key)
     token_size: int = 289
-    # BatchNorm tokenization (sane_ray.weights.tokenize.BN_MODES): false = kept aside (the paper),
-    # affine = BN weights tokenized and running statistics aside, true = everything tokenized.
+    """Weights per token (d_t): every output row of a layer, with its bias, is cut into tokens this long."""
     include_bn: BnMode = False
-    epochs: list[int] | None = None  # checkpoints to use; None: every stored epoch
-    skip_epoch_zero: bool = False  # leave out the initialization checkpoints
-    align: bool = True  # weight-match every model to the reference (git re-basin)
-    reference_model: str = ""  # "": the first model (sorted ids) of the training split
+    """BatchNorm tokenization (sane_ray.weights.tokenize.BN_MODES): false = kept aside (the paper),
+    affine = BN weights tokenized and running statistics aside, true = everything tokenized."""
+    epochs: list[int] | None = None
+    """Checkpoints (epochs) of every model to use; null: every stored epoch."""
+    skip_epoch_zero: bool = False
+    """Leave out the initialization checkpoints."""
+    align: bool = True
+    """Weight-match every model to the reference (git re-basin), so equal functions look alike."""
+    reference_model: str = ""
+    """The model everyone is aligned to; "": the first model (sorted ids) of the training split."""
     align_max_sweeps: int = 100
+    """Most coordinate-descent sweeps of one alignment (it stops earlier after a sweep that changes nothing)."""
     align_seed: int = 0
-    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, val, test, by model
+    """Order in which the alignment visits the permutation groups."""
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    """Train, val and test fractions, split by model (all of a model's checkpoints in one split)."""
     split_seed: int = 42
-    max_abs_weight: float = DEFAULT_MAX_ABS  # checkpoints with a larger |weight| are skipped as diverged
+    """Which models land in which split."""
+    max_abs_weight: float = DEFAULT_MAX_ABS
+    """Checkpoints with a larger |weight| are skipped as diverged."""
 
     # ---- stream (free to change between runs)
     window_size: int = 32
-    # Windows drawn per checkpoint per pass; None: max(1, round(sequence_length / window_size)),
-    # i.e. about one full coverage of every model per epoch (the paper's supersampling).
+    """Tokens per training window: the model's sequence length."""
     windows_per_model_epoch: int | None = None
-    permutation_augmentation: bool = True  # view j: a random function-preserving permutation
-    # Models (shard files, all their checkpoints) per window-drawing task. Windows are
-    # interleaved across them, so a batch of up to this many consecutive windows holds
-    # distinct models: keep it >= the per-worker batch size.
+    """Windows drawn per checkpoint per pass; null: max(1, round(sequence_length / window_size)),
+    i.e. about one full coverage of every model per epoch (the paper's supersampling)."""
+    permutation_augmentation: bool = True
+    """View j of each window comes from a random function-preserving permutation of its model."""
     models_per_block: int = 64
-    max_block_bytes: int = 512 * 1024**2  # caps models_per_block for large models
-    stream_cpus: float = 0.5  # logical CPUs per window-drawing task (they mostly read and copy)
-    progress_bars: bool = False  # Ray Data's per-operator progress bars on the console
+    """Models (shard files, all their checkpoints) per window-drawing task. Windows are interleaved
+    across them, so a batch of up to this many consecutive windows holds distinct models: keep it
+    >= the per-worker batch size."""
+    max_block_bytes: int = 512 * 1024**2
+    """Caps models_per_block for large models: a block's tokens and the windows cut from them stay under this."""
+    stream_cpus: float = 0.5
+    """Logical CPUs per window-drawing task (they mostly read and copy)."""
+    progress_bars: bool = False
+    """Ray Data's per-operator progress bars on the console."""
 
     # ---- preprocessing compute
-    num_actors: int = 2  # preprocessing parallelism: max actors (and concurrent statistics tasks)
+    num_actors: int = 2
+    """Preprocessing parallelism: max actors (and concurrent statistics tasks)."""
     actor_cpus: float = 1.0
+    """Logical CPUs per preprocessing actor."""
 
     def __post_init__(self) -> None:
         self.split_fractions = tuple(float(f) for f in self.split_fractions)  # type: ignore[assignment]

@@ -25,28 +25,38 @@ class SaneConfig:
     ``d_t`` (token size) and ``window_size`` are facts of the data: 0 means "not yet
     known", and the pretraining job fills them in from its data config (a different
     non-zero value is refused there). A model can only be built with ``d_t`` set.
-    ``window_size`` is the window a preset was designed for; the model itself takes any.
-
-    ``max_positions`` are the sizes of the learned position tables for the token
-    coordinates ``(n, l, k)``: global token index, layer index, row index. They must
-    exceed the largest coordinate of every zoo the model sees, also at sampling time;
-    larger is headroom, smaller is refused before training starts.
     """
 
     d_t: int = 289
+    """Token size; 0: from the data (data.token_size)."""
     window_size: int = 32
+    """The window a preset was designed for (the model itself takes any); 0: from the data (data.window_size)."""
     d_model: int = 256
+    """Transformer width of encoder and decoder."""
     d_z: int = 64
+    """Latent size per token: the embedding's width."""
     n_layers: int = 4
+    """Transformer blocks in the encoder, and as many in the decoder."""
     n_heads: int = 4
+    """Attention heads per block (d_model must divide by it)."""
     dropout: float = 0.0
+    """Dropout rate on the embedded input and in every transformer block."""
     max_positions: tuple[int, int, int] = (4096, 256, 2048)
+    """Sizes of the learned position tables for the token coordinates (n, l, k): global token index,
+    layer index, row index. They must exceed the largest coordinate of every zoo the model sees, also
+    at sampling time; larger is headroom, smaller is refused before training starts."""
     projection_dim: int = 32
+    """Output size of the projection head the contrastive loss compares windows with."""
     gamma: float = 0.05
+    """Loss weight: gamma * NT-Xent + (1 - gamma) * reconstruction MSE."""
     temperature: float = 0.1
+    """NT-Xent temperature."""
     noise_sigma: float = 0.1
-    reconstruction_norm: str = "real"  # one of RECONSTRUCTION_NORMS
-    reconstruction_target: str = "clean"  # one of RECONSTRUCTION_TARGETS
+    """Multiplicative input noise: each view's tokens are x * (1 + sigma * N(0, 1))."""
+    reconstruction_norm: str = "real"
+    """MSE averaged over the real entries (real) or all, padding included (all, the reference's)."""
+    reconstruction_target: str = "clean"
+    """Each view is reconstructed towards its clean tokens (clean) or its noisy input (noisy, the reference's)."""
 
     def __post_init__(self) -> None:
         self.max_positions = tuple(int(v) for v in self.max_positions)  # type: ignore[assignment]

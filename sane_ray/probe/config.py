@@ -9,19 +9,28 @@ from dataclasses import dataclass
 class ProbeConfig:
     """Which run embeds which zoo, where the results go, and how the probes are run."""
 
-    run: str = ""  # an exported pretraining run (its directory)
-    zoo: str = ""  # "": the run's own zoo (recorded in its export)
-    out: str = ""  # "": <run>/probe
-    # Checkpoints to probe; None: the epochs the run trained on (its data.epochs / skip_epoch_zero).
+    run: str = ""
+    """An exported pretraining run (its directory)."""
+    zoo: str = ""
+    """The zoo to embed and probe; "": the run's own zoo (recorded in its export)."""
+    out: str = ""
+    """Where the tables and figures go; "": <run>/probe."""
     epochs: list[int] | None = None
-    # W and SANE's full token sequence are probed only up to this many features per checkpoint.
+    """Checkpoints to probe; null: the epochs the run trained on (its data.epochs / skip_epoch_zero)."""
     max_flat_features: int = 20_000
-    folds: int = 5  # grouped k-fold estimate (0: skip)
-    seed: int = 0  # fold assignment of the grouped k-fold estimate (splits come from the run)
-    control: bool = True  # also probe an untrained SANE of the run's config (seeded as the run was)
-    window_size: int = 0  # embedding pass length; 0: the run's training window
-    halo: int = -1  # halo tokens on each side of a pass; -1: a quarter window
-    device: str = ""  # "": the GPU when there is one
+    """W and SANE's full token sequence are probed only up to this many features per checkpoint."""
+    folds: int = 5
+    """Folds of a k-fold estimate grouped by model, beside the run's own split (0: skip)."""
+    seed: int = 0
+    """Fold assignment of the grouped k-fold estimate (splits come from the run)."""
+    control: bool = True
+    """Also probe an untrained SANE of the run's config (seeded as the run was)."""
+    window_size: int = 0
+    """Embedding pass length; 0: the run's training window."""
+    halo: int = -1
+    """Halo tokens on each side of a pass; -1: a quarter window."""
+    device: str = ""
+    """Torch device of the embedding passes; "": the GPU when there is one."""
 
     def __post_init__(self) -> None:
         if self.max_flat_features < 0:

@@ -14,51 +14,79 @@ class SampleConfig:
     """Which run samples which architecture for which task, how, and where the results go.
 
     The target architecture is the prompts' (a prompt zoo of another architecture samples that
-    one: the run's position tables must cover its tokens). Every random draw derives from ``seed``.
+    one: the run's position tables must cover its tokens).
     """
 
-    run: str = ""  # an exported pretraining run (its directory)
-    prompts: str = ""  # zoo URI of the prompt models; "": the run's own zoo
-    task: str = "digits"  # target task (sane_ray.zoo.tasks): BN-conditioning, scoring, fine-tuning
-    out: str = ""  # "": <run>/sample
+    run: str = ""
+    """An exported pretraining run (its directory)."""
+    prompts: str = ""
+    """Zoo URI of the prompt models; "": the run's own zoo."""
+    task: str = "digits"
+    """Target task (sane_ray.zoo.tasks): BN-conditioning, scoring, fine-tuning."""
+    out: str = ""
+    """Where the candidates, kept models and report go; "": <run>/sample."""
     # ---- prompts: each model's last epoch unless prompt_epoch; optionally only some models / the best k
     prompt_models: list[str] | None = None
+    """Model ids to prompt with; null: every model of the prompt zoo."""
     prompt_epoch: int | None = None
-    prompt_best_k: int = 5  # the k prompts with the best validation accuracy (0: all selected models)
+    """The prompts' checkpoint epoch; null: each model's last."""
+    prompt_best_k: int = 5
+    """The k prompts with the best validation accuracy (0: all selected models)."""
     # ---- distribution
-    mode: str = "kde"  # kde: per-token KDE over the prompts' token latents; gauss: N(0, gauss_std^2), no prompts
-    # KDE bandwidth in latent units; 0: per token and dimension by bandwidth_rule. 0.05 was picked on
-    # validation accuracy on the digits zoo (docs/sampling.md); the rules give ~0.2 there, too wide.
+    mode: str = "kde"
+    """kde: per-token KDE over the prompts' token latents; gauss: N(0, gauss_std^2), no prompts."""
     bandwidth: float = 0.05
-    bandwidth_rule: str = "silverman"  # scott or silverman (on the prompts' spread per token and dimension)
-    # model: one prompt per candidate, noise drawn per token and entry; token: every token also picks
-    # its own prompt (mixes prompts row by row: near-chance networks on the digits zoo, docs/sampling.md)
+    """KDE bandwidth in latent units; 0: per token and dimension by bandwidth_rule. 0.05 was picked on
+    validation accuracy on the digits zoo (docs/sampling.md); the rules give ~0.2 there, too wide."""
+    bandwidth_rule: str = "silverman"
+    """scott or silverman (on the prompts' spread per token and dimension), used where bandwidth is 0."""
     kde_anchor: str = "model"
+    """model: one prompt per candidate, noise drawn per token and entry; token: every token also picks
+    its own prompt (mixes prompts row by row: near-chance networks on the digits zoo, docs/sampling.md)."""
     gauss_std: float = 1.0
-    candidates: int = 50  # drawn per round (K)
-    keep: int = 10  # kept by validation accuracy (m); keep == candidates: no subsampling
-    bootstrap: int = 0  # extra rounds, each refitting the KDE on the kept candidates' latents
+    """Standard deviation of every latent entry in gauss mode."""
+    candidates: int = 50
+    """Candidates drawn per round (K)."""
+    keep: int = 10
+    """Candidates kept by validation accuracy (m); keep == candidates: no subsampling."""
+    bootstrap: int = 0
+    """Extra rounds, each refitting the KDE on the kept candidates' latents."""
     # ---- decoding and BatchNorm
-    halo: bool = True  # haloed decoding (false: plain windows, the paper's naive sampling)
-    window_size: int = 0  # decoding pass length; 0: the run's training window
-    bn_condition: bool = True  # BN running statistics from forward passes on the task's training data
+    halo: bool = True
+    """Haloed decoding: windows overlap their neighbours (false: plain windows, the paper's naive sampling)."""
+    window_size: int = 0
+    """Decoding pass length; 0: the run's training window."""
+    bn_condition: bool = True
+    """Set BN running statistics by forward passes on the task's training data."""
     bn_batches: int = 50
+    """Training-data batches of the BN-conditioning passes."""
     bn_batch_size: int = 32
-    # 0: reset the running statistics, then their exact average over bn_batches batches; > 0: the
-    # reference's running averages with this momentum, nothing reset (it runs 200 batches, momentum 0.1)
+    """Images per BN-conditioning batch."""
     bn_momentum: float = 0.0
+    """0: reset the running statistics, then their exact average over bn_batches batches; > 0: the
+    reference's running averages with this momentum, nothing reset (it runs 200 batches, momentum 0.1)."""
     # ---- fine-tuning and comparisons (kept models, prompts, and as many models trained from scratch)
     finetune_epochs: int = 0
+    """Fine-tuning epochs on the task's training split (0: no fine-tuning)."""
     finetune_lr: float = 1e-3
+    """Adam learning rate of the fine-tuning."""
     finetune_batch_size: int = 32
-    novelty: bool = True  # nearest zoo model, misclassification overlap, prompt-plus-noise baseline
+    """Fine-tuning batch size."""
+    novelty: bool = True
+    """Compare the kept models with the zoo: nearest zoo model, misclassification overlap, prompt-plus-noise baseline."""
     # ---- execution
     seed: int = 0
+    """Every random draw of the job derives from it."""
     candidates_per_task: int = 10
+    """Candidates decoded and scored per Ray task."""
     cpus_per_task: float = 1.0
-    gpus_per_task: float = -1.0  # -1: a quarter GPU when the cluster has GPUs, else 0
-    node_types: bool = False  # place tasks on sane_cpu_node / sane_gpu_node nodes (sane_ray.cluster)
-    local_cpus: int = 0  # logical CPUs of a local cluster started by this job (0: Ray's default)
+    """Logical CPUs per Ray task."""
+    gpus_per_task: float = -1.0
+    """GPUs per Ray task; -1: a quarter GPU when the cluster has GPUs, else 0."""
+    node_types: bool = False
+    """Place tasks on sane_cpu_node / sane_gpu_node nodes (sane_ray.cluster)."""
+    local_cpus: int = 0
+    """Logical CPUs of a local cluster started by this job (0: Ray's default)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -31,9 +31,11 @@ class TrackingConfig:
     """Where a run's config and metrics are logged (``backend: none`` logs nothing)."""
 
     backend: Literal["none", "mlflow", "wandb"] = "none"
-    # MLflow tracking URI, or W&B's local directory; "": <cache>/mlruns (MLflow), <cache>/wandb (W&B).
+    """Where to log: none, mlflow (pip install 'sane-ray[tracking]') or wandb (pip install wandb)."""
     uri: str = ""
-    experiment: str = "sane-ray"  # MLflow experiment / W&B project
+    """MLflow tracking URI, or W&B's local directory; "": <cache>/mlruns (MLflow), <cache>/wandb (W&B)."""
+    experiment: str = "sane-ray"
+    """MLflow experiment / W&B project."""
 
 
 def check_tracking(cfg: TrackingConfig) -> None:

@@ -17,19 +17,32 @@ class SweepConfig:
 
     # The base configuration (the keys of `jobs/pretrain.py --config`); each trial changes the space's keys.
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    space: dict[str, Any] = field(default_factory=dict)  # dotted key -> {choice|uniform|loguniform|randint: [...]}
+    space: dict[str, Any] = field(default_factory=dict)
+    """Dotted pretraining key -> {choice|uniform|loguniform|randint: [...]} (docs/tune.md)."""
     name: str = "sane-sweep"
-    out: str = ""  # the sweep directory's parent; "": ~/.cache/sane-ray/sweeps
-    samples: int = 8  # trials
-    max_concurrent: int = 0  # trials at once; 0: as many as the cluster holds
+    """The sweep's directory under out; rerunning with the same name resumes it."""
+    out: str = ""
+    """The sweep directory's parent; "": ~/.cache/sane-ray/sweeps."""
+    samples: int = 8
+    """Trials to run."""
+    max_concurrent: int = 0
+    """Trials at once; 0: as many as the cluster holds."""
     scheduler: Literal["asha", "fifo"] = "asha"
+    """asha stops weak trials early at rungs of epochs; fifo runs every trial to the end."""
     search: Literal["random", "optuna"] = "random"
+    """How trials' values are drawn from the space: random, or optuna's TPE (pip install 'sane-ray[optuna]')."""
     objective: Literal["val_loss", "probe_r2"] = "val_loss"
-    grace_period: int = 1  # ASHA: epochs every trial runs before it may be stopped
-    reduction_factor: int = 2  # ASHA: about 1/reduction_factor of the trials go on at each rung
-    trial_cpus: float = 0.25  # the Tune trial process (it only waits; its Train workers ask for their own CPUs)
-    seed: int = 0  # the searcher's draws
-    include_base: bool = True  # the first trial runs the base configuration (when it lies inside the space)
+    """val_loss (minimized) or probe_r2 (maximized; needs pretrain.train.probe_every), at a trial's last epoch."""
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it may be stopped."""
+    reduction_factor: int = 2
+    """ASHA: about 1/reduction_factor of the trials go on at each rung."""
+    trial_cpus: float = 0.25
+    """Logical CPUs of each Tune trial process (it only waits; its Train workers ask for their own)."""
+    seed: int = 0
+    """Seeds the searcher's draws."""
+    include_base: bool = True
+    """The first trial runs the base configuration (when it lies inside the space)."""
 
     def __post_init__(self) -> None:
         for name in ("samples", "grace_period"):

@@ -106,10 +106,15 @@ class SearchSpace:
     """What varies per model: ``lr`` is a log-uniform range [low, high], the rest are choices."""
 
     lr: list[float] = field(default_factory=lambda: [5e-4, 1e-2])
+    """Adam learning rate: [low, high], drawn log-uniformly per model."""
     weight_decay: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3])
+    """Adam weight decay: one value picked per model."""
     activation: list[str] = field(default_factory=lambda: ["relu", "tanh", "gelu", "sigmoid", "silu", "leakyrelu"])
+    """Hidden-layer activation: one picked per model."""
     init: list[str] = field(default_factory=lambda: list(INITS))
+    """Weight initialization: one picked per model ("default" keeps PyTorch's layer init; the others zero biases)."""
     dropout: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
+    """Dropout rate: one picked per model."""
 
 
 @dataclass
@@ -117,15 +122,25 @@ class ZooGenConfig:
     """How to generate one zoo. ``out`` defaults to a cache directory named after the config."""
 
     out: str | None = None
+    """Where the zoo is written (path or s3://); null: <cache>/zoos/<task>-<arch>-<models>x<epochs>-s<seed>."""
     task: str = "digits"
+    """The task every model trains on: digits, digits_transposed or digits_permuted (sane_ray.zoo.tasks)."""
     arch: str = "cnn_digits"
+    """Architecture of every model: cnn_digits, cnn_digits_bn, cnn_digits_wide or mlp_digits."""
     models: int = 48
+    """Models in the zoo, one Ray task each."""
     epochs: int = 10
+    """Training epochs per model; a checkpoint is stored after each, plus epoch 0 (the initialization)."""
     seed: int = 0
+    """Each model's seed and hyperparameters are drawn from (seed, model index): same seed, same zoo."""
     batch_size: int = 32
+    """Training batch size of every model."""
     split_seed: int = DEFAULT_SPLIT_SEED
+    """The task's stratified train/val/test split of the digits images (shared by all tasks)."""
     overwrite: bool = False
-    format: ZooFormat = "native"  # the layout written: native (safetensors + manifest) or public (modelzoos.cc)
+    """Replace a zoo already published at the zoo's location; false: refuse to."""
+    format: ZooFormat = "native"
+    """The layout written: native (safetensors + manifest) or public (modelzoos.cc)."""
     space: SearchSpace = field(default_factory=SearchSpace)
 
     def validate(self) -> None:
