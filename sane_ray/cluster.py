@@ -31,7 +31,6 @@ from typing import Any, Literal, Mapping, Protocol, Sequence
 
 import ray
 
-
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 
 
@@ -63,33 +62,6 @@ class RunSettings:
     (sane_ray.cluster, cluster/); false: anywhere, as on one machine."""
     local_cpus: int = 0
     """Logical CPUs for a local cluster started by this job (0: Ray's default, as `ray start --head`)."""
-
-
-
-class DataShares(Protocol):
-    """What a plan needs of the data section (``sane_ray.data.config.DataConfig``): its CPU shares."""
-
-    stream_cpus: float
-    actor_cpus: float
-
-
-@dataclass
-class RunSettings:
-    """A run's ``run`` section: where it lives and what it runs on (the cluster's to plan, hence here)."""
-
-    name: str = "sane-digits"
-    out: str = ""  # storage for checkpoints and results; "": ~/.cache/sane-ray/runs
-    # Train workers; 0: sized to the cluster (sane_ray.cluster.plan_run: one per node, or per GPU).
-    workers: int = 0
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 0.0  # 0: the largest share that fits next to the data stream
-    # The cluster may grow (autoscaler): skip the check that it can hold every worker now.
-    autoscaling: bool = False
-    # Data stages on nodes declaring sane_cpu_node, Train workers on sane_gpu_node nodes
-    # (sane_ray.cluster, cluster/); false: anywhere, as on one machine.
-    node_types: bool = False
-    # Logical CPUs for a local cluster started by this job (0: Ray's default, as `ray start --head`).
-    local_cpus: int = 0
 
 
 def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
