@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -57,6 +58,12 @@ class Head:
 
     def wait_ready(self, timeout: float = 240) -> None:
         """Until the job server takes jobs: it refuses them until the node's dashboard agent has registered."""
+        # Ray's clients take RAY_API_SERVER_ADDRESS over the address they are given, and this
+        # process may hold the test session's cluster there (tests/conftest.py): point it here.
+        with mock.patch.dict(os.environ, {"RAY_API_SERVER_ADDRESS": self.address}):
+            self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         deadline = time.monotonic() + timeout
@@ -80,7 +87,8 @@ class Head:
         """What a failed test prints about the node: alive or not, its console, and its dashboard's log."""
         state = "running" if self.proc.poll() is None else f"exited with {self.proc.returncode}"
         parts = [f"\n--- ray start --head: {state}; head.log ---\n" + Path(self.tmp, "head.log").read_text(errors="replace")[-3000:]]
-        for name in ("dashboard.log", "dashboard.err", "monitor.log", "raylet.err", "gcs_server.err"):
+        for name in ("dashboard.log", "dashboard.err", "monitor.log", "raylet.out", "raylet.err", "gcs_server.out",
+                     "gcs_server.err"):
             for path in Path(self.tmp).glob(f"session_*/logs/{name}"):
                 if path.parent.parent.is_symlink():
                     continue
