@@ -145,6 +145,17 @@ def test_probe_never_tests_a_model_the_run_trained_on(ray_cluster, tmp_path):
             assert res["split"] == "the run's own split; 5 model(s) the run never split joined the test split"
         else:
             assert res["split"] == "the run's own split" and "m009: left out" in md
+    # Another zoo under the same model ids (other seeds): none of its models is the run's, so none is
+    # marked pretrained and the zoo is split afresh.
+    other = str(tmp_path / "other")
+    zb.build_native_zoo(other, n_models=10, epochs=2, seed_offset=100)
+    out = str(tmp_path / "probe-other")
+    assert main(["probe", "--run", run, "--zoo", other, "--out", out, "--folds", "0", "--control", "false"]) == 0
+    models = _models_csv(out)
+    assert len(models) == 10 and all(r["pretrained"] == "false" and r["run_split"] == "" for r in models.values())
+    res = json.loads(storage.read_bytes(storage.join(out, "results.json")))
+    assert res["split"].startswith("a fresh split by model") and res["split"].endswith(
+        "(9 share an id with one of the run's models but none of its checkpoints)")
 
 
 # make-zoo's hyperparameter names -> the public layout's (sane_ray.zoo.public)

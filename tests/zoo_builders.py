@@ -60,13 +60,14 @@ def fake_metrics(seed: int, epoch: int) -> dict[str, float]:
 
 
 def build_native_zoo(root: str, n_models: int = 3, epochs: int = 2, archs: Sequence[str] = ("cnn_digits",),
-                     metadata: dict[str, Any] | None = None,
-                     s3: storage.S3Options | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """A published native zoo; model ``m{i:03d}`` uses ``archs[i % len(archs)]``."""
+                     metadata: dict[str, Any] | None = None, s3: storage.S3Options | None = None,
+                     seed_offset: int = 0) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """A published native zoo; model ``m{i:03d}`` uses ``archs[i % len(archs)]`` and seed ``i + seed_offset``
+    (another offset: other models under the same ids, as two make-zoo seeds give)."""
     rows, states = [], {}
     for i in range(n_models):
         model_id, arch = f"m{i:03d}", archs[i % len(archs)]
-        states[model_id] = trajectory(arch, seed=i, epochs=epochs)
+        states[model_id] = trajectory(arch, seed=i + seed_offset, epochs=epochs)
         for epoch, sd in enumerate(states[model_id]):
             rows.append(native.write_checkpoint(
                 root, model_id, epoch, sd, fake_metrics(i, epoch), arch, {},

@@ -148,6 +148,9 @@ class CanonicalZoo:
     model_index: dict[str, int] = field(default_factory=dict)  # model id -> model_idx
     layout_of: dict[str, str] = field(default_factory=dict)  # model id -> layout id
     skipped: list[Skipped] = field(default_factory=list)
+    # Model id -> its checkpoints' SHA-256 as the zoo lists them (ModelRecord.digests; empty where the
+    # zoo records none): the probe's test that a model of another zoo is the one this split holds.
+    digests: dict[str, list[str]] = field(default_factory=dict)
 
     def layouts(self) -> dict[str, TokenLayout]:
         return {lid: g.layout for lid, g in self.groups.items()}
@@ -493,6 +496,7 @@ def build_canonical(
         splits={s: sorted(v) for s, v in members.items()}, files={s: sorted(v) for s, v in files.items()},
         checkpoints=rows, groups=groups, model_index=model_index, skipped=skipped,
         layout_of={mid: p.layout_of[mid] for ids in members.values() for mid in ids},
+        digests={mid: by_id[mid].digests() for ids in members.values() for mid in ids},
     )
     storage.write_bytes_atomic(storage.join(out_uri, MANIFEST), canonical.to_json().encode(), s3)
     return canonical

@@ -100,36 +100,49 @@ def _run_document(run_uri: str) -> dict[str, Any]:
     return yaml.safe_load(storage.read_bytes(uri)) if storage.exists(uri) else {}
 
 
-def model_splits(run: Run, model_ids: Sequence[str]) -> tuple[dict[str, str], str]:
-    """Split of every probed model (those with usable checkpoints) and how it was made.
+def model_splits(run: Run, models: Sequence[ModelRecord]) -> tuple[dict[str, str], str, set[str]]:
+    """Split of every probed model (those with usable checkpoints), how it was made, and which
+    probed models the run split (pretrained on or held out by it).
 
     The run's recorded split owns every model it covers: its training, validation and test
     models keep their split. Models it never split (another zoo's, a superset of its zoo's,
     models its pretraining dropped) are *unseen* and join the test split only, so no model the
-    run trained on is ever a test model and unseen models never reshuffle the run's. A zoo the
-    run shares no model with is split afresh by model with the run's fractions and split seed.
+    run trained on is ever a test model and unseen models never reshuffle the run's. A model is
+    the run's when its id is in the split and, where both zoos record checkpoint digests, they
+    share a checkpoint: two zoos generated with different seeds reuse the same model ids. A zoo
+    the run shares no model with is split afresh by model with the run's fractions and split seed.
     """
     known = run.splits()
-    seen = [mid for mid in model_ids if mid in known]
+    recorded = run.canonical.digests if run.canonical is not None else {}
+
+    def is_the_runs(model: ModelRecord) -> bool:
+        theirs, ours = set(recorded.get(model.model_id, ())), model.digests()
+        return model.model_id in known and (not theirs or not ours or bool(theirs.intersection(ours)))
+
+    model_ids = [m.model_id for m in models]
+    seen = {m.model_id for m in models if is_the_runs(m)}
+    reused = sum(m.model_id in known and m.model_id not in seen for m in models)
+    other = f" ({reused} share an id with one of the run's models but none of its checkpoints)" if reused else ""
     if not seen:
         s = run_settings(run)
         fractions = tuple(s.get("split_fractions", (0.7, 0.15, 0.15)))
         seed = int(s.get("split_seed", 42))
         fresh = split_models(model_ids, fractions, seed)
         how = (f"a fresh split by model ({'/'.join(f'{f:g}' for f in fractions)}, the run's split seed {seed}): "
-               "the run was pretrained on none of these models")
+               f"the run was pretrained on none of these models{other}")
         log.info("probe: %s", how)
-        return {mid: name for name, members in fresh.items() for mid in members}, how
-    split = {mid: known.get(mid, "test") for mid in model_ids}
+        return {mid: name for name, members in fresh.items() for mid in members}, how, seen
+    split = {mid: known[mid] if mid in seen else "test" for mid in model_ids}
     for name in ("train", "val"):
         if name not in split.values():
             raise ValueError(f"probe: none of the {len(seen)} probed model(s) the run split is a {name} model; "
                              "the probe fits on the run's training models and picks alpha on its validation models")
     unseen = len(model_ids) - len(seen)
-    how = "the run's own split" + (f"; {unseen} model(s) the run never split joined the test split" if unseen else "")
+    how = "the run's own split" + (f"; {unseen} model(s) the run never split joined the test split{other}"
+                                   if unseen else "")
     if unseen:
         log.info("probe: %s", how)
-    return split, how
+    return split, how, seen
 
 
 def _hyperparameters(model: ModelRecord) -> dict[str, Any]:
@@ -440,8 +453,10 @@ def _probe(cfg: ProbeConfig, out: str) -> ProbeResults:
     control = untrained_control(run, int((run_doc.get("train") or {}).get("seed", 0))) if cfg.control else None
     log.info("probe: embedding %d models of %s with run %s", len(zoo.models), zoo.uri, cfg.run)
     data = collect(run, control, zoo, cfg)
-    split_of, split_how = model_splits(run, sorted(set(data.model_id)))
-    data.assign_splits(split_of, {m for m, s in run.splits().items() if s == "train"})
+    probed = set(data.model_id)
+    split_of, split_how, seen = model_splits(run, [m for m in zoo.models if m.model_id in probed])
+    run_split = {m: run.splits()[m] for m in seen}  # the run's split of the probed models that are its own
+    data.assign_splits(split_of, {m for m, s in run_split.items() if s == "train"})
     res = probe(data, cfg)
-    write_results(res, data, zoo, cfg, out, split_how, run.splits())
+    write_results(res, data, zoo, cfg, out, split_how, run_split)
     return res

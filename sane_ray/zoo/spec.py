@@ -54,6 +54,11 @@ class ModelRecord:
     def last(self) -> CheckpointRecord:
         return self.checkpoints[-1]
 
+    def digests(self) -> list[str]:
+        """The SHA-256 of each checkpoint file the zoo records (the native format does; the public one
+        does not): what tells two models apart when two zoos reuse one model id."""
+        return sorted({c.sha256 for c in self.checkpoints if c.sha256})
+
 
 @dataclass(frozen=True)
 class Skipped:
