@@ -30,6 +30,7 @@ from sane_ray.config import dump_config, to_dict
 from sane_ray.data.config import DataConfig
 from sane_ray.model.config import PRESETS as MODEL_PRESETS
 from sane_ray.model.config import SaneConfig, preset
+from sane_ray.model.layers import check_tables
 from sane_ray.train.config import TrainConfig
 from sane_ray.train.tracking import TrackingConfig, check_tracking, flat_params
 
@@ -181,12 +182,7 @@ def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_pos
     ``max_positions`` is the largest ``(n, l, k)`` in the data (padding position
     included); tables need one more row each. Larger tables are headroom; smaller are refused.
     """
-    need = tuple(m + 1 for m in max_positions)
-    if any(have < want for have, want in zip(model.max_positions, need)):
-        raise ValueError(
-            f"train.model.max_positions={list(model.max_positions)} is too small for this zoo: its tokens need "
-            f"position tables of at least {list(need)} (n, l, k)"
-        )
+    check_tables([m + 1 for m in max_positions], model.max_positions, "train.model.max_positions", "this zoo")
     return dataclasses.replace(model, d_t=token_size, window_size=window_size)
 
 

@@ -25,7 +25,8 @@ class SaneConfig:
     ``d_t`` (token size) and ``window_size`` are facts of the data: 0 means "not yet
     known", and the pretraining job fills them in from its data config (a different
     non-zero value is refused there). A model can only be built with ``d_t`` set.
-    ``window_size`` is the window a preset was designed for; the model itself takes any.
+    ``window_size`` is the window a preset was designed for; the model itself takes any. In an
+    exported run it is the training window, and its one record (embedding and sampling read it here).
 
     ``max_positions`` are the sizes of the learned position tables for the token
     coordinates ``(n, l, k)``: global token index, layer index, row index. They must

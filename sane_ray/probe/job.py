@@ -32,10 +32,10 @@ import yaml
 
 from sane_ray import lease, storage
 from sane_ray.config import dump_config
-from sane_ray.data.config import epoch_filter
 from sane_ray.data.splits import split_models
 from sane_ray.embed import Run, embed_tokens, load_run
-from sane_ray.embed.preprocess import model_tokens, population_stats, run_max_abs, run_settings, uncovered_layers
+from sane_ray.embed.preprocess import (checkpoints_at, model_tokens, population_stats, run_max_abs, run_settings,
+                                      uncovered_layers)
 from sane_ray.embed.run import untrained_control
 from sane_ray.probe import report
 from sane_ray.probe.config import ProbeConfig
@@ -144,8 +144,7 @@ def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeD
     window = cfg.window_size or None
     halo = None if cfg.halo < 0 else cfg.halo
     max_abs = run_max_abs(run)
-    uses = epoch_filter(run_settings(run) if cfg.epochs is None else {"epochs": cfg.epochs})
-    selected = [dataclasses.replace(m, checkpoints=[c for c in m.checkpoints if uses(c.epoch)]) for m in zoo.models]
+    selected = [dataclasses.replace(m, checkpoints=checkpoints_at(run, m, cfg.epochs)) for m in zoo.models]
     data.fallback = population_stats(run, selected, max_abs=max_abs)
     layouts: set[str] = set()
     flat_ok = full_ok = True

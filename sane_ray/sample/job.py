@@ -74,7 +74,6 @@ from sane_ray.sample.prompts import (
     select_prompts,
 )
 from sane_ray.zoo.architectures import build_model
-from sane_ray.zoo.checks import DEFAULT_MAX_ABS
 from sane_ray.zoo.native import publish_manifest, write_checkpoint
 from sane_ray.zoo.reader import load_checkpoint, open_zoo
 from sane_ray.zoo.spec import CheckpointRecord, ModelRecord
@@ -122,7 +121,7 @@ def finetune_one(ctx: Context, group: str, name: str, source: dict[str, Any], in
             sd = load_candidate(source, ctx.candidates_uri)
         else:
             sd = load_checkpoint(ModelRecord(**source["model"]), CheckpointRecord(**source["checkpoint"]),
-                                 max_abs=DEFAULT_MAX_ABS)
+                                 max_abs=ctx.max_abs)
         net = build_model(ctx.architecture, **ctx.arch_kwargs)
         net.load_state_dict(sd)
         rows: list[dict[str, Any]] = []
@@ -233,7 +232,7 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
     prompt_set = load_prompts(run, prompts, max_abs, s3)
     arch, kwargs = prompt_set.architecture, prompt_set.arch_kwargs
     check_positions(run.model, prompt_set.layout, arch)
-    window = cfg.window_size or run.preprocessing.window_size
+    window = cfg.window_size or run.model.cfg.window_size
     halo = None if cfg.halo else 0
     log.info("sampling %s %s for task %s from %d prompts (%s) with %s", arch, kwargs, cfg.task, len(prompts),
              ", ".join(p.name for p in prompts), cfg.mode)
@@ -245,7 +244,8 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
     ctx = Context(
         run_uri=run.uri, architecture=arch, arch_kwargs=kwargs, layout_json=prompt_set.layout.to_json(),
         stats_json=prompt_set.stats.to_json(), task=cfg.task, seed=cfg.seed, window_size=window, halo=halo,
-        bn_condition=cfg.bn_condition, bn_batches=cfg.bn_batches, bn_batch_size=cfg.bn_batch_size, bn_momentum=cfg.bn_momentum, mode=cfg.mode,
+        max_abs=max_abs, bn_condition=cfg.bn_condition, bn_batches=cfg.bn_batches, bn_batch_size=cfg.bn_batch_size,
+        bn_momentum=cfg.bn_momentum, mode=cfg.mode,
         candidates_uri=storage.join(out, "candidates"), kept_uri=storage.join(out, "kept"),
         finetune_epochs=cfg.finetune_epochs, finetune_lr=cfg.finetune_lr,
         finetune_batch_size=cfg.finetune_batch_size, threads=max(1, int(cfg.cpus_per_task)), s3=s3,
