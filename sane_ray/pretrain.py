@@ -243,12 +243,9 @@ def _prepare(cfg: PretrainConfig, run_uri: str) -> PreparedRun:
     from sane_ray.train.trainer import steps_per_epoch
 
     cfg, plan = size_run(cfg)
-    data_cfg = cfg.data
-    if not data_cfg.zoo_uri:
-        from sane_ray.zoo.generate import ensure_default_zoo
+    from sane_ray.zoo.generate import zoo_or_default
 
-        log.info("no zoo given: using the built-in digits zoo (generated on first use)")
-        data_cfg = dataclasses.replace(data_cfg, zoo_uri=ensure_default_zoo(progress=True))
+    data_cfg = dataclasses.replace(cfg.data, zoo_uri=zoo_or_default(cfg.data.zoo_uri, cfg.run.node_types))
 
     prepared = prepare_data(data_cfg, node_types=cfg.run.node_types)
     model = model_for_data(cfg.train.model, prepared.token_size, prepared.window_size, prepared.max_positions)

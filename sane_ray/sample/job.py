@@ -38,7 +38,7 @@ import ray
 import torch
 
 from sane_ray import lease, storage
-from sane_ray.cluster import ensure_ray, remote_args, task_plan
+from sane_ray.cluster import ensure_ray, gpu_share, remote_args, task_plan
 from sane_ray.config import dump_config
 from sane_ray.embed.preprocess import run_max_abs
 from sane_ray.embed.run import Run, load_run
@@ -172,7 +172,7 @@ def _publish_candidates(ctx: Context, rows: list[dict[str, Any]], cfg: SampleCon
 def _gpus(cfg: SampleConfig) -> float:
     if cfg.gpus_per_task >= 0:
         return cfg.gpus_per_task
-    return 0.25 if ray.cluster_resources().get("GPU", 0.0) >= 1 else 0.0
+    return gpu_share(0.25)
 
 
 def _collect(refs: list, what: str) -> list:
