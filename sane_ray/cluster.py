@@ -18,8 +18,9 @@ room for a thousand stages at once, and its CPUs and GPUs still decide how many 
 
 ``node_types=False`` (the default, one machine or an untyped cluster) asks for CPUs and
 GPUs only. Every job takes the setting from its config and gets its remote arguments
-here: the Ray Data preprocessing and window tasks (``kind="cpu"``), the Ray Train workers
-(:func:`worker_resources`), and the CPU and GPU parts of the probe and sampling jobs.
+here: zoo generation, the Ray Data preprocessing and window tasks (``kind="cpu"``), the Ray
+Train workers and sweep trials (:func:`worker_resources`), the zoo-embedding actors and the
+sampling tasks (CPU or GPU).
 """
 
 from __future__ import annotations
