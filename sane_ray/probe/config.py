@@ -20,7 +20,7 @@ class ProbeConfig:
     seed: int = 0  # fold assignment of the grouped k-fold estimate (splits come from the run)
     control: bool = True  # also probe an untrained SANE of the run's config (seeded as the run was)
     window_size: int = 0  # embedding pass length; 0: the run's training window
-    halo: int = -1  # halo tokens on each side of a pass; -1: a quarter window
+    halo: int | None = None  # halo tokens on each side of a pass; None: a quarter window, 0: plain windows
     device: str = ""  # "": the GPU when there is one
 
     def __post_init__(self) -> None:
@@ -28,7 +28,7 @@ class ProbeConfig:
             raise ValueError(f"ProbeConfig.max_flat_features must be >= 0, got {self.max_flat_features}")
         if self.folds < 0 or self.folds == 1:
             raise ValueError(f"ProbeConfig.folds must be 0 (off) or >= 2, got {self.folds}")
-        if self.window_size < 0 or self.halo < -1:
-            raise ValueError("ProbeConfig.window_size must be >= 0 and halo >= -1")
+        if self.window_size < 0 or (self.halo is not None and self.halo < 0):
+            raise ValueError("ProbeConfig.window_size and halo must be >= 0 (halo None: a quarter window)")
         if self.epochs is not None and (not self.epochs or any(e < 0 for e in self.epochs)):
             raise ValueError(f"ProbeConfig.epochs must be None or a non-empty list of epochs >= 0, got {self.epochs}")

@@ -142,7 +142,6 @@ def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeD
     selected checkpoint of ``zoo``, model by model; splits are assigned afterwards."""
     data = ProbeData()
     window = cfg.window_size or None
-    halo = None if cfg.halo < 0 else cfg.halo
     max_abs = run_max_abs(run)
     selected = [dataclasses.replace(m, checkpoints=checkpoints_at(run, m, cfg.epochs)) for m in zoo.models]
     data.fallback = population_stats(run, selected, max_abs=max_abs)
@@ -168,7 +167,7 @@ def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeD
                 data.layer_names = [s.key.removesuffix(".weight") for s in toks.layout.layers]
                 flat_ok = num_weights(toks.mask) <= cfg.max_flat_features
                 data.notes += _uncovered_notes(run, toks.layout, model, lid in data.fallback)
-            emb = embed_tokens(run, toks, window_size=window, halo=halo, keep_tokens=True)
+            emb = embed_tokens(run, toks, window_size=window, halo=cfg.halo, keep_tokens=True)
             full_ok = full_ok and emb.tokens[0].numel() <= cfg.max_flat_features
             layer_of = toks.pos[:, 1]
             feats = {"s(W)": weight_statistics(toks.tokens, toks.layout)[0], SANE: emb.mean.cpu().numpy(),
@@ -180,7 +179,7 @@ def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeD
             if full_ok:
                 feats[FULL] = emb.tokens.flatten(1).cpu().numpy()
             if control is not None:
-                ctl = embed_tokens(control, toks, window_size=window, halo=halo, keep_tokens=True)
+                ctl = embed_tokens(control, toks, window_size=window, halo=cfg.halo, keep_tokens=True)
                 feats[CONTROL] = ctl.mean.cpu().numpy()
                 feats[CONTROL_LAYER] = layer_moments(ctl.tokens, layer_of)
             for k, v in feats.items():

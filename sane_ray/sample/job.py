@@ -203,10 +203,10 @@ def _write_table(out: str, name: str, table: pa.Table, s3: storage.S3Options) ->
     storage.write_bytes_atomic(storage.join(out, f"{name}.csv"), buf.getvalue(), s3)
 
 
-def _distribution(cfg: SampleConfig, run: Run, prompt_set: PromptSet, window: int, halo: int | None) -> TokenKDE:
+def _distribution(cfg: SampleConfig, run: Run, prompt_set: PromptSet, window: int) -> TokenKDE:
     if cfg.mode == "gauss":
         return TokenKDE.gaussian(prompt_set.layout.num_tokens, run.model.cfg.d_z, cfg.gauss_std)
-    latents = prompt_latents(run, prompt_set, window, halo)
+    latents = prompt_latents(run, prompt_set, window, cfg.halo)
     return TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, anchor=cfg.kde_anchor)
 
 
@@ -233,7 +233,6 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
     arch, kwargs = prompt_set.architecture, prompt_set.arch_kwargs
     check_positions(run.model, prompt_set.layout, arch)
     window = cfg.window_size or run.model.cfg.window_size
-    halo = None if cfg.halo else 0
     log.info("sampling %s %s for task %s from %d prompts (%s) with %s", arch, kwargs, cfg.task, len(prompts),
              ", ".join(p.name for p in prompts), cfg.mode)
 
@@ -243,7 +242,7 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
     log.info("%s", task_plan("sampling", math.ceil(cfg.candidates / cfg.candidates_per_task), cfg.cpus_per_task, gpus))
     ctx = Context(
         run_uri=run.uri, architecture=arch, arch_kwargs=kwargs, layout_json=prompt_set.layout.to_json(),
-        stats_json=prompt_set.stats.to_json(), task=cfg.task, seed=cfg.seed, window_size=window, halo=halo,
+        stats_json=prompt_set.stats.to_json(), task=cfg.task, seed=cfg.seed, window_size=window, halo=cfg.halo,
         max_abs=max_abs, bn_condition=cfg.bn_condition, bn_batches=cfg.bn_batches, bn_batch_size=cfg.bn_batch_size,
         bn_momentum=cfg.bn_momentum, mode=cfg.mode,
         candidates_uri=storage.join(out, "candidates"), kept_uri=storage.join(out, "kept"),
@@ -254,7 +253,7 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
     tune = ray.remote(finetune_one).options(**opts)
     storage.makedirs(out, s3)
     ctx_ref = ray.put(ctx)
-    kde = _distribution(cfg, run, prompt_set, window, halo)
+    kde = _distribution(cfg, run, prompt_set, window)
     kdes, rows = [kde], []
     t0 = time.perf_counter()
     for round_ in range(cfg.bootstrap + 1):
