@@ -79,7 +79,7 @@ def bench_digits(repeats: int, run_uri: str | None) -> None:
     t = statistics.median(times)
     lengths = sorted({p.layout.num_tokens for p in run.preprocessing.layouts.values()})
     print(f"digits: {table.num_rows} checkpoints of {len(zoo.models)} models ({lengths} tokens, window "
-          f"{run.preprocessing.window_size}, d_model {run.model.cfg.d_model}): {t:.2f} s median -> "
+          f"{run.model.cfg.window_size}, d_model {run.model.cfg.d_model}): {t:.2f} s median -> "
           f"{table.num_rows / t:,.1f} checkpoints/s (runs {', '.join(f'{x:.2f}' for x in times)}; load {loadavg()})")
 
 
@@ -102,7 +102,7 @@ def bench_resnet(repeats: int, width: str) -> None:
     torch.manual_seed(0)
     sd = build_model("resnet18").state_dict()
     sane = dataclasses.replace(preset(width), d_t=288, window_size=256, max_positions=(65536, 128, 1024))
-    prep = Preprocessing(token_size=288, include_bn=False, window_size=256, pad_position=(65535, 127, 1023),
+    prep = Preprocessing(token_size=288, include_bn=False, pad_position=(65535, 127, 1023),
                          align=False, align_max_sweeps=1, align_seed=0, layouts={}, references={})
     run = Run("", SaneModel(sane).eval(), prep, None)
     logging.getLogger("sane_ray.embed.preprocess").setLevel(logging.ERROR)

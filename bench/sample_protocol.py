@@ -108,7 +108,7 @@ def main() -> None:
     ensure_ray(num_cpus=args.cpus)
     base = SampleConfig(run=args.run, prompts=args.prompts, task=args.task, prompt_epoch=args.prompt_epoch,
                         finetune_epochs=args.epochs, kde_anchor=args.anchor, bandwidth=args.bandwidth,
-                        halo=not args.no_halo, bn_condition=not args.no_bn_cond)
+                        halo=0 if args.no_halo else None, bn_condition=not args.no_bn_cond)
     results: dict[str, list[list[float]]] = {}
     extra: dict[str, list[tuple[float, float]]] = {}  # variant -> per seed (kept val acc, L2 to nearest training model)
     memo: dict[str, list[dict]] = {}  # memorization table of the subsampling runs, per source per seed

@@ -80,7 +80,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     overrides = overrides_from_args(args)
     overrides += ["bn_condition=false"] if args.no_bn_cond else []
-    overrides += ["halo=false"] if args.no_halo else []
+    overrides += ["halo=0"] if args.no_halo else []
     run_sample(load_config(SampleConfig, args.config, overrides))
     return 0
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="sample new models from a pretrained run (KDE / Gaussian prior), rank them")
     add_config_arguments(sample, *jobs["sample"])
     sample.add_argument("--no-bn-cond", action="store_true", help="same as --bn_condition false")
-    sample.add_argument("--no-halo", action="store_true", help="same as --halo false (plain decoding windows)")
+    sample.add_argument("--no-halo", action="store_true", help="same as --halo 0 (plain decoding windows)")
     sample.set_defaults(func=_sample)
     return parser
 

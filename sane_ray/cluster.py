@@ -18,8 +18,9 @@ room for a thousand stages at once, and its CPUs and GPUs still decide how many 
 
 ``node_types=False`` (the default, one machine or an untyped cluster) asks for CPUs and
 GPUs only. Every job takes the setting from its config and gets its remote arguments
-here: the Ray Data preprocessing and window tasks (``kind="cpu"``), the Ray Train workers
-(:func:`worker_resources`), and the CPU and GPU parts of the probe and sampling jobs.
+here: zoo generation, the Ray Data preprocessing and window tasks (``kind="cpu"``), the Ray
+Train workers and sweep trials (:func:`worker_resources`), the zoo-embedding actors and the
+sampling tasks (CPU or GPU).
 """
 
 from __future__ import annotations
@@ -235,11 +236,24 @@ def task_plan(what: str, tasks: int, num_cpus: float, num_gpus: float = 0.0) -> 
     cluster holds (e.g. "2 CPUs: 48 model-training tasks, up to 2 at once x 1 CPU")."""
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    at_once = min(tasks, math.floor(cpus / num_cpus + _EPS),
-                  math.floor(gpus / num_gpus + _EPS) if num_gpus else tasks)
+    at_once = min(tasks, fits_at_once(num_cpus, num_gpus))
     where = f"{cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
     gpu = f" + {num_gpus:g} GPU" if num_gpus else ""
     return f"{where}: {tasks} {what} task{'s' * (tasks != 1)}, up to {at_once} at once x {num_cpus:g} CPU{gpu}"
+
+
+def fits_at_once(num_cpus: float, num_gpus: float = 0.0) -> int:
+    """How many tasks (or sweep trials) of ``num_cpus`` CPUs and ``num_gpus`` GPUs the attached
+    cluster's totals hold at once; GPUs bound it only when each needs some."""
+    total = ray.cluster_resources()
+    by_cpu = math.floor(total.get("CPU", 0.0) / num_cpus + _EPS)
+    return min(by_cpu, math.floor(total.get("GPU", 0.0) / num_gpus + _EPS)) if num_gpus else by_cpu
+
+
+def gpu_share(share: float) -> float:
+    """``share`` of a GPU when the attached cluster has a GPU, else 0: what a job's GPU stage asks
+    for when its config leaves the GPU to the cluster."""
+    return share if ray.cluster_resources().get("GPU", 0.0) >= 1 else 0.0
 
 
 # ---------------------------------------------------------------- placement
@@ -268,7 +282,8 @@ def remote_args(kind: NodeKind, num_cpus: float, num_gpus: float = 0.0, *, node_
 
 
 def worker_resources(num_cpus: float, num_gpus: float = 0.0, *, node_types: bool) -> dict[str, float]:
-    """``ScalingConfig.resources_per_worker`` of a Ray Train worker (a GPU-node stage)."""
+    """``ScalingConfig.resources_per_worker`` of a Ray Train worker, or a sweep trial's resources
+    (GPU-node stages both: :func:`plan_run` sets their CPUs aside there)."""
     resources = {"CPU": num_cpus}
     if num_gpus:
         resources["GPU"] = num_gpus

@@ -31,6 +31,7 @@ from sane_ray.config import dump_config, to_dict
 from sane_ray.data.config import DataConfig
 from sane_ray.model.config import PRESETS as MODEL_PRESETS
 from sane_ray.model.config import SaneConfig, preset
+from sane_ray.model.layers import check_tables
 from sane_ray.train.config import TrainConfig
 from sane_ray.train.tracking import TrackingConfig, check_tracking, flat_params
 
@@ -173,12 +174,7 @@ def model_for_data(model: SaneConfig, token_size: int, window_size: int, max_pos
     ``max_positions`` is the largest ``(n, l, k)`` in the data (padding position
     included); tables need one more row each. Larger tables are headroom; smaller are refused.
     """
-    need = tuple(m + 1 for m in max_positions)
-    if any(have < want for have, want in zip(model.max_positions, need)):
-        raise ValueError(
-            f"train.model.max_positions={list(model.max_positions)} is too small for this zoo: its tokens need "
-            f"position tables of at least {list(need)} (n, l, k)"
-        )
+    check_tables([m + 1 for m in max_positions], model.max_positions, "train.model.max_positions", "this zoo")
     return dataclasses.replace(model, d_t=token_size, window_size=window_size)
 
 
@@ -239,12 +235,9 @@ def _prepare(cfg: PretrainConfig, run_uri: str) -> PreparedRun:
     from sane_ray.train.trainer import steps_per_epoch
 
     cfg, plan = size_run(cfg)
-    data_cfg = cfg.data
-    if not data_cfg.zoo_uri:
-        from sane_ray.zoo.generate import ensure_default_zoo
+    from sane_ray.zoo.generate import zoo_or_default
 
-        log.info("no zoo given: using the built-in digits zoo (generated on first use)")
-        data_cfg = dataclasses.replace(data_cfg, zoo_uri=ensure_default_zoo(progress=True))
+    data_cfg = dataclasses.replace(cfg.data, zoo_uri=zoo_or_default(cfg.data.zoo_uri, cfg.run.node_types))
 
     prepared = prepare_data(data_cfg, node_types=cfg.run.node_types)
     model = model_for_data(cfg.train.model, prepared.token_size, prepared.window_size, prepared.max_positions)

@@ -172,6 +172,12 @@ class CanonicalZoo:
         k = max(s.rows for g in self.groups.values() for s in g.layout.layers) - 1
         return n, lay, k
 
+    def pad_position(self) -> tuple[int, int, int]:
+        """The ``(n, l, k)`` of padded window slots: one past the largest real position, so position
+        tables hold one padding row and alias no real position (training, embedding and probing all use it)."""
+        n, lay, k = self.max_positions()
+        return n + 1, lay + 1, k + 1
+
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["groups"] = {lid: dataclasses.asdict(g) for lid, g in self.groups.items()}

@@ -88,7 +88,6 @@ class StreamSpec:
 
     @classmethod
     def build(cls, canonical: CanonicalZoo, cfg: DataConfig) -> StreamSpec:
-        pad = tuple(m + 1 for m in canonical.max_positions())
         lids = tuple(sorted(canonical.groups))
         groups = [canonical.groups[lid] for lid in lids]
         return cls(
@@ -100,7 +99,7 @@ class StreamSpec:
             counts=tuple(
                 windows_per_checkpoint(g.sequence_length, cfg.window_size, cfg.windows_per_model_epoch) for g in groups
             ),
-            pad_position=pad,  # type: ignore[arg-type]
+            pad_position=canonical.pad_position(),
             permute=cfg.permutation_augmentation,
         )
 

@@ -184,11 +184,10 @@ def embed_tokens(
 ) -> Embeddings:
     """Embeddings of preprocessed tokens (N, d_t) or (B, N, d_t) of one layout (from
     :func:`~sane_ray.embed.preprocess.preprocess`). ``window_size`` defaults to the run's
-    training window, ``halo`` to a quarter of it."""
-    prep = run.preprocessing
+    training window (its model config's), ``halo`` to a quarter of it."""
     tokens = toks.tokens if toks.tokens.dim() == 3 else toks.tokens.unsqueeze(0)
-    plan = halo_plan(tokens.shape[1], window_size or prep.window_size, halo)
-    z = encode_haloed(run.model, tokens, toks.pos, plan, prep.pad_position, batch_windows)
+    plan = halo_plan(tokens.shape[1], window_size or run.model.cfg.window_size, halo)
+    z = encode_haloed(run.model, tokens, toks.pos, plan, run.preprocessing.pad_position, batch_windows)
     return summarize(z, toks.pos[:, 1], keep_tokens)
 
 

@@ -3,8 +3,8 @@
 Pretraining exports next to the model everything this needs (:func:`run_export_files`),
 so a run embeds models without its zoo or canonical cache:
 
-- ``preprocessing.json``: token size, ``include_bn``, the training window, the padding
-  position, the alignment settings, and per token layout (one per distinct architecture
+- ``preprocessing.json``: token size, ``include_bn``, the padding position, the alignment
+  settings, and per token layout (one per distinct architecture
   shape of the zoo) its layout JSON, architecture and arguments, the alignment
   reference's (model id, epoch) and its standardization statistics;
 - ``reference-<layout id>.safetensors``: the reference checkpoint's raw weights;
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +60,9 @@ log = logging.getLogger(__name__)
 
 PREPROCESSING_FILE = "preprocessing.json"
 PREPROCESSING_FORMAT = "sane-ray/preprocessing"
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
+# Versions read back: 1 also recorded the training window, which ``sane_config.json`` owns (ignored).
+PREPROCESSING_READABLE = (1, 2)
 
 
 def reference_file(layout_id: str) -> str:
@@ -85,7 +87,6 @@ class Preprocessing:
 
     token_size: int
     include_bn: BnMode
-    window_size: int
     pad_position: tuple[int, int, int]
     align: bool
     align_max_sweeps: int
@@ -98,7 +99,6 @@ class Preprocessing:
         cls,
         canonical: CanonicalZoo,
         stats: Mapping[str, StandardizationStats],
-        window_size: int,
         s3: storage.S3Options | None = None,
     ) -> Preprocessing:
         """The preprocessing of a canonical zoo (loads each layout's reference checkpoint from the zoo)."""
@@ -114,8 +114,8 @@ class Preprocessing:
             references[lid] = load_checkpoint(model, ckpt, s3=s3, max_abs=s["max_abs_weight"])
             layouts[lid] = LayoutPrep(lid, g.layout, g.architecture, json.loads(g.arch_kwargs_json), (mid, epoch), stats[lid])
         return cls(
-            token_size=s["token_size"], include_bn=s["include_bn"], window_size=window_size,
-            pad_position=tuple(m + 1 for m in canonical.max_positions()),  # type: ignore[arg-type]
+            token_size=s["token_size"], include_bn=s["include_bn"],
+            pad_position=canonical.pad_position(),
             align=s["align"], align_max_sweeps=s["align_max_sweeps"], align_seed=s["align_seed"],
             layouts=layouts, references=references,
         )
@@ -124,7 +124,7 @@ class Preprocessing:
         """The export files (name -> bytes) that :meth:`from_files` reads back."""
         doc = {
             "format": PREPROCESSING_FORMAT, "version": PREPROCESSING_VERSION,
-            "token_size": self.token_size, "include_bn": self.include_bn, "window_size": self.window_size,
+            "token_size": self.token_size, "include_bn": self.include_bn,
             "pad_position": list(self.pad_position), "align": self.align,
             "align_max_sweeps": self.align_max_sweeps, "align_seed": self.align_seed,
             "layouts": {
@@ -145,7 +145,7 @@ class Preprocessing:
             raise ValueError(f"{where}: missing; this export was not written by pretraining (no preprocessing)")
         try:
             doc = json.loads(files[PREPROCESSING_FILE])
-            if (doc.get("format"), doc.get("version")) != (PREPROCESSING_FORMAT, PREPROCESSING_VERSION):
+            if doc.get("format") != PREPROCESSING_FORMAT or doc.get("version") not in PREPROCESSING_READABLE:
                 raise ValueError(f"not a {PREPROCESSING_FORMAT} version {PREPROCESSING_VERSION} document")
             layouts = {
                 lid: LayoutPrep(lid, TokenLayout.from_dict(d["layout"]), d["architecture"], d["arch_kwargs"],
@@ -154,7 +154,7 @@ class Preprocessing:
             }
             prep = dict(
                 token_size=int(doc["token_size"]), include_bn=bn_mode(doc["include_bn"]),
-                window_size=int(doc["window_size"]), pad_position=tuple(int(v) for v in doc["pad_position"]),
+                pad_position=tuple(int(v) for v in doc["pad_position"]),
                 align=bool(doc["align"]), align_max_sweeps=int(doc["align_max_sweeps"]),
                 align_seed=int(doc["align_seed"]),
             )
@@ -177,7 +177,7 @@ def run_export_files(prepared: PreparedData, s3: storage.S3Options | None = None
     """What pretraining exports next to the model so the run embeds new models without its zoo:
     the preprocessing (:meth:`Preprocessing.files`) and the canonical manifest (the run's zoo
     URI and split of model ids)."""
-    prep = Preprocessing.from_canonical(prepared.canonical, prepared.stats, prepared.window_size, s3)
+    prep = Preprocessing.from_canonical(prepared.canonical, prepared.stats, s3)
     return {**prep.files(), CANONICAL_MANIFEST: prepared.canonical.to_json().encode()}
 
 
@@ -319,6 +319,18 @@ def run_max_abs(run: Any) -> float:
     return float(run_settings(run).get("max_abs_weight", DEFAULT_MAX_ABS))
 
 
+def run_epochs(run: Any) -> Callable[[int], bool]:
+    """Which epochs the run trained on (:func:`~sane_ray.data.config.epoch_filter` of its recorded
+    settings): what every reader of a run's zoo selects unless told otherwise."""
+    return epoch_filter(run_settings(run))
+
+
+def checkpoints_at(run: Any, model: ModelRecord, epochs: Iterable[int] | None = None) -> list[CheckpointRecord]:
+    """The checkpoints of ``model`` at ``epochs`` (default: the epochs the run trained on), in its order."""
+    uses = run_epochs(run) if epochs is None else epoch_filter({"epochs": list(epochs)})
+    return [c for c in model.checkpoints if uses(c.epoch)]
+
+
 @dataclass
 class ModelTokens:
     """A zoo model's selected checkpoints, preprocessed as the run would (:func:`model_tokens`)."""
@@ -336,7 +348,7 @@ def anchor_checkpoint(
     """The checkpoint whose permutation aligns every checkpoint of ``model``: its last usable one
     among the epochs the run trained on (what the canonical build aligns on), else its last usable
     one at all. ``loaded``/``bad``: epochs already read (good / unusable), so nothing is read twice."""
-    uses = epoch_filter(run_settings(run))
+    uses = run_epochs(run)
     newest_first = sorted(model.checkpoints, key=lambda c: (uses(c.epoch), c.epoch), reverse=True)
     for ckpt in newest_first:
         if ckpt.epoch in loaded:
@@ -362,12 +374,7 @@ def model_tokens(
     layers the run's statistics do not cover (:func:`own_stats`), passed on to :func:`preprocess`.
     """
     max_abs = run_max_abs(run) if max_abs is None else max_abs
-    if epochs is None:
-        uses = epoch_filter(run_settings(run))
-        chosen = [c for c in model.checkpoints if uses(c.epoch)]
-    else:
-        wanted = set(epochs)
-        chosen = [c for c in model.checkpoints if c.epoch in wanted]
+    chosen = checkpoints_at(run, model, epochs)
     good: list[tuple[CheckpointRecord, dict[str, torch.Tensor]]] = []
     skipped: list[Skipped] = []
     bad: set[int] = set()

@@ -33,9 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 
 from sane_ray import storage
+from sane_ray.cluster import ensure_ray, gpu_share, remote_args
 from sane_ray.data.canonical import CanonicalZoo, model_from_json, model_to_json
 from sane_ray.embed.encode import Embeddings, concat_tokens, embed_tokens
 from sane_ray.embed.preprocess import model_tokens, population_stats, run_max_abs
@@ -80,6 +80,7 @@ class EmbedConfig:
     num_actors: int = 1  # actor pool size (max)
     actor_cpus: float = 1.0
     actor_gpus: float | None = None  # per actor; None: 1 when the cluster has a GPU, else 0
+    node_types: bool = False  # actors on sane_gpu_node nodes when they take a GPU, else sane_cpu_node (sane_ray.cluster)
     max_abs_weight: float | None = None  # None: the run's (checkpoints above it are skipped)
     # Set: embed with a freshly initialized SANE of the run's config from this seed instead of
     # the trained one (the untrained control).
@@ -195,10 +196,6 @@ class ZooEmbedder:
         return embed_batch(self.run, models, self.cfg, self.s3, self.unknown)
 
 
-def _cluster_gpus() -> float:
-    return ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else float(torch.cuda.device_count())
-
-
 def _sorted(table: pa.Table) -> pa.Table:
     return table.sort_by([("model_id", "ascending"), ("epoch", "ascending")])
 
@@ -215,8 +212,9 @@ def embed_zoo(
     ``out_uri`` (see the module doc); returns the number of rows written.
 
     ``splits`` (model id -> split) defaults to the run's own split when the zoo is the run's
-    zoo, else every split is "". Needs a connected Ray cluster.
+    zoo, else every split is "". Attaches to Ray, or starts it, as every job does (:mod:`sane_ray.cluster`).
     """
+    ensure_ray()
     cfg = cfg or EmbedConfig()
     s3 = (s3 or storage.S3Options()).resolved()
     out_uri = storage.parse_uri(out_uri, s3).uri
@@ -229,15 +227,14 @@ def embed_zoo(
             log.info("zoo %s is not the run's zoo: rows get no split", zoo.uri)
     prep = load_preprocessing(run_uri, s3)
     unknown = population_stats(prep, [_selected(m, cfg) for m in zoo.models], s3, _max_abs(canonical, cfg))
-    gpus = cfg.actor_gpus if cfg.actor_gpus is not None else float(_cluster_gpus() >= 1)
+    gpus = gpu_share(1.0) if cfg.actor_gpus is None else cfg.actor_gpus
     items = [{"item": model_to_json(m, split=splits.get(m.model_id, ""))} for m in zoo.models]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // cfg.models_per_batch)))
     ds = ds.map_batches(
         ZooEmbedder,
         batch_size=cfg.models_per_batch,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
-        num_cpus=cfg.actor_cpus,
-        num_gpus=gpus,
+        **remote_args("gpu" if gpus else "cpu", cfg.actor_cpus, gpus, node_types=cfg.node_types),
         fn_constructor_kwargs={"run_uri": run_uri, "cfg": asdict(cfg), "s3": s3,
                                "unknown_stats": {lid: st.to_dict() for lid, st in unknown.items()}},
     )

@@ -30,7 +30,8 @@ class SaneConfig:
     d_t: int = 289
     """Token size; 0: from the data (data.token_size)."""
     window_size: int = 32
-    """The window a preset was designed for (the model itself takes any); 0: from the data (data.window_size)."""
+    """The window a preset was designed for (the model itself takes any); 0: from the data (data.window_size).
+    In an exported run, the training window's one record (embedding and sampling read it here)."""
     d_model: int = 256
     """Transformer width of encoder and decoder."""
     d_z: int = 64

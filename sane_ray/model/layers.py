@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,21 @@ _COORDS = ("n (token index)", "l (layer index)", "k (row index)")
 
 class PositionOutOfRangeError(ValueError):
     """A token position does not fit the model's position tables (the message says which)."""
+
+
+def check_tables(need: Sequence[int], max_positions: Sequence[int], setting: str, what: str, fix: str = "") -> None:
+    """Raise :class:`PositionOutOfRangeError` unless tables of ``max_positions`` rows hold ``need``
+    rows (largest position + 1) per coordinate ``(n, l, k)``.
+
+    The one fit check, so a zoo before training, a target before sampling and every forward
+    are refused alike; ``setting`` names the tables as the caller's user sets them.
+    """
+    need, have = [int(v) for v in need], [int(v) for v in max_positions]
+    short = [f"{name} needs {n}" for name, n, h in zip(_COORDS, need, have) if n > h]
+    if short:
+        raise PositionOutOfRangeError(
+            f"{setting}={have} is too small for {what}: its tokens need position tables of at least {need} "
+            f"(n, l, k; {', '.join(short)})" + (f"; {fix}" if fix else ""))
 
 
 def check_positions(pos: torch.Tensor, max_positions: tuple[int, int, int]) -> None:
@@ -31,12 +48,7 @@ def check_positions(pos: torch.Tensor, max_positions: tuple[int, int, int]) -> N
     lo, *hi = torch.cat([flat.amin().reshape(1), flat.amax(0)]).tolist()
     if lo < 0:
         raise PositionOutOfRangeError(f"token positions must be non-negative, got a minimum of {lo}")
-    for name, top, size in zip(_COORDS, hi, max_positions):
-        if top >= size:
-            raise PositionOutOfRangeError(
-                f"token position {name} = {top} does not fit the position table of size {size}; "
-                f"raise SaneConfig.max_positions (currently {tuple(max_positions)})"
-            )
+    check_tables([top + 1 for top in hi], max_positions, "SaneConfig.max_positions", "these token positions")
 
 
 class PositionEmbedding(nn.Module):

@@ -27,8 +27,8 @@ class ProbeConfig:
     """Also probe an untrained SANE of the run's config (seeded as the run was)."""
     window_size: int = 0
     """Embedding pass length; 0: the run's training window."""
-    halo: int = -1
-    """Halo tokens on each side of a pass; -1: a quarter window."""
+    halo: int | None = None
+    """Halo tokens on each side of a pass; null: a quarter window, 0: plain windows."""
     device: str = ""
     """Torch device of the embedding passes; "": the GPU when there is one."""
 
@@ -37,7 +37,7 @@ class ProbeConfig:
             raise ValueError(f"ProbeConfig.max_flat_features must be >= 0, got {self.max_flat_features}")
         if self.folds < 0 or self.folds == 1:
             raise ValueError(f"ProbeConfig.folds must be 0 (off) or >= 2, got {self.folds}")
-        if self.window_size < 0 or self.halo < -1:
-            raise ValueError("ProbeConfig.window_size must be >= 0 and halo >= -1")
+        if self.window_size < 0 or (self.halo is not None and self.halo < 0):
+            raise ValueError("ProbeConfig.window_size and halo must be >= 0 (halo None: a quarter window)")
         if self.epochs is not None and (not self.epochs or any(e < 0 for e in self.epochs)):
             raise ValueError(f"ProbeConfig.epochs must be None or a non-empty list of epochs >= 0, got {self.epochs}")

@@ -32,10 +32,10 @@ import yaml
 
 from sane_ray import lease, storage
 from sane_ray.config import dump_config
-from sane_ray.data.config import epoch_filter
 from sane_ray.data.splits import split_models
 from sane_ray.embed import Run, embed_tokens, load_run
-from sane_ray.embed.preprocess import model_tokens, population_stats, run_max_abs, run_settings, uncovered_layers
+from sane_ray.embed.preprocess import (checkpoints_at, model_tokens, population_stats, run_max_abs, run_settings,
+                                      uncovered_layers)
 from sane_ray.embed.run import untrained_control
 from sane_ray.probe import report
 from sane_ray.probe.config import ProbeConfig
@@ -155,10 +155,8 @@ def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeD
     selected checkpoint of ``zoo``, model by model; splits are assigned afterwards."""
     data = ProbeData()
     window = cfg.window_size or None
-    halo = None if cfg.halo < 0 else cfg.halo
     max_abs = run_max_abs(run)
-    uses = epoch_filter(run_settings(run) if cfg.epochs is None else {"epochs": cfg.epochs})
-    selected = [dataclasses.replace(m, checkpoints=[c for c in m.checkpoints if uses(c.epoch)]) for m in zoo.models]
+    selected = [dataclasses.replace(m, checkpoints=checkpoints_at(run, m, cfg.epochs)) for m in zoo.models]
     data.fallback = population_stats(run, selected, max_abs=max_abs)
     layouts: set[str] = set()
     flat_ok = full_ok = True
@@ -182,7 +180,7 @@ def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeD
                 data.layer_names = [s.key.removesuffix(".weight") for s in toks.layout.layers]
                 flat_ok = num_weights(toks.mask) <= cfg.max_flat_features
                 data.notes += _uncovered_notes(run, toks.layout, model, lid in data.fallback)
-            emb = embed_tokens(run, toks, window_size=window, halo=halo, keep_tokens=True)
+            emb = embed_tokens(run, toks, window_size=window, halo=cfg.halo, keep_tokens=True)
             full_ok = full_ok and emb.tokens[0].numel() <= cfg.max_flat_features
             layer_of = toks.pos[:, 1]
             feats = {"s(W)": weight_statistics(toks.tokens, toks.layout)[0], SANE: emb.mean.cpu().numpy(),
@@ -194,7 +192,7 @@ def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeD
             if full_ok:
                 feats[FULL] = emb.tokens.flatten(1).cpu().numpy()
             if control is not None:
-                ctl = embed_tokens(control, toks, window_size=window, halo=halo, keep_tokens=True)
+                ctl = embed_tokens(control, toks, window_size=window, halo=cfg.halo, keep_tokens=True)
                 feats[CONTROL] = ctl.mean.cpu().numpy()
                 feats[CONTROL_LAYER] = layer_moments(ctl.tokens, layer_of)
             for k, v in feats.items():

@@ -42,7 +42,7 @@ def _load(uri: str) -> dict[str, Any]:
             r["split"].append(c.split)
             r["acc"].append(c.metrics["test_acc"])
         _cache[uri] = {
-            "pad": tuple(m + 1 for m in zoo.max_positions()),
+            "pad": zoo.pad_position(),
             "layouts": {lid: (zoo.groups[lid].layout, torch.stack(r.pop("tokens")), r) for lid, r in rows.items()},
         }
     return _cache[uri]

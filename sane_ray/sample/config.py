@@ -52,8 +52,8 @@ class SampleConfig:
     bootstrap: int = 0
     """Extra rounds, each refitting the KDE on the kept candidates' latents."""
     # ---- decoding and BatchNorm
-    halo: bool = True
-    """Haloed decoding: windows overlap their neighbours (false: plain windows, the paper's naive sampling)."""
+    halo: int | None = None
+    """Halo tokens on each side of a decoding pass; null: a quarter window, 0: plain windows (the paper's naive sampling)."""
     window_size: int = 0
     """Decoding pass length; 0: the run's training window."""
     bn_condition: bool = True
@@ -103,6 +103,8 @@ class SampleConfig:
         for name in ("bootstrap", "finetune_epochs", "prompt_best_k", "window_size", "local_cpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SampleConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.halo is not None and self.halo < 0:
+            raise ValueError(f"SampleConfig.halo must be >= 0 or None (a quarter window), got {self.halo}")
         if self.keep > self.candidates:
             raise ValueError(f"SampleConfig.keep={self.keep} exceeds candidates={self.candidates}")
         if self.bootstrap and self.keep < 2 and self.bandwidth <= 0:

@@ -48,6 +48,7 @@ class Context:
     seed: int
     window_size: int
     halo: int | None
+    max_abs: float  # the run's weight limit (run_max_abs): prompts reloaded for fine-tuning pass it as they did
     bn_condition: bool
     bn_batches: int
     bn_batch_size: int
@@ -98,7 +99,10 @@ def condition(ctx: Context, net: torch.nn.Module, task: Task, seed: int) -> None
 
 
 def load_candidate(row: dict[str, Any], root: str) -> dict[str, torch.Tensor]:
-    """The weights of one candidate from its manifest row in the zoo at ``root`` (checksummed)."""
+    """The weights of one candidate from its manifest row in the zoo at ``root`` (checksummed).
+
+    No weight limit: the run's limit screens diverged zoo checkpoints, while a candidate is this
+    job's own output, already scored and kept on its accuracy."""
     model = ModelRecord(row["model_id"], row["architecture"], json.loads(row["arch_kwargs"]))
     ckpt = CheckpointRecord(row["model_id"], row["epoch"], storage.join(root, row["path"]), sha256=row["sha256"])
     return load_checkpoint(model, ckpt, max_abs=math.inf)

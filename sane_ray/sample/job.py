@@ -38,7 +38,7 @@ import ray
 import torch
 
 from sane_ray import lease, storage
-from sane_ray.cluster import ensure_ray, remote_args, task_plan
+from sane_ray.cluster import ensure_ray, gpu_share, remote_args, task_plan
 from sane_ray.config import dump_config
 from sane_ray.embed.preprocess import run_max_abs
 from sane_ray.embed.run import Run, load_run
@@ -74,7 +74,6 @@ from sane_ray.sample.prompts import (
     select_prompts,
 )
 from sane_ray.zoo.architectures import build_model
-from sane_ray.zoo.checks import DEFAULT_MAX_ABS
 from sane_ray.zoo.native import publish_manifest, write_checkpoint
 from sane_ray.zoo.reader import load_checkpoint, open_zoo
 from sane_ray.zoo.spec import CheckpointRecord, ModelRecord
@@ -122,7 +121,7 @@ def finetune_one(ctx: Context, group: str, name: str, source: dict[str, Any], in
             sd = load_candidate(source, ctx.candidates_uri)
         else:
             sd = load_checkpoint(ModelRecord(**source["model"]), CheckpointRecord(**source["checkpoint"]),
-                                 max_abs=DEFAULT_MAX_ABS)
+                                 max_abs=ctx.max_abs)
         net = build_model(ctx.architecture, **ctx.arch_kwargs)
         net.load_state_dict(sd)
         rows: list[dict[str, Any]] = []
@@ -173,7 +172,7 @@ def _publish_candidates(ctx: Context, rows: list[dict[str, Any]], cfg: SampleCon
 def _gpus(cfg: SampleConfig) -> float:
     if cfg.gpus_per_task >= 0:
         return cfg.gpus_per_task
-    return 0.25 if ray.cluster_resources().get("GPU", 0.0) >= 1 else 0.0
+    return gpu_share(0.25)
 
 
 def _collect(refs: list, what: str) -> list:
@@ -204,10 +203,10 @@ def _write_table(out: str, name: str, table: pa.Table, s3: storage.S3Options) ->
     storage.write_bytes_atomic(storage.join(out, f"{name}.csv"), buf.getvalue(), s3)
 
 
-def _distribution(cfg: SampleConfig, run: Run, prompt_set: PromptSet, window: int, halo: int | None) -> TokenKDE:
+def _distribution(cfg: SampleConfig, run: Run, prompt_set: PromptSet, window: int) -> TokenKDE:
     if cfg.mode == "gauss":
         return TokenKDE.gaussian(prompt_set.layout.num_tokens, run.model.cfg.d_z, cfg.gauss_std)
-    latents = prompt_latents(run, prompt_set, window, halo)
+    latents = prompt_latents(run, prompt_set, window, cfg.halo)
     return TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, anchor=cfg.kde_anchor)
 
 
@@ -233,8 +232,7 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
     prompt_set = load_prompts(run, prompts, max_abs, s3)
     arch, kwargs = prompt_set.architecture, prompt_set.arch_kwargs
     check_positions(run.model, prompt_set.layout, arch)
-    window = cfg.window_size or run.preprocessing.window_size
-    halo = None if cfg.halo else 0
+    window = cfg.window_size or run.model.cfg.window_size
     log.info("sampling %s %s for task %s from %d prompts (%s) with %s", arch, kwargs, cfg.task, len(prompts),
              ", ".join(p.name for p in prompts), cfg.mode)
 
@@ -244,8 +242,9 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
     log.info("%s", task_plan("sampling", math.ceil(cfg.candidates / cfg.candidates_per_task), cfg.cpus_per_task, gpus))
     ctx = Context(
         run_uri=run.uri, architecture=arch, arch_kwargs=kwargs, layout_json=prompt_set.layout.to_json(),
-        stats_json=prompt_set.stats.to_json(), task=cfg.task, seed=cfg.seed, window_size=window, halo=halo,
-        bn_condition=cfg.bn_condition, bn_batches=cfg.bn_batches, bn_batch_size=cfg.bn_batch_size, bn_momentum=cfg.bn_momentum, mode=cfg.mode,
+        stats_json=prompt_set.stats.to_json(), task=cfg.task, seed=cfg.seed, window_size=window, halo=cfg.halo,
+        max_abs=max_abs, bn_condition=cfg.bn_condition, bn_batches=cfg.bn_batches, bn_batch_size=cfg.bn_batch_size,
+        bn_momentum=cfg.bn_momentum, mode=cfg.mode,
         candidates_uri=storage.join(out, "candidates"), kept_uri=storage.join(out, "kept"),
         finetune_epochs=cfg.finetune_epochs, finetune_lr=cfg.finetune_lr,
         finetune_batch_size=cfg.finetune_batch_size, threads=max(1, int(cfg.cpus_per_task)), s3=s3,
@@ -254,7 +253,7 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
     tune = ray.remote(finetune_one).options(**opts)
     storage.makedirs(out, s3)
     ctx_ref = ray.put(ctx)
-    kde = _distribution(cfg, run, prompt_set, window, halo)
+    kde = _distribution(cfg, run, prompt_set, window)
     kdes, rows = [kde], []
     t0 = time.perf_counter()
     for round_ in range(cfg.bootstrap + 1):

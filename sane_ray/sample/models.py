@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sane_ray.embed.encode import decode_haloed, halo_plan
+from sane_ray.model.layers import check_tables
 from sane_ray.model.sane import SaneModel
 from sane_ray.weights.standardize import StandardizationStats
 from sane_ray.weights.tokenize import TokenLayout, detokenize_stack, layout_positions
@@ -31,13 +32,9 @@ from sane_ray.zoo.tasks import Split
 
 def check_positions(model: SaneModel, layout: TokenLayout, architecture: str) -> None:
     """Refuse a target whose token positions exceed the run's position tables, naming the setting."""
-    need = [int(v) + 1 for v in layout_positions(layout).max(dim=0).values]
-    have = list(model.cfg.max_positions)
-    if any(n > h for n, h in zip(need, have)):
-        raise ValueError(
-            f"target {architecture} needs position tables of at least {need} (n, l, k) for its "
-            f"{layout.num_tokens} tokens, but the run has train.model.max_positions={have}; pretrain with a "
-            "larger train.model.max_positions (headroom) to sample this architecture")
+    check_tables([int(v) + 1 for v in layout_positions(layout).max(dim=0).values], model.cfg.max_positions,
+                 "train.model.max_positions", f"target {architecture} ({layout.num_tokens} tokens)",
+                 "pretrain with a larger train.model.max_positions (headroom) to sample this architecture")
 
 
 def default_state(architecture: str, arch_kwargs: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:

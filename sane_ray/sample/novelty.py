@@ -27,13 +27,7 @@ import numpy as np
 import ray
 import torch
 
-from sane_ray.data.config import epoch_filter
-from sane_ray.embed.preprocess import (
-    model_tokens,
-    preprocess,
-    run_max_abs,
-    run_settings,
-)
+from sane_ray.embed.preprocess import model_tokens, preprocess
 from sane_ray.sample.context import (
     NOISE,
     Context,
@@ -76,14 +70,12 @@ class _Zoo:
 
 def _zoo_checkpoints(ctx: Context, run: Any, task: Any, zoo_uri: str, mask: torch.Tensor) -> _Zoo:
     lid = run.preprocessing.layout_id(ctx.architecture, ctx.arch_kwargs)
-    uses = epoch_filter(run_settings(run))
     trained_ids = {m for m, s in run.splits().items() if s == "train"}
     vecs, wrong, names, trained = [], [], [], []
     for model in open_zoo(zoo_uri).models if zoo_uri else []:
         if run.preprocessing.layout_id(model.architecture, model.arch_kwargs) != lid:
             continue
-        mt = model_tokens(run, model, [c.epoch for c in model.checkpoints if uses(c.epoch)],
-                          max_abs=run_max_abs(run), fallback_stats=ctx.stats)
+        mt = model_tokens(run, model, fallback_stats=ctx.stats)  # the epochs and weight limit the run used
         if mt.tokens is None:
             continue
         vecs.append(ctx.stats.invert_tokens(mt.tokens.tokens, ctx.layout)[:, mask])

@@ -178,7 +178,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
         "",
         (f"Run `{c['run']}`, prompts from `{c['prompts'] or 'the run zoo'}`, seed {c['seed']}; "
          f"{c['candidates']} candidates per round, {c['bootstrap']} bootstrap round(s), keep {c['keep']}; "
-         f"haloed decoding {'on' if c['halo'] else 'off'}, BN-conditioning {'on' if c['bn_condition'] else 'off'}."),
+         f"haloed decoding {'off' if c['halo'] == 0 else 'on'}, BN-conditioning {'on' if c['bn_condition'] else 'off'}."),
         "",
         "Prompts: " + ", ".join(f"{p['name']} (val {p['val_acc']:.3f}, test {p['test_acc']:.3f})" for p in s["prompts"]),
         "",

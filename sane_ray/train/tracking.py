@@ -18,32 +18,27 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable
 
 from sane_ray import storage
 
 RUN_TAG = "sane_ray.run_uri"
-_PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
+OFF = "none"  # the backend that logs nothing
 
 
 @dataclass
 class TrackingConfig:
     """Where a run's config and metrics are logged (``backend: none`` logs nothing)."""
 
-    backend: Literal["none", "mlflow", "wandb"] = "none"
-    """Where to log: none, mlflow (pip install 'sane-ray[tracking]') or wandb (pip install wandb)."""
+    backend: str = OFF
+    """Where to log: none, mlflow (pip install 'sane-ray[tracking]') or wandb (pip install wandb); others are refused."""
     uri: str = ""
     """MLflow tracking URI, or W&B's local directory; "": <cache>/mlruns (MLflow), <cache>/wandb (W&B)."""
     experiment: str = "sane-ray"
     """MLflow experiment / W&B project."""
 
-
-def check_tracking(cfg: TrackingConfig) -> None:
-    """Refuse a backend whose package is not installed (before any worker starts)."""
-    package = _PACKAGES.get(cfg.backend)
-    if package and importlib.util.find_spec(package) is None:
-        hint = "pip install 'sane-ray[tracking]'" if package == "mlflow" else "pip install wandb"
-        raise ValueError(f"tracking.backend={cfg.backend} needs the {package} package: {hint}, or set tracking.backend=none")
+    def __post_init__(self) -> None:
+        backend(self.backend)  # an unknown name fails where the config is read, naming the valid ones
 
 
 def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -113,13 +108,46 @@ class _WandbTracker:
 Tracker = _MlflowTracker | _WandbTracker
 
 
+@dataclass(frozen=True)
+class Backend:
+    """A tracking backend: the tracker it opens, the package that needs, and how to install it."""
+
+    tracker: Callable[[TrackingConfig, str, str, dict[str, str]], Tracker]
+    package: str
+    install: str
+
+
+# The one list of backends: the config, the driver's check and the train loop all read it.
+BACKENDS: dict[str, Backend] = {
+    "mlflow": Backend(_MlflowTracker, "mlflow", "pip install 'sane-ray[tracking]'"),
+    "wandb": Backend(_WandbTracker, "wandb", "pip install wandb"),
+}
+
+
+def backend(name: str) -> Backend | None:
+    """The registered backend ``name``, None for ``none``; any other name is refused, naming the valid ones."""
+    if name == OFF:
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"tracking.backend={name!r} is not a tracking backend; valid: {', '.join([OFF, *BACKENDS])}")
+    return BACKENDS[name]
+
+
+def check_tracking(cfg: TrackingConfig) -> None:
+    """Refuse an unknown backend, or one whose package is not installed (before any worker starts)."""
+    b = backend(cfg.backend)
+    if b is not None and importlib.util.find_spec(b.package) is None:
+        raise ValueError(f"tracking.backend={cfg.backend} needs the {b.package} package: {b.install}, "
+                         f"or set tracking.backend={OFF}")
+
+
 def open_tracker(spec: dict[str, Any] | None) -> Tracker | None:
     """The tracker of a run's ``tracking`` spec (built by the pretraining job); None when off.
 
     ``spec``: ``{"config": TrackingConfig as a dict, "run_name", "run_uri", "params"}``.
     """
-    if not spec or spec["config"]["backend"] == "none":
+    if not spec:
         return None
     cfg = TrackingConfig(**spec["config"])
-    cls = _MlflowTracker if cfg.backend == "mlflow" else _WandbTracker
-    return cls(cfg, spec["run_name"], spec["run_uri"], spec["params"])
+    b = backend(cfg.backend)
+    return None if b is None else b.tracker(cfg, spec["run_name"], spec["run_uri"], spec["params"])

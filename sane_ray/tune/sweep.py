@@ -19,15 +19,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import math
 import os
 import time
 from typing import Any, Sequence
 
-import ray
 
 from sane_ray import lease, storage
-from sane_ray.cluster import Plan, ensure_ray_for
+from sane_ray.cluster import Plan, ensure_ray_for, fits_at_once, worker_resources
 from sane_ray.config import ConfigError, dump_config, from_dict, to_dict, with_values
 from sane_ray.pretrain import PretrainConfig, prepare_run, size_run
 from sane_ray.tune.config import OBJECTIVES, SweepConfig
@@ -69,11 +67,7 @@ def size_trials(cfg: SweepConfig) -> tuple[SweepConfig, Plan]:
 
 def concurrency(cfg: SweepConfig) -> int:
     """Trials at once: ``cfg.max_concurrent`` (checked by :func:`size_trials`), or as many as fit."""
-    cpus_each, gpus_each = trial_need(cfg)
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    fit = min(math.floor(cpus / cpus_each + 1e-9), math.floor(gpus / gpus_each + 1e-9) if gpus_each else 10**6)
-    return min(cfg.max_concurrent or max(fit, 1), cfg.samples)
+    return min(cfg.max_concurrent or max(fits_at_once(*trial_need(cfg)), 1), cfg.samples)
 
 
 def check_objective(cfg: SweepConfig, dims: list[Dimension]) -> None:
@@ -107,10 +101,9 @@ def check_sweep(cfg: SweepConfig) -> tuple[list[Dimension], PretrainConfig]:
     dims = parse_space(cfg.space, PretrainConfig)
     base = cfg.pretrain
     if not base.data.zoo_uri:
-        from sane_ray.zoo.generate import ensure_default_zoo
+        from sane_ray.zoo.generate import zoo_or_default
 
-        log.info("no zoo given: using the built-in digits zoo (generated on first use)")
-        base = with_values(base, {"data.zoo_uri": ensure_default_zoo(progress=True)})
+        base = with_values(base, {"data.zoo_uri": zoo_or_default("", base.run.node_types)})
     settings = preprocessing_settings(dims)
     for setting in settings:
         run = prepare_run(with_values(base, setting))
@@ -214,7 +207,8 @@ def _sweep(cfg: SweepConfig, uri: str, callbacks: Sequence[Any]) -> dict[str, An
                  if cfg.scheduler == "asha" else FIFOScheduler())
     trials_uri = storage.join(uri, TRIALS)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=to_dict(base), trials_uri=trials_uri), {"CPU": cfg.trial_cpus})
+        tune.with_parameters(_trial, base=to_dict(base), trials_uri=trials_uri),
+        worker_resources(cfg.trial_cpus, node_types=base.run.node_types))
 
     storage.makedirs(uri)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):

@@ -31,6 +31,7 @@ next one. S3 has no rename, so ``format: public`` is refused there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sane_ray import lease, storage
-from sane_ray.cluster import ensure_ray, task_plan
+from sane_ray.cluster import ensure_ray, remote_args, task_plan
 from sane_ray.config import to_dict
 from sane_ray.zoo import public
 from sane_ray.zoo.architectures import ACTIVATIONS, build_model, get_architecture
@@ -142,6 +143,7 @@ class ZooGenConfig:
     format: ZooFormat = "native"
     """The layout written: native (safetensors + manifest) or public (modelzoos.cc)."""
     space: SearchSpace = field(default_factory=SearchSpace)
+    node_types: bool = False  # train the models on sane_cpu_node nodes (sane_ray.cluster); false: anywhere
 
     def validate(self) -> None:
         """Fail on the driver, before any task starts, naming the bad setting."""
@@ -175,9 +177,9 @@ class ZooGenConfig:
             raise ValueError(f"unknown activation {unknown[0]!r} in space.activation; known: {', '.join(ACTIVATIONS)}")
 
     def identity(self) -> dict[str, Any]:
-        """The settings that determine the zoo's contents (not its layout, where it goes or overwrite)."""
+        """The settings that determine the zoo's contents (not its layout, where it goes or runs, or overwrite)."""
         d = to_dict(self)
-        del d["out"], d["overwrite"], d["format"]
+        del d["out"], d["overwrite"], d["format"], d["node_types"]
         return {"generator_version": GENERATOR_VERSION, **d}
 
 
@@ -319,12 +321,6 @@ def _published(root: str, s3: storage.S3Options) -> tuple[str, dict[str, Any]] |
 MODEL_TASK_CPUS = 1  # training is single-threaded (bit-identical weights wherever it runs)
 
 
-@ray.remote(num_cpus=MODEL_TASK_CPUS)
-def _train_task(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options,
-                zoo_format: ZooFormat) -> list[dict[str, Any]]:
-    return train_model(plan, task, root, s3, zoo_format)
-
-
 def _collect(refs: dict, root: str, progress: bool, unpublished: str) -> list[dict[str, Any]]:
     """Wait for every task, showing progress; on the first failure cancel the rest, wait for them, and raise."""
     n = len(refs)
@@ -371,7 +367,8 @@ def _train_all(cfg: ZooGenConfig, target: str, root: str, progress: bool, s3: st
     task = ray.put(get_task(cfg.task, cfg.split_seed))
     plans = plan_models(cfg)
     log.info("%s", task_plan("model-training", len(plans), MODEL_TASK_CPUS))
-    refs = {_train_task.remote(p, task, target, s3, cfg.format): p for p in plans}
+    train = ray.remote(train_model).options(**remote_args("cpu", MODEL_TASK_CPUS, node_types=cfg.node_types))
+    refs = {train.remote(p, task, target, s3, cfg.format): p for p in plans}
     return _collect(refs, root, progress, unpublished)
 
 
@@ -486,5 +483,14 @@ def default_zoo_config() -> ZooGenConfig:
     return ZooGenConfig()
 
 
-def ensure_default_zoo(progress: bool = True) -> str:
-    return ensure_zoo(default_zoo_config(), progress)
+def ensure_default_zoo(progress: bool = True, node_types: bool = False) -> str:
+    """The built-in zoo's URI, generated on first use (its tasks placed by ``node_types``)."""
+    return ensure_zoo(dataclasses.replace(default_zoo_config(), node_types=node_types), progress)
+
+
+def zoo_or_default(zoo_uri: str, node_types: bool = False) -> str:
+    """``zoo_uri``, or when it is empty the built-in digits zoo: what a run that names no zoo trains on."""
+    if zoo_uri:
+        return zoo_uri
+    log.info("no zoo given: using the built-in digits zoo (generated on first use)")
+    return ensure_default_zoo(progress=True, node_types=node_types)
