@@ -143,7 +143,8 @@ class ZooGenConfig:
     format: ZooFormat = "native"
     """The layout written: native (safetensors + manifest) or public (modelzoos.cc)."""
     space: SearchSpace = field(default_factory=SearchSpace)
-    node_types: bool = False  # train the models on sane_cpu_node nodes (sane_ray.cluster); false: anywhere
+    node_types: bool = False
+    """Train the models on nodes declaring sane_cpu_node (sane_ray.cluster, cluster/); false: anywhere."""
 
     def validate(self) -> None:
         """Fail on the driver, before any task starts, naming the bad setting."""
