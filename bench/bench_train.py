@@ -11,7 +11,7 @@ window 32, d_t 289), batch 32 per worker, both views, synthetic windows. Tokens 
   bf16 is CPU autocast without FSDP, FSDP2's bf16 param dtype with it (fp32 master
   weights and reduction either way). The loss curves of bf16 and fp32 from the same seed
   are compared with the run-to-run noise of fp32 (two fp32 runs whose noise draws differ).
-* ``ray``: ``run_pretraining`` with 1 (and ``--workers``) FSDP2 workers in Ray Train,
+* ``ray``: ``train_sane`` with 1 (and ``--workers``) FSDP2 workers in Ray Train,
   the precision ``select_runtime`` picks for CPU (``TrainConfig.mixed_precision``).
 
 Target (issue 13): one worker in Ray Train >= 4,700 tokens/s (1.5x the reference
@@ -109,7 +109,7 @@ def run_outside(cfg, args) -> dict[tuple[str, str], float]:
 def run_ray(cfg_kwargs: dict, model, args) -> dict[int, float]:
     import ray
 
-    from sane_ray.train import TrainConfig, run_pretraining
+    from sane_ray.train import TrainConfig, train_sane
     from sane_ray.train.runtime import select_runtime
     from sane_ray.train.synthetic import synthetic_dataset
 
@@ -129,7 +129,7 @@ def run_ray(cfg_kwargs: dict, model, args) -> dict[int, float]:
                               steps_per_epoch=args.steps, num_threads=threads, **cfg_kwargs)
             ds = train.limit(args.steps * args.batch_size * workers)  # `steps` batches per worker
             start = time.perf_counter()
-            result = run_pretraining(cfg, {"train": ds}, storage, f"bench-{workers}w", num_workers=workers,
+            result = train_sane(cfg, {"train": ds}, storage, f"bench-{workers}w", num_workers=workers,
                                      resources_per_worker={"CPU": threads}, controller_failure_limit=0)
             wall = time.perf_counter() - start
             hist = result.return_value[1:]

@@ -29,7 +29,7 @@ from sane_ray.cluster import (Plan, RunSettings, check_local_fit, check_node_typ
                               worker_resources)
 from sane_ray.config import dump_config, to_dict
 from sane_ray.data.config import DataConfig
-from sane_ray.model.config import PRESETS as MODEL_PRESETS
+from sane_ray.model.config import MODEL_PRESETS
 from sane_ray.model.config import SaneConfig, preset
 from sane_ray.model.layers import check_tables
 from sane_ray.train.config import TrainConfig
@@ -271,7 +271,7 @@ def run_pretrain(
 def _train(run: PreparedRun, on_epoch_end: Callable[[int, int], None] | None, callbacks: Sequence[Any]) -> Any:
     """Train and export a prepared run whose directory this process has leased and checked."""
     from sane_ray.embed.preprocess import run_export_files
-    from sane_ray.train.trainer import run_pretraining
+    from sane_ray.train.trainer import train_sane
 
     cfg, prepared = run.cfg, run.prepared
     log.info("%s", run.plan.line())
@@ -285,7 +285,7 @@ def _train(run: PreparedRun, on_epoch_end: Callable[[int, int], None] | None, ca
         from sane_ray.probe.signal import probe_signal
 
         signal = functools.partial(probe_signal, uri=prepared.cache_uri, seed=cfg.train.seed)
-    result = run_pretraining(
+    result = train_sane(
         cfg.train,
         {k: v for k, v in prepared.streams.items() if k in ("train", "val")},
         storage_path=run.out,

@@ -14,7 +14,7 @@ from ray.data import DataContext
 
 from sane_ray.data.stream import quiet_data_context
 from sane_ray.model import tiny
-from sane_ray.train import TrainConfig, run_pretraining
+from sane_ray.train import TrainConfig, train_sane
 from sane_ray.train.config import OptimConfig
 from sane_ray.train.synthetic import synthetic_dataset
 
@@ -33,7 +33,7 @@ def main(root: str) -> None:
     quiet_data_context(DataContext.get_current())  # as the pretraining job does: no progress bars
     cfg = TrainConfig(model=MODEL, optim=OptimConfig(lr=1e-3), epochs=2, batch_size=8, num_threads=1,
                       checkpoints_to_keep=2, max_failures=1, steps_per_epoch=4)
-    run_pretraining(cfg, {"train": synthetic_dataset(64, MODEL, seed=0)}, root, "run", num_workers=2,
+    train_sane(cfg, {"train": synthetic_dataset(64, MODEL, seed=0)}, root, "run", num_workers=2,
                     resources_per_worker={"CPU": 1}, on_epoch_end=kill_rank1_once, controller_failure_limit=0)
     print("finished")
 

@@ -22,7 +22,7 @@ from sane_ray.checksums import IntegrityError
 from sane_ray.data.config import DataConfig
 from sane_ray.model import SaneModel, tiny
 from sane_ray.model.export import load_sane
-from sane_ray.train import TrainConfig, run_pretraining
+from sane_ray.train import TrainConfig, train_sane
 from sane_ray.train.checkpoint import TrainState, verify_checkpoint
 from sane_ray.train.config import OptimConfig
 from sane_ray.train.optim import build_optimizer
@@ -90,14 +90,14 @@ def interrupted_run(datasets, tmp_path_factory):
     def second_writer() -> None:
         _wait_for(os.path.join(run, lease.LEASE_FILE))
         try:
-            run_pretraining(_cfg(), datasets, root, "run", **WORKERS)
+            train_sane(_cfg(), datasets, root, "run", **WORKERS)
         except BaseException as e:  # noqa: BLE001 - handed to the test
             second.append(e)
 
     thread = threading.Thread(target=second_writer, daemon=True)
     thread.start()
     with pytest.raises(PretrainingFailedError) as failed:
-        run_pretraining(_cfg(), datasets, root, "run", on_epoch_end=_stop_at(2), **WORKERS)
+        train_sane(_cfg(), datasets, root, "run", on_epoch_end=_stop_at(2), **WORKERS)
     thread.join(timeout=60)
     assert len(checkpoint_dirs(run)) == 2
     return run, failed.value, second[0] if second else None
@@ -147,7 +147,7 @@ def test_bad_latest_checkpoint_falls_back_and_finishes(interrupted_run, datasets
     root, run = _copy(interrupted_run[0], tmp_path)
     older, newest = checkpoint_dirs(run)
     _damage(os.path.join(run, newest), fault)
-    history = run_pretraining(_cfg(), datasets, root, "run", **WORKERS).return_value
+    history = train_sane(_cfg(), datasets, root, "run", **WORKERS).return_value
     assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0]  # every epoch once
     if fault == "unregistered":  # the newest checkpoint on storage wins over Ray's (empty) registry
         assert [h["resumed_from_epoch"] for h in history] == [0.0, 0.0, 2.0]
@@ -190,7 +190,7 @@ def test_no_usable_checkpoint_stops_before_training(interrupted_run, datasets, t
     _damage(os.path.join(run, older), "missing")
     _damage(os.path.join(run, newest), "bit-flipped")
     with pytest.raises(ResumeError) as e:
-        run_pretraining(_cfg(), datasets, root, "run", **WORKERS)
+        train_sane(_cfg(), datasets, root, "run", **WORKERS)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"no usable checkpoint in {run}: ")
     assert f"{older}/__0_0.distcp: missing" in msg and f"{newest}/__1_0.distcp" in msg and "altered" in msg
@@ -375,7 +375,7 @@ def test_storage_outage_mid_run_is_ridden_out(datasets, s3):
 
     threading.Thread(target=pause_after_first_checkpoint, daemon=True).start()
     start = time.monotonic()
-    result = run_pretraining(_cfg(epochs=4, checkpoints_to_keep=4), datasets, out, "outage", s3=opts, **WORKERS)
+    result = train_sane(_cfg(epochs=4, checkpoints_to_keep=4), datasets, out, "outage", s3=opts, **WORKERS)
     assert time.monotonic() - start > OUTAGE_S and proxy.refused > 0  # the outage happened during the run
     history = result.return_value
     assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]

@@ -10,7 +10,7 @@ import torch
 
 from sane_ray.config import from_dict
 from sane_ray.model import (
-    PRESETS,
+    MODEL_PRESETS,
     PositionOutOfRangeError,
     SaneConfig,
     SaneModel,
@@ -137,7 +137,7 @@ def test_config_validation_and_loading():
     with pytest.raises(ValueError, match="unknown SANE preset"):
         preset("huge")
     assert preset("reference") == SaneConfig()
-    assert {n: (c := f()).d_model for n, f in PRESETS.items()} == {
+    assert {n: (c := f()).d_model for n, f in MODEL_PRESETS.items()} == {
         "tiny": 64, "reference": 256, "small_cnn": 1024, "resnet": 2048
     }
     assert (c.d_t, c.window_size, c.n_layers) == (288, 256, 8)

@@ -13,7 +13,7 @@ import torch
 
 from sane_ray import lease, storage
 from sane_ray.data import DataConfig, DataPreparationError, SplitError, WindowSizeError, prepare_data
-from sane_ray.data.canonical import MANIFEST, cache_key, load_manifest
+from sane_ray.data.canonical import CANONICAL_MANIFEST, cache_key, load_manifest
 from sane_ray.data.stream import token_rows
 from sane_ray.weights.tokenize import detokenize, layout_mask, layout_positions
 from sane_ray.zoo import native
@@ -238,7 +238,7 @@ def test_a_second_run_waits_for_the_cache_another_run_builds(prepared, zoo_cfg, 
     from sane_ray.data import pipeline
 
     monkeypatch.setattr(pipeline, "CACHE_POLL_S", 0.2)
-    manifest = storage.join(prepared.cache_uri, MANIFEST)
+    manifest = storage.join(prepared.cache_uri, CANONICAL_MANIFEST)
     body = storage.read_bytes(manifest)
     storage.remove(manifest)  # the cache as its builder leaves it until the end: no manifest yet
     fs, path = storage.open_uri(prepared.cache_uri)

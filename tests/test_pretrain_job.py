@@ -32,7 +32,7 @@ def no_work(monkeypatch):
         raise AssertionError("bad input reached preprocessing or training")
 
     monkeypatch.setattr("sane_ray.data.pipeline.build_canonical", forbidden)
-    monkeypatch.setattr("sane_ray.train.trainer.run_pretraining", forbidden)
+    monkeypatch.setattr("sane_ray.train.trainer.train_sane", forbidden)
 
 
 def _fails(argv: list[str], capsys) -> str:
@@ -139,7 +139,7 @@ def train_hooks(monkeypatch):
     """Run the job's trainer with a test hook and no scheduling retries; collect its results."""
     from sane_ray.train import trainer
 
-    results, real = [], trainer.run_pretraining
+    results, real = [], trainer.train_sane
     hooks = {"on_epoch_end": None}
 
     def run(*args, **kwargs):
@@ -147,7 +147,7 @@ def train_hooks(monkeypatch):
         results.append(real(*args, **kwargs))
         return results[-1]
 
-    monkeypatch.setattr(trainer, "run_pretraining", run)
+    monkeypatch.setattr(trainer, "train_sane", run)
     return hooks, results
 
 
@@ -170,7 +170,7 @@ def test_s3_run_is_interrupted_and_resumes(ray_cluster, s3, train_hooks, capsys)
     assert main(argv) == 1  # a failed run: one line naming the cause and the run directory
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sane-ray: error:")]
     assert len(errors) == 1 and f"pretraining into {out}/s3run failed" in errors[0] and "interrupted" in errors[0]
-    assert not results  # run_pretraining raised
+    assert not results  # train_sane raised
     run = f"{out}/s3run"
     checkpoints = _checkpoints(run)
     assert len(checkpoints) == 1

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sane_ray.model import SaneModel, tiny
-from sane_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from sane_ray.train.checkpoint import TrainState, load_train_state, save_train_state
 from sane_ray.train.config import OptimConfig
 from sane_ray.train.distributed import gather_rows
 from sane_ray.train.fsdp import apply_fsdp, data_parallel_mesh
@@ -54,13 +54,13 @@ def _dcp_round_trip(model: SaneModel, world: int, out_dir: str) -> dict:
     sched.step()
     state = TrainState(model, opt, sched, epoch=1, history=[{"epoch": 1.0}])
     ckpt = os.path.join(out_dir, "ckpt")
-    save_checkpoint(state, ckpt)
+    save_train_state(state, ckpt)
     torch.manual_seed(123)
     other = SaneModel(CFG)
     apply_fsdp(other, data_parallel_mesh("cpu", world))
     other_opt, other_sched = build_optimizer(other, OptimConfig(lr=1e-2), total_steps=10)
     restored = TrainState(other, other_opt, other_sched)
-    load_checkpoint(restored, ckpt)
+    load_train_state(restored, ckpt)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return {
         "after_step": get_model_state_dict(model, options=opts),

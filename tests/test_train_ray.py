@@ -12,8 +12,8 @@ from ray.train import TrainingFailedError
 from sane_ray import storage
 from sane_ray.model import SaneModel, tiny
 from sane_ray.model.export import load_sane
-from sane_ray.train import TrainConfig, run_pretraining
-from sane_ray.train.checkpoint import TrainState, load_checkpoint
+from sane_ray.train import TrainConfig, train_sane
+from sane_ray.train.checkpoint import TrainState, load_train_state
 from sane_ray.train.config import OptimConfig
 from sane_ray.train.optim import build_optimizer
 from sane_ray.train.synthetic import synthetic_dataset
@@ -62,9 +62,9 @@ def _stop_at(epoch: int):
 def test_resume_with_same_run_name(datasets, tmp_path):
     cfg = _cfg()
     with pytest.raises(TrainingFailedError):
-        run_pretraining(cfg, datasets, str(tmp_path), "resume", on_epoch_end=_stop_at(1),
+        train_sane(cfg, datasets, str(tmp_path), "resume", on_epoch_end=_stop_at(1),
                         controller_failure_limit=0, **WORKERS)
-    result = run_pretraining(cfg, datasets, str(tmp_path), "resume", controller_failure_limit=0, **WORKERS)
+    result = train_sane(cfg, datasets, str(tmp_path), "resume", controller_failure_limit=0, **WORKERS)
     history = result.return_value
     assert [h["epoch"] for h in history] == [1.0, 2.0]
     assert result.metrics["epoch"] == 2.0 and result.metrics["resumed_from_epoch"] == 1.0
@@ -85,7 +85,7 @@ def test_resume_with_same_run_name(datasets, tmp_path):
     opt, sched = build_optimizer(fresh, cfg.optim, total_steps=8)
     state = TrainState(fresh, opt, sched)
     with result.checkpoint.as_directory() as d:
-        load_checkpoint(state, d)
+        load_train_state(state, d)
     assert state.epoch == 2
     for name, t in exported.state_dict().items():
         assert torch.equal(t, fresh.state_dict()[name]), name
@@ -93,7 +93,7 @@ def test_resume_with_same_run_name(datasets, tmp_path):
 
 def test_worker_failure_restarts_from_last_checkpoint(datasets, tmp_path):
     marker = str(tmp_path / "failed-once")
-    result = run_pretraining(
+    result = train_sane(
         _cfg(max_failures=1), {"train": datasets["train"]}, str(tmp_path), "faulty",
         on_epoch_end=_fail_once_at(1, marker), controller_failure_limit=0, **WORKERS,
     )

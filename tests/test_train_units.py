@@ -9,7 +9,7 @@ import torch
 
 from sane_ray.config import ConfigError, load_config
 from sane_ray.model import SaneModel, tiny
-from sane_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from sane_ray.train.checkpoint import TrainState, load_train_state, save_train_state
 from sane_ray.train.config import OptimConfig, TrainConfig
 from sane_ray.train.optim import build_optimizer
 from sane_ray.train.runtime import cpu_has_bf16, select_runtime
@@ -106,28 +106,28 @@ def test_checkpoint_round_trip_single_process(tmp_path):
     opt, sched = build_optimizer(model, OptimConfig(), total_steps=10)
     for _ in range(2):
         optimizer_step(compute_loss(model, _batch(cfg), cfg, CPU).total, model, opt, sched, 1.0)
-    save_checkpoint(TrainState(model, opt, sched, epoch=2, history=[{"epoch": 1}, {"epoch": 2}]), str(tmp_path / "c"))
+    save_train_state(TrainState(model, opt, sched, epoch=2, history=[{"epoch": 1}, {"epoch": 2}]), str(tmp_path / "c"))
     torch.manual_seed(5)
     other = SaneModel(cfg)
     o_opt, o_sched = build_optimizer(other, OptimConfig(), total_steps=10)
     restored = TrainState(other, o_opt, o_sched)
-    load_checkpoint(restored, str(tmp_path / "c"))
+    load_train_state(restored, str(tmp_path / "c"))
     assert restored.epoch == 2 and restored.history == [{"epoch": 1}, {"epoch": 2}]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     assert o_sched.last_epoch == 2 and o_opt.state_dict()["state"][0]["step"].item() == 2
     with pytest.raises(FileNotFoundError, match="missing .metadata"):
-        load_checkpoint(restored, str(tmp_path))
+        load_train_state(restored, str(tmp_path))
 
 
 def test_steps_per_epoch_and_argument_checks():
-    from sane_ray.train import run_pretraining, steps_per_epoch
+    from sane_ray.train import train_sane, steps_per_epoch
 
     assert steps_per_epoch(100, 2, 8) == 6  # 50 rows per worker, partial batch dropped
     with pytest.raises(ValueError, match="too few for 4 workers"):
         steps_per_epoch(30, 4, 8)
     with pytest.raises(ValueError, match="'train'"):
-        run_pretraining(TrainConfig(), {"val": None}, "/tmp/x", "n")
+        train_sane(TrainConfig(), {"val": None}, "/tmp/x", "n")
     with pytest.raises(ValueError, match="'train'"):
-        run_pretraining(TrainConfig(), {"train": None, "test": None}, "/tmp/x", "n")
+        train_sane(TrainConfig(), {"train": None, "test": None}, "/tmp/x", "n")
     with pytest.raises(ValueError, match="num_workers"):
-        run_pretraining(TrainConfig(), {"train": None}, "/tmp/x", "n", num_workers=0)
+        train_sane(TrainConfig(), {"train": None}, "/tmp/x", "n", num_workers=0)

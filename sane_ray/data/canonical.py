@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the shard contents change for the same settings: old caches are then ignored.
 CANONICAL_VERSION = 1
-MANIFEST = "canonical.json"
+CANONICAL_MANIFEST = "canonical.json"
 STATS = "stats.json"
 
 SHARD_SCHEMA = pa.schema(
@@ -220,10 +220,10 @@ def default_cache_uri(zoo_uri: str) -> str:
 
 def load_manifest(uri: str, s3: storage.S3Options | None = None) -> CanonicalZoo | None:
     """The finished canonical zoo at ``uri``, or None if there is none (or an unfinished one)."""
-    if not storage.exists(storage.join(uri, MANIFEST), s3):
+    if not storage.exists(storage.join(uri, CANONICAL_MANIFEST), s3):
         return None
     try:
-        return CanonicalZoo.from_json(storage.read_bytes(storage.join(uri, MANIFEST), s3).decode())
+        return CanonicalZoo.from_json(storage.read_bytes(storage.join(uri, CANONICAL_MANIFEST), s3).decode())
     except (ValueError, KeyError, TypeError) as e:
         log.warning("ignoring unreadable canonical manifest at %s: %s", uri, e)
         return None
@@ -504,5 +504,5 @@ def build_canonical(
         layout_of={mid: p.layout_of[mid] for ids in members.values() for mid in ids},
         digests={mid: by_id[mid].digests() for ids in members.values() for mid in ids},
     )
-    storage.write_bytes_atomic(storage.join(out_uri, MANIFEST), canonical.to_json().encode(), s3)
+    storage.write_bytes_atomic(storage.join(out_uri, CANONICAL_MANIFEST), canonical.to_json().encode(), s3)
     return canonical

@@ -9,7 +9,7 @@ the canonical zoo by a manifest, and the windows stream.
 Train side (every draw is a function of the seed, the epoch and the rank)::
 
     data = prepare_data(cfg)
-    run_pretraining(train_cfg, data.streams, ...)                # "train", "val" (and "test")
+    train_sane(train_cfg, data.streams, ...)                # "train", "val" (and "test")
     # in the loop, per epoch:
     ds = streams["train"].dataset(seed, epoch, rank, world)
     for batch in ds.iter_torch_batches(batch_size=32, local_shuffle_buffer_size=..., local_shuffle_seed=...):

@@ -118,7 +118,7 @@ def resnet() -> SaneConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], SaneConfig]] = {
+MODEL_PRESETS: dict[str, Callable[[], SaneConfig]] = {
     "tiny": tiny,
     "reference": reference,
     "small_cnn": small_cnn,
@@ -129,6 +129,6 @@ PRESETS: dict[str, Callable[[], SaneConfig]] = {
 def preset(name: str) -> SaneConfig:
     """The named preset's config; unknown names list the known ones."""
     try:
-        return PRESETS[name]()
+        return MODEL_PRESETS[name]()
     except KeyError:
-        raise ValueError(f"unknown SANE preset {name!r}; known: {', '.join(PRESETS)}") from None
+        raise ValueError(f"unknown SANE preset {name!r}; known: {', '.join(MODEL_PRESETS)}") from None

@@ -27,7 +27,7 @@ from sane_ray.zoo.tasks import Task, get_task
 
 # Streams of the seed: every random draw is derive(cfg.seed, STREAM, ...).
 DRAW, INIT, BN, FINETUNE, SCRATCH, NOISE = range(1, 7)
-SPLITS = ("train", "val", "test")
+TASK_SPLITS = ("train", "val", "test")  # the task data a candidate is scored on (not the zoo's model splits)
 
 
 def derive(seed: int, *keys: int) -> int:
@@ -86,7 +86,7 @@ def cached_task(name: str) -> Task:
 def metrics(net: torch.nn.Module, task: Task) -> dict[str, float]:
     """Accuracy and loss on every split of ``task``: a candidate's manifest metrics."""
     out = {}
-    for split in SPLITS:
+    for split in TASK_SPLITS:
         out[f"{split}_acc"], out[f"{split}_loss"], _ = evaluate_split(net, task.split(split))
     return out
 

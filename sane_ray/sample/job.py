@@ -50,7 +50,7 @@ from sane_ray.sample.context import (
     FINETUNE,
     INIT,
     SCRATCH,
-    SPLITS,
+    TASK_SPLITS,
     Context,
     cached_run,
     cached_task,
@@ -142,7 +142,7 @@ class SamplingFailedError(RuntimeError):
     """Every candidate of a sampling run is broken (non-finite loss or accuracy)."""
 
 
-SCORED = tuple(f"{split}_{m}" for split in SPLITS for m in ("acc", "loss"))
+SCORED = tuple(f"{split}_{m}" for split in TASK_SPLITS for m in ("acc", "loss"))
 
 
 def broken(row: dict[str, Any]) -> bool:

@@ -1,6 +1,6 @@
 """Distributed SANE pretraining on Ray Train with FSDP2: loop, checkpoints, TorchTrainer wiring.
 
-Public entry points: :func:`run_pretraining`, :func:`train_loop_per_worker`,
+Public entry points: :func:`train_sane`, :func:`train_loop_per_worker`,
 :class:`TrainConfig`. The Ray-dependent ones are imported lazily. The exported model's
 writer and reader (``export_model``, ``load_sane``) live in :mod:`sane_ray.model.export`.
 """
@@ -13,7 +13,7 @@ from typing import Any
 from sane_ray.train.config import OptimConfig, TrainConfig
 
 _LAZY = {
-    "run_pretraining": "sane_ray.train.trainer",
+    "train_sane": "sane_ray.train.trainer",
     "steps_per_epoch": "sane_ray.train.trainer",
     "train_loop_per_worker": "sane_ray.train.loop",
 }

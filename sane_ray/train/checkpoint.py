@@ -73,7 +73,7 @@ class TrainState(Stateful):
         self.history = json.loads(state_dict["history"])
 
 
-def save_checkpoint(state: TrainState, directory: str) -> None:
+def save_train_state(state: TrainState, directory: str) -> None:
     """Collective when distributed: every rank calls it with its own local directory."""
     os.makedirs(directory, exist_ok=True)
     rank, world = rank_and_world()
@@ -114,8 +114,8 @@ def verify_checkpoint(uri: str, s3: storage.S3Options | None = None) -> dict[str
     return contents
 
 
-def load_checkpoint(state: TrainState, directory: str) -> None:
-    """Restore ``state`` in place from a directory written by :func:`save_checkpoint`."""
+def load_train_state(state: TrainState, directory: str) -> None:
+    """Restore ``state`` in place from a directory written by :func:`save_train_state`."""
     if not os.path.exists(os.path.join(directory, ".metadata")):
         raise FileNotFoundError(f"no DCP checkpoint (missing .metadata) in {directory}")
     with _single_process_quiet():

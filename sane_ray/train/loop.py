@@ -4,7 +4,7 @@ Everything Ray-specific for a worker is here: dataset shards, ``ray.train.report
 (a barrier: every rank reports every epoch), checkpoints and resume. The model, loss,
 FSDP, optimizer and checkpoint format come from their own modules.
 
-``config`` (built by :func:`sane_ray.train.trainer.run_pretraining`):
+``config`` (built by :func:`sane_ray.train.trainer.train_sane`):
 
 - ``train``: a :class:`TrainConfig` as a dict
 - ``steps_per_epoch``: optimizer steps per epoch and worker (sizes the OneCycle schedule)
@@ -50,7 +50,7 @@ from sane_ray.config import from_dict
 from sane_ray.model.export import export_model
 from sane_ray.model.losses import GatherFn, renormalize
 from sane_ray.model.sane import SaneModel
-from sane_ray.train.checkpoint import TrainState, save_checkpoint
+from sane_ray.train.checkpoint import TrainState, save_train_state
 from sane_ray.train.config import TrainConfig
 from sane_ray.train.distributed import all_reduce_max, all_reduce_sum, gather_rows, is_distributed, rank_and_world
 from sane_ray.train.fsdp import apply_fsdp, data_parallel_mesh
@@ -362,7 +362,7 @@ def _report(state: TrainState, metrics: dict[str, float], with_checkpoint: bool)
         return
     directory = tempfile.mkdtemp(prefix="sane-ckpt-")
     try:
-        save_checkpoint(state, directory)
+        save_train_state(state, directory)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from sane_ray import storage
 from sane_ray.checksums import IntegrityError
-from sane_ray.train.checkpoint import TrainState, load_checkpoint, verify_checkpoint
+from sane_ray.train.checkpoint import TrainState, load_train_state, verify_checkpoint
 
 # Ray Train's registry of reported checkpoints in the run directory (ray.train.v2 constants).
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -133,7 +133,7 @@ def restore(state: TrainState, run_uri: str | None, keep: int, s3: storage.S3Opt
     uri = storage.join(run_uri, name)
     contents = found.contents if rank == 0 else verify_checkpoint(uri, s3)
     with _local_directory(uri, contents, s3) as directory:
-        load_checkpoint(state, directory)
+        load_train_state(state, directory)
     if rank == 0:
         line = f"resuming {run_uri} after epoch {state.epoch} from {name}"
         if found.failed:

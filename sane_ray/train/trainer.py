@@ -1,6 +1,6 @@
 """Wire the train loop into ``ray.train.torch.TorchTrainer``.
 
-:func:`run_pretraining` is the entry point the jobs and the CLI call with Ray Datasets
+:func:`train_sane` is the entry point the jobs and the CLI call with Ray Datasets
 in the batch format of docs/CONTRACTS.md. Re-running it with the same
 ``storage_path`` and ``name`` resumes from the newest checkpoint there that verifies
 (:mod:`sane_ray.train.resume`); while it runs, the run directory is leased to it
@@ -52,7 +52,7 @@ def _rows_per_pass(train: Any, seed: int, num_workers: int) -> int:
     return train.rows_per_rank(seed, num_workers) * num_workers
 
 
-def run_pretraining(
+def train_sane(
     train_cfg: TrainConfig,
     datasets: Mapping[str, ray.data.Dataset | Any],
     storage_path: str,
