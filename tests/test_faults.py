@@ -215,7 +215,7 @@ def test_checkpoint_digests_need_every_rank(interrupted_run, tmp_path):
 @pytest.fixture()
 def s3_run(s3) -> tuple[str, list[str]]:
     """A run directory in the test's bucket with checkpoints of epochs 1 and 2, saved in this process."""
-    from sane_ray.train.checkpoint import save_checkpoint
+    from sane_ray.train.checkpoint import save_train_state
 
     run = f"s3://{s3['bucket']}/runs/run"
     fs, path = storage.open_uri(run)
@@ -224,7 +224,7 @@ def s3_run(s3) -> tuple[str, list[str]]:
         state = _fresh_state()
         state.epoch = epoch
         local = tempfile.mkdtemp(prefix="sane-test-ckpt-")
-        save_checkpoint(state, local)
+        save_train_state(state, local)
         names.append(f"checkpoint_2026-01-01_00-00-0{epoch}.000000")
         fs.put(local + "/", f"{path}/{names[-1]}/", recursive=True)
         shutil.rmtree(local)
