@@ -33,9 +33,8 @@ import torch  # noqa: E402
 
 import zoo_builders as zb  # noqa: E402
 from sane_ray import storage  # noqa: E402
-from sane_ray.data.canonical import (  # noqa: E402
-    CanonicalJob, CanonicalZoo, Canonicalizer, _items, _model_stats, choose_references, model_to_json, plan,
-)
+from sane_ray.data.canonical import CanonicalJob, Canonicalizer, _items, _model_stats, choose_references, plan
+from sane_ray.data.format import CanonicalZoo, model_to_json
 from sane_ray.data.config import DataConfig  # noqa: E402
 from sane_ray.data.stream import StreamSpec, WindowStream, read_and_draw  # noqa: E402
 from sane_ray.weights.standardize import StandardizationStats  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sane_ray.config import load_config
-from sane_ray.data.canonical import CanonicalZoo
+from sane_ray.data.format import CanonicalZoo
 from sane_ray.embed.preprocess import PREPROCESSING_FILE, Preprocessing, checkpoints_at
 from sane_ray.model.layers import PositionOutOfRangeError, check_tables
 from sane_ray.probe.config import ProbeConfig

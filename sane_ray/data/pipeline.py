@@ -30,18 +30,9 @@ import time
 from dataclasses import dataclass
 
 from sane_ray import lease, storage
-from sane_ray.data.canonical import (
-    CanonicalZoo,
-    DataPreparationError,
-    LayoutGroup,
-    Plan,
-    build_canonical,
-    cache_key,
-    default_cache_uri,
-    load_manifest,
-    load_stats,
-    plan,
-)
+from sane_ray.data.canonical import Plan, build_canonical, cache_key, plan
+from sane_ray.data.format import (CanonicalZoo, DataPreparationError, LayoutGroup, default_cache_uri, load_manifest,
+                                  load_stats)
 from sane_ray.data.config import DataConfig
 from sane_ray.data.splits import SPLITS
 from sane_ray.data.stream import StreamSpec, WindowStream

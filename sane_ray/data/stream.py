@@ -55,7 +55,7 @@ from ray.data import DataContext
 
 from sane_ray import storage
 from sane_ray.cluster import remote_args
-from sane_ray.data.canonical import CanonicalZoo
+from sane_ray.data.format import CanonicalZoo
 from sane_ray.data.config import DataConfig
 from sane_ray.data.splits import SPLITS
 from sane_ray.data.windows import (

@@ -35,8 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sane_ray import storage
-from sane_ray.data.canonical import CANONICAL_MANIFEST
-from sane_ray.data.canonical import CanonicalZoo, architecture_layout
+from sane_ray.data.format import CANONICAL_MANIFEST, CanonicalZoo, architecture_layout
 from sane_ray.data.config import epoch_filter
 from sane_ray.model.export import tensors_from_bytes, tensors_to_bytes
 from sane_ray.weights.align import align_model

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from sane_ray import storage
-from sane_ray.data.canonical import CANONICAL_MANIFEST
-from sane_ray.data.canonical import CanonicalZoo
+from sane_ray.data.format import CANONICAL_MANIFEST, CanonicalZoo
 from sane_ray.embed.preprocess import Preprocessing
 from sane_ray.model.export import ExportError, read_export, sane_from_files
 from sane_ray.model.sane import SaneModel

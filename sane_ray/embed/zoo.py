@@ -36,7 +36,7 @@ import ray
 
 from sane_ray import storage
 from sane_ray.cluster import ensure_ray, gpu_share, remote_args
-from sane_ray.data.canonical import CanonicalZoo, model_from_json, model_to_json
+from sane_ray.data.format import CanonicalZoo, model_from_json, model_to_json
 from sane_ray.embed.encode import Embeddings, concat_tokens, embed_tokens
 from sane_ray.embed.preprocess import model_tokens, population_stats, run_max_abs
 from sane_ray.embed.run import Run, load_preprocessing, load_run, run_canonical, splits_of, untrained_control

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from sane_ray.data.canonical import CanonicalZoo
+from sane_ray.data.format import CanonicalZoo
 from sane_ray.data.shards import iter_checkpoints, open_canonical
 from sane_ray.embed.encode import encode_haloed, halo_plan, summarize
 from sane_ray.probe.linear import ridge_probe
