@@ -58,7 +58,7 @@ class LayoutGroup:
     layout_id: str
     layout_json: str
     architecture: str  # the first model's architecture and arguments (for the permutation spec)
-    archarch_kwargs_json: str
+    arch_kwargs_json: str
     architectures: tuple[str, ...]
     reference: tuple[str, int] | None = None  # (model_id, epoch), chosen from the training split
 
