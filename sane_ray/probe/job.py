@@ -453,7 +453,8 @@ def _probe(cfg: ProbeConfig, out: str) -> ProbeResults:
     data = collect(run, control, zoo, cfg)
     probed = set(data.model_id)
     split_of, split_how, seen = model_splits(run, [m for m in zoo.models if m.model_id in probed])
-    run_split = {m: run.splits()[m] for m in seen}  # the run's split of the probed models that are its own
+    known = run.splits()
+    run_split = {m: known[m] for m in seen}  # the run's split of the probed models that are its own
     data.assign_splits(split_of, {m for m, s in run_split.items() if s == "train"})
     res = probe(data, cfg)
     write_results(res, data, zoo, cfg, out, split_how, run_split)
