@@ -79,7 +79,8 @@ def digits_bn_zoo(models: int, epochs: int) -> list[StateDict]:
     from safetensors.torch import load_file
 
     from sane_ray.storage import cache_dir
-    from sane_ray.zoo.generate import ZooGenConfig, plan_models, train_model
+    from sane_ray.zoo.plan import ZooGenConfig, plan_models
+    from sane_ray.zoo.trainer import train_model
     from sane_ray.zoo.native import checkpoint_path
     from sane_ray.zoo.tasks import get_task
 

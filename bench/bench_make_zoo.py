@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import ray
 
 from sane_ray import storage
-from sane_ray.zoo.generate import ZooGenConfig, generate_zoo
+from sane_ray.zoo.generate import generate_zoo
+from sane_ray.zoo.plan import ZooGenConfig
 from sane_ray.zoo.native import MANIFEST
 
 

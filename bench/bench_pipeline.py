@@ -228,7 +228,8 @@ def ensure_zoo(models: int, epochs: int, seed: int) -> str:
     import ray
 
     from sane_ray.storage import cache_dir
-    from sane_ray.zoo.generate import ZooGenConfig, ensure_zoo
+    from sane_ray.zoo.generate import ensure_zoo
+    from sane_ray.zoo.plan import ZooGenConfig
 
     out = os.path.join(cache_dir(), "bench", f"cnn_digits-{models}x{epochs}-s{seed}")
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)

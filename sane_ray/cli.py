@@ -38,7 +38,8 @@ def _zoo_info(args: argparse.Namespace) -> int:
 
 
 def _make_zoo(args: argparse.Namespace) -> int:
-    from sane_ray.zoo.generate import ZooGenConfig, generate_zoo
+    from sane_ray.zoo.generate import generate_zoo
+    from sane_ray.zoo.plan import ZooGenConfig
 
     cfg = load_config(ZooGenConfig, args.config, overrides_from_args(args))
     uri = generate_zoo(cfg, progress=True)
@@ -103,7 +104,7 @@ def config_jobs() -> dict[str, tuple[type, dict[str, str]]]:
     from sane_ray.probe.config import ProbeConfig
     from sane_ray.sample.config import SampleConfig
     from sane_ray.tune.config import SWEEP_ALIASES, SweepConfig
-    from sane_ray.zoo.generate import ZooGenConfig
+    from sane_ray.zoo.plan import ZooGenConfig
 
     return {
         "make-zoo": (ZooGenConfig, {}),

@@ -14,7 +14,7 @@ from sane_ray.model.layers import PositionOutOfRangeError, check_tables
 from sane_ray.probe.config import ProbeConfig
 from sane_ray.sample.config import SampleConfig
 from sane_ray.train.tracking import TrackingConfig, check_tracking, open_tracker
-from sane_ray.zoo.generate import ZooGenConfig
+from sane_ray.zoo.plan import ZooGenConfig
 from sane_ray.zoo.spec import CheckpointRecord, ModelRecord
 
 

@@ -505,7 +505,8 @@ def test_interrupted_overwrites_keep_the_old_zoo_and_leave_no_orphans(ray_cluste
     """Each prefix in turn: an overwrite interrupted before publishing keeps the old zoo; the next
     successful one leaves only the files its manifest names, whichever prefix the interrupted one used."""
     from sane_ray.zoo import generate
-    from sane_ray.zoo.generate import ZooGenConfig, generate_zoo
+    from sane_ray.zoo.generate import generate_zoo
+    from sane_ray.zoo.plan import ZooGenConfig
     from sane_ray.zoo.native import manifest_paths
     from sane_ray.zoo.reader import open_zoo
 

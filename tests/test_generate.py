@@ -15,19 +15,9 @@ from safetensors.torch import load as safetensors_load
 from sane_ray import storage
 from sane_ray.config import load_config
 from sane_ray.zoo.architectures import build_model
-from sane_ray.zoo.generate import (
-    SearchSpace,
-    ZooExistsError,
-    ZooGenConfig,
-    ZooGenerationError,
-    default_zoo_config,
-    ensure_zoo,
-    generate_zoo,
-    initialize,
-    plan_models,
-    train_model,
-    zoo_uri,
-)
+from sane_ray.zoo.generate import ZooExistsError, ZooGenerationError, ensure_zoo, generate_zoo
+from sane_ray.zoo.plan import SearchSpace, ZooGenConfig, default_zoo_config, plan_models, zoo_uri
+from sane_ray.zoo.trainer import initialize, train_model
 from sane_ray.zoo.native import MANIFEST
 from sane_ray.zoo.reader import load_checkpoint, open_zoo
 from sane_ray.zoo.tasks import LABEL_PERMUTATION, TASKS, UnknownTaskError, evaluate, get_task, split_indices

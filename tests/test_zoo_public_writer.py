@@ -15,15 +15,8 @@ from sane_ray.cli import main
 from sane_ray.lease import LEASE_FILE
 from sane_ray.zoo import generate
 from sane_ray.zoo.checks import ZooError
-from sane_ray.zoo.generate import (
-    SearchSpace,
-    ZooExistsError,
-    ZooGenConfig,
-    ZooGenerationError,
-    ensure_zoo,
-    generate_zoo,
-    plan_models,
-)
+from sane_ray.zoo.generate import ZooExistsError, ZooGenerationError, ensure_zoo, generate_zoo
+from sane_ray.zoo.plan import SearchSpace, ZooGenConfig, plan_models
 from sane_ray.zoo.public import ZOO_MARKER
 from sane_ray.zoo.reader import load_checkpoint, open_zoo
 

@@ -1,4 +1,4 @@
-"""Generate model zoos on the digits tasks: one Ray task trains one model.
+"""Generate model zoos on the digits tasks: one Ray task trains one planned model, the driver publishes.
 
 Like the public model zoos, models differ in seed, learning rate, weight decay,
 activation, initialization and dropout; every choice is drawn from ``(cfg.seed, model
@@ -34,44 +34,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, get_args
+from typing import Any
 
-import numpy as np
 import ray
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from sane_ray import lease, storage
 from sane_ray.cluster import ensure_ray, remote_args, task_plan
-from sane_ray.config import to_dict
 from sane_ray.zoo import public
-from sane_ray.zoo.architectures import ACTIVATIONS, build_model, get_architecture
-from sane_ray.zoo.native import (
-    MANIFEST,
-    manifest_paths,
-    publish_manifest,
-    read_manifest,
-    unlisted_files,
-    write_checkpoint,
-)
-from sane_ray.zoo.spec import with_ggap
-from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, Task, evaluate, get_task
+from sane_ray.zoo.native import MANIFEST, manifest_paths, publish_manifest, read_manifest, unlisted_files
+from sane_ray.zoo.plan import ZooGenConfig, default_zoo_config, plan_models, zoo_uri
+from sane_ray.zoo.tasks import get_task
+from sane_ray.zoo.trainer import train_model
 
 log = logging.getLogger(__name__)
 
-# Bump when training changes in a way that changes checkpoints: cached zoos then regenerate.
-GENERATOR_VERSION = 2
-DIGITS_ARCHITECTURES = ("cnn_digits", "cnn_digits_bn", "cnn_digits_wide", "mlp_digits")
 # Where a zoo's checkpoints live under its root: a fresh zoo in the first, an overwrite in the other one.
 _PREFIXES = ("models", "next")
-ZooFormat = Literal["native", "public"]
 
 
 class ZooExistsError(FileExistsError):
@@ -80,234 +63,6 @@ class ZooExistsError(FileExistsError):
 
 class ZooGenerationError(RuntimeError):
     """Training a model failed; no manifest was published."""
-
-
-def _uniform_init(w: torch.Tensor) -> None:
-    nn.init.uniform_(w, -0.3, 0.3)
-
-
-def _normal_init(w: torch.Tensor) -> None:
-    nn.init.normal_(w, 0.0, 0.2)
-
-
-# Weight initializations (biases start at zero); "default" keeps PyTorch's layer init.
-INITS: dict[str, Callable[[torch.Tensor], Any] | None] = {
-    "default": None,
-    "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
-    "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
-    "xavier_uniform": nn.init.xavier_uniform_,
-    "xavier_normal": nn.init.xavier_normal_,
-    "uniform": _uniform_init,
-    "normal": _normal_init,
-}
-
-
-@dataclass
-class SearchSpace:
-    """What varies per model: ``lr`` is a log-uniform range [low, high], the rest are choices."""
-
-    lr: list[float] = field(default_factory=lambda: [5e-4, 1e-2])
-    """Adam learning rate: [low, high], drawn log-uniformly per model."""
-    weight_decay: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3])
-    """Adam weight decay: one value picked per model."""
-    activation: list[str] = field(default_factory=lambda: ["relu", "tanh", "gelu", "sigmoid", "silu", "leakyrelu"])
-    """Hidden-layer activation: one picked per model."""
-    init: list[str] = field(default_factory=lambda: list(INITS))
-    """Weight initialization: one picked per model ("default" keeps PyTorch's layer init; the others zero biases)."""
-    dropout: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
-    """Dropout rate: one picked per model."""
-
-
-@dataclass
-class ZooGenConfig:
-    """How to generate one zoo. ``out`` defaults to a cache directory named after the config."""
-
-    out: str | None = None
-    """Where the zoo is written (path or s3://); null: <cache>/zoos/<task>-<arch>-<models>x<epochs>-s<seed>."""
-    task: str = "digits"
-    """The task every model trains on: digits, digits_transposed or digits_permuted (sane_ray.zoo.tasks)."""
-    arch: str = "cnn_digits"
-    """Architecture of every model: cnn_digits, cnn_digits_bn, cnn_digits_wide or mlp_digits."""
-    models: int = 48
-    """Models in the zoo, one Ray task each."""
-    epochs: int = 10
-    """Training epochs per model; a checkpoint is stored after each, plus epoch 0 (the initialization)."""
-    seed: int = 0
-    """Each model's seed and hyperparameters are drawn from (seed, model index): same seed, same zoo."""
-    batch_size: int = 32
-    """Training batch size of every model."""
-    split_seed: int = DEFAULT_SPLIT_SEED
-    """The task's stratified train/val/test split of the digits images (shared by all tasks)."""
-    overwrite: bool = False
-    """Replace a zoo already published at the zoo's location; false: refuse to."""
-    format: ZooFormat = "native"
-    """The layout written: native (safetensors + manifest) or public (modelzoos.cc)."""
-    space: SearchSpace = field(default_factory=SearchSpace)
-    node_types: bool = False
-    """Train the models on nodes declaring sane_cpu_node (sane_ray.cluster, cluster/); false: anywhere."""
-
-    def validate(self) -> None:
-        """Fail on the driver, before any task starts, naming the bad setting."""
-        if self.arch not in DIGITS_ARCHITECTURES:
-            get_architecture(self.arch)  # unknown names get the registry's error
-            raise ValueError(f"arch {self.arch!r} does not take 8x8 digits; use one of {', '.join(DIGITS_ARCHITECTURES)}")
-        get_task(self.task, self.split_seed)
-        if self.format not in get_args(ZooFormat):
-            raise ValueError(f"format must be one of {', '.join(get_args(ZooFormat))}, got {self.format!r}")
-        if self.format == "public" and self.out and storage.parse_uri(self.out).scheme == "s3":
-            raise ValueError(
-                "format public cannot be written to S3: the layout has no manifest to publish last and S3 "
-                "has no rename, so an interrupted write would leave a partial zoo that readers trust; "
-                "write it to a local or shared filesystem, or use format native on S3")
-        for name in ("models", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        lo_hi = self.space.lr
-        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
-            raise ValueError(f"space.lr must be [low, high] with 0 < low <= high, got {lo_hi}")
-        for name in ("weight_decay", "activation", "init", "dropout"):
-            if not getattr(self.space, name):
-                raise ValueError(f"space.{name} must not be empty")
-        unknown = sorted(set(self.space.init) - set(INITS))
-        if unknown:
-            raise ValueError(f"unknown init {unknown[0]!r} in space.init; known: {', '.join(INITS)}")
-        unknown = sorted({a.lower() for a in self.space.activation} - set(ACTIVATIONS))
-        if unknown:
-            raise ValueError(f"unknown activation {unknown[0]!r} in space.activation; known: {', '.join(ACTIVATIONS)}")
-
-    def identity(self) -> dict[str, Any]:
-        """The settings that determine the zoo's contents (not its layout, where it goes or runs, or overwrite)."""
-        d = to_dict(self)
-        del d["out"], d["overwrite"], d["format"], d["node_types"]
-        return {"generator_version": GENERATOR_VERSION, **d}
-
-
-def zoo_uri(cfg: ZooGenConfig) -> str:
-    """Where ``cfg``'s zoo goes: ``cfg.out``, else ``<cache>/zoos/<task>-<arch>-<models>x<epochs>-s<seed>``
-    (with ``-public`` appended for the public layout)."""
-    if cfg.out:
-        return storage.parse_uri(cfg.out).uri
-    name = f"{cfg.task}-{cfg.arch}-{cfg.models}x{cfg.epochs}-s{cfg.seed}" + ("-public" if cfg.format == "public" else "")
-    return os.path.join(storage.cache_dir(), "zoos", name)
-
-
-@dataclass(frozen=True)
-class ModelPlan:
-    """Everything one task needs to train one model, fixed on the driver."""
-
-    model_id: str
-    seed: int
-    task: str
-    split_seed: int
-    arch: str
-    arch_kwargs: dict[str, Any]
-    hparams: dict[str, Any]
-    epochs: int
-    batch_size: int
-
-
-def plan_models(cfg: ZooGenConfig) -> list[ModelPlan]:
-    """Draw each model's seed and hyperparameters from ``(cfg.seed, index)`` alone."""
-    plans = []
-    sp = cfg.space
-    for i in range(cfg.models):
-        rng = np.random.default_rng([cfg.seed, i])
-        seed = int(rng.integers(2**31 - 1))
-        lr = float(f"{math.exp(rng.uniform(math.log(sp.lr[0]), math.log(sp.lr[1]))):.3g}")
-        pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
-        wd, act, init, dropout = pick(sp.weight_decay), pick(sp.activation), pick(sp.init), pick(sp.dropout)
-        plans.append(ModelPlan(
-            model_id=f"model_{i:04d}",
-            seed=seed,
-            task=cfg.task,
-            split_seed=cfg.split_seed,
-            arch=cfg.arch,
-            arch_kwargs={"activation": act, "dropout": float(dropout), "num_classes": 10},
-            hparams={
-                "index": i, "seed": seed, "lr": lr, "weight_decay": float(wd), "init": init,
-                "optimizer": "adam", "batch_size": cfg.batch_size, "epochs": cfg.epochs,
-                "task": cfg.task, "split_seed": cfg.split_seed,
-            },
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-        ))
-    return plans
-
-
-def initialize(model: nn.Module, scheme: str) -> None:
-    """Re-initialize conv and linear weights with ``scheme`` and zero their biases."""
-    fn = INITS[scheme]
-    if fn is None:
-        return
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            fn(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
-def train_model(
-    plan: ModelPlan, task: Task, root: str, s3: storage.S3Options | None = None, zoo_format: ZooFormat = "native",
-) -> list[dict[str, Any]]:
-    """Train one model on ``task``, writing a checkpoint per epoch (0 = initialization); return its manifest rows.
-
-    Runs single-threaded on a private RNG state (the caller's thread count and RNG are
-    restored), so the result depends on the plan alone. In the public layout the rows
-    are not published (no manifest); the model directory is whole once its ``params.json``,
-    written last, exists.
-    """
-    if task.name != plan.task:
-        raise ValueError(f"{plan.model_id} is planned for task {plan.task!r}, got task {task.name!r}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(plan.seed)
-            return _train(plan, task, root, s3, zoo_format)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(plan: ModelPlan, task: Task, root: str, s3: storage.S3Options | None,
-           zoo_format: ZooFormat) -> list[dict[str, Any]]:
-    model = build_model(plan.arch, **plan.arch_kwargs)
-    initialize(model, plan.hparams["init"])
-    # The fused kernel: one call per step instead of ~10 small ops per tensor (6x faster here).
-    opt = torch.optim.Adam(
-        model.parameters(), lr=plan.hparams["lr"], weight_decay=plan.hparams["weight_decay"], fused=True
-    )
-    order = torch.Generator().manual_seed(plan.seed + 1)
-    x, y = task.train.x, task.train.y
-    results: dict[int, dict[str, float]] = {}  # the public layout's result.json, by epoch
-
-    def checkpoint(epoch: int) -> dict[str, Any]:
-        metrics = {}
-        for split in ("train", "val", "test"):
-            metrics[f"{split}_acc"], metrics[f"{split}_loss"] = evaluate(model, task.split(split))
-        if zoo_format == "public":
-            public.write_checkpoint(root, plan.model_id, epoch, model.state_dict(), s3)
-            results[epoch] = metrics
-            return {"model_id": plan.model_id, "epoch": epoch, **with_ggap(metrics)}
-        return write_checkpoint(
-            root, plan.model_id, epoch, model.state_dict(), metrics,
-            plan.arch, plan.arch_kwargs, plan.hparams, s3,
-        )
-
-    rows = [checkpoint(0)]
-    model.train()
-    for epoch in range(1, plan.epochs + 1):
-        for idx in torch.randperm(len(y), generator=order).split(plan.batch_size):
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        rows.append(checkpoint(epoch))
-    if zoo_format == "public":
-        public.finish_model(root, plan.model_id, public.params_json(plan.arch, plan.arch_kwargs, plan.hparams),
-                            results, s3)
-    return rows
 
 
 def _published(root: str, s3: storage.S3Options) -> tuple[str, dict[str, Any]] | None:
@@ -479,19 +234,14 @@ def ensure_zoo(cfg: ZooGenConfig, progress: bool = True, s3: storage.S3Options |
     return generate_zoo(cfg, progress, s3)
 
 
-def default_zoo_config() -> ZooGenConfig:
-    """The built-in zoo the main job uses: 48 ``cnn_digits`` models x 10 epochs on ``digits``."""
-    return ZooGenConfig()
-
-
 def ensure_default_zoo(progress: bool = True, node_types: bool = False) -> str:
     """The built-in zoo's URI, generated on first use (its tasks placed by ``node_types``)."""
     return ensure_zoo(dataclasses.replace(default_zoo_config(), node_types=node_types), progress)
 
 
-def zoo_or_default(zoo_uri: str, node_types: bool = False) -> str:
-    """``zoo_uri``, or when it is empty the built-in digits zoo: what a run that names no zoo trains on."""
-    if zoo_uri:
-        return zoo_uri
+def zoo_or_default(uri: str, node_types: bool = False) -> str:
+    """``uri``, or when it is empty the built-in digits zoo: what a run that names no zoo trains on."""
+    if uri:
+        return uri
     log.info("no zoo given: using the built-in digits zoo (generated on first use)")
     return ensure_default_zoo(progress=True, node_types=node_types)

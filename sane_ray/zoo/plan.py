@@ -1,0 +1,187 @@
+"""What a generated zoo holds, fixed before any training: its config, the search space of
+per-model hyperparameters, and each model's plan drawn from ``(seed, model index)`` alone.
+
+The driver validates and plans here; :mod:`sane_ray.zoo.trainer` trains one plan wherever
+Ray runs it, and :mod:`sane_ray.zoo.generate` fans the plans out and publishes the zoo.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, get_args
+
+import numpy as np
+import torch
+from torch import nn
+
+from sane_ray import storage
+from sane_ray.config import to_dict
+from sane_ray.zoo.architectures import ACTIVATIONS, get_architecture
+from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, get_task
+
+# Bump when training changes in a way that changes checkpoints: cached zoos then regenerate.
+GENERATOR_VERSION = 2
+DIGITS_ARCHITECTURES = ("cnn_digits", "cnn_digits_bn", "cnn_digits_wide", "mlp_digits")
+
+ZooFormat = Literal["native", "public"]
+
+
+def _uniform_init(w: torch.Tensor) -> None:
+    nn.init.uniform_(w, -0.3, 0.3)
+
+
+def _normal_init(w: torch.Tensor) -> None:
+    nn.init.normal_(w, 0.0, 0.2)
+
+
+# Weight initializations (biases start at zero); "default" keeps PyTorch's layer init.
+INITS: dict[str, Callable[[torch.Tensor], Any] | None] = {
+    "default": None,
+    "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
+    "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
+    "xavier_uniform": nn.init.xavier_uniform_,
+    "xavier_normal": nn.init.xavier_normal_,
+    "uniform": _uniform_init,
+    "normal": _normal_init,
+}
+
+
+@dataclass
+class SearchSpace:
+    """What varies per model: ``lr`` is a log-uniform range [low, high], the rest are choices."""
+
+    lr: list[float] = field(default_factory=lambda: [5e-4, 1e-2])
+    """Adam learning rate: [low, high], drawn log-uniformly per model."""
+    weight_decay: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3])
+    """Adam weight decay: one value picked per model."""
+    activation: list[str] = field(default_factory=lambda: ["relu", "tanh", "gelu", "sigmoid", "silu", "leakyrelu"])
+    """Hidden-layer activation: one picked per model."""
+    init: list[str] = field(default_factory=lambda: list(INITS))
+    """Weight initialization: one picked per model ("default" keeps PyTorch's layer init; the others zero biases)."""
+    dropout: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
+    """Dropout rate: one picked per model."""
+
+
+@dataclass
+class ZooGenConfig:
+    """How to generate one zoo. ``out`` defaults to a cache directory named after the config."""
+
+    out: str | None = None
+    """Where the zoo is written (path or s3://); null: <cache>/zoos/<task>-<arch>-<models>x<epochs>-s<seed>."""
+    task: str = "digits"
+    """The task every model trains on: digits, digits_transposed or digits_permuted (sane_ray.zoo.tasks)."""
+    arch: str = "cnn_digits"
+    """Architecture of every model: cnn_digits, cnn_digits_bn, cnn_digits_wide or mlp_digits."""
+    models: int = 48
+    """Models in the zoo, one Ray task each."""
+    epochs: int = 10
+    """Training epochs per model; a checkpoint is stored after each, plus epoch 0 (the initialization)."""
+    seed: int = 0
+    """Each model's seed and hyperparameters are drawn from (seed, model index): same seed, same zoo."""
+    batch_size: int = 32
+    """Training batch size of every model."""
+    split_seed: int = DEFAULT_SPLIT_SEED
+    """The task's stratified train/val/test split of the digits images (shared by all tasks)."""
+    overwrite: bool = False
+    """Replace a zoo already published at the zoo's location; false: refuse to."""
+    format: ZooFormat = "native"
+    """The layout written: native (safetensors + manifest) or public (modelzoos.cc)."""
+    space: SearchSpace = field(default_factory=SearchSpace)
+    node_types: bool = False
+    """Train the models on nodes declaring sane_cpu_node (sane_ray.cluster, cluster/); false: anywhere."""
+
+    def validate(self) -> None:
+        """Fail on the driver, before any task starts, naming the bad setting."""
+        if self.arch not in DIGITS_ARCHITECTURES:
+            get_architecture(self.arch)  # unknown names get the registry's error
+            raise ValueError(f"arch {self.arch!r} does not take 8x8 digits; use one of {', '.join(DIGITS_ARCHITECTURES)}")
+        get_task(self.task, self.split_seed)
+        if self.format not in get_args(ZooFormat):
+            raise ValueError(f"format must be one of {', '.join(get_args(ZooFormat))}, got {self.format!r}")
+        if self.format == "public" and self.out and storage.parse_uri(self.out).scheme == "s3":
+            raise ValueError(
+                "format public cannot be written to S3: the layout has no manifest to publish last and S3 "
+                "has no rename, so an interrupted write would leave a partial zoo that readers trust; "
+                "write it to a local or shared filesystem, or use format native on S3")
+        for name in ("models", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        lo_hi = self.space.lr
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            raise ValueError(f"space.lr must be [low, high] with 0 < low <= high, got {lo_hi}")
+        for name in ("weight_decay", "activation", "init", "dropout"):
+            if not getattr(self.space, name):
+                raise ValueError(f"space.{name} must not be empty")
+        unknown = sorted(set(self.space.init) - set(INITS))
+        if unknown:
+            raise ValueError(f"unknown init {unknown[0]!r} in space.init; known: {', '.join(INITS)}")
+        unknown = sorted({a.lower() for a in self.space.activation} - set(ACTIVATIONS))
+        if unknown:
+            raise ValueError(f"unknown activation {unknown[0]!r} in space.activation; known: {', '.join(ACTIVATIONS)}")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the zoo's contents (not its layout, where it goes or runs, or overwrite)."""
+        d = to_dict(self)
+        del d["out"], d["overwrite"], d["format"], d["node_types"]
+        return {"generator_version": GENERATOR_VERSION, **d}
+
+
+def zoo_uri(cfg: ZooGenConfig) -> str:
+    """Where ``cfg``'s zoo goes: ``cfg.out``, else ``<cache>/zoos/<task>-<arch>-<models>x<epochs>-s<seed>``
+    (with ``-public`` appended for the public layout)."""
+    if cfg.out:
+        return storage.parse_uri(cfg.out).uri
+    name = f"{cfg.task}-{cfg.arch}-{cfg.models}x{cfg.epochs}-s{cfg.seed}" + ("-public" if cfg.format == "public" else "")
+    return os.path.join(storage.cache_dir(), "zoos", name)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Everything one task needs to train one model, fixed on the driver."""
+
+    model_id: str
+    seed: int
+    task: str
+    split_seed: int
+    arch: str
+    arch_kwargs: dict[str, Any]
+    hparams: dict[str, Any]
+    epochs: int
+    batch_size: int
+
+
+def plan_models(cfg: ZooGenConfig) -> list[ModelPlan]:
+    """Draw each model's seed and hyperparameters from ``(cfg.seed, index)`` alone."""
+    plans = []
+    sp = cfg.space
+    for i in range(cfg.models):
+        rng = np.random.default_rng([cfg.seed, i])
+        seed = int(rng.integers(2**31 - 1))
+        lr = float(f"{math.exp(rng.uniform(math.log(sp.lr[0]), math.log(sp.lr[1]))):.3g}")
+        pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+        wd, act, init, dropout = pick(sp.weight_decay), pick(sp.activation), pick(sp.init), pick(sp.dropout)
+        plans.append(ModelPlan(
+            model_id=f"model_{i:04d}",
+            seed=seed,
+            task=cfg.task,
+            split_seed=cfg.split_seed,
+            arch=cfg.arch,
+            arch_kwargs={"activation": act, "dropout": float(dropout), "num_classes": 10},
+            hparams={
+                "index": i, "seed": seed, "lr": lr, "weight_decay": float(wd), "init": init,
+                "optimizer": "adam", "batch_size": cfg.batch_size, "epochs": cfg.epochs,
+                "task": cfg.task, "split_seed": cfg.split_seed,
+            },
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+        ))
+    return plans
+
+
+def default_zoo_config() -> ZooGenConfig:
+    """The built-in zoo the main job uses: 48 ``cnn_digits`` models x 10 epochs on ``digits``."""
+    return ZooGenConfig()
