@@ -36,7 +36,8 @@ from sane_ray import storage  # noqa: E402
 from sane_ray.data.canonical import CanonicalJob, Canonicalizer, _items, _model_stats, choose_references, plan
 from sane_ray.data.format import CanonicalZoo, model_to_json
 from sane_ray.data.config import DataConfig  # noqa: E402
-from sane_ray.data.stream import StreamSpec, WindowStream, read_and_draw  # noqa: E402
+from sane_ray.data.draw import StreamSpec, read_and_draw  # noqa: E402
+from sane_ray.data.stream import WindowStream  # noqa: E402
 from sane_ray.weights.standardize import StandardizationStats  # noqa: E402
 from sane_ray.zoo.reader import open_zoo  # noqa: E402
 

@@ -15,7 +15,7 @@ from sane_ray import lease, storage
 from sane_ray.data import DataConfig, DataPreparationError, SplitError, WindowSizeError, prepare_data
 from sane_ray.data.canonical import cache_key
 from sane_ray.data.format import CANONICAL_MANIFEST, load_manifest
-from sane_ray.data.stream import token_rows
+from sane_ray.data.draw import token_rows
 from sane_ray.weights.tokenize import detokenize, layout_mask, layout_positions
 from sane_ray.zoo import native
 from sane_ray.zoo.architectures import build_model, input_shape

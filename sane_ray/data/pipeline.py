@@ -35,7 +35,8 @@ from sane_ray.data.format import (CanonicalZoo, DataPreparationError, LayoutGrou
                                   load_stats)
 from sane_ray.data.config import DataConfig
 from sane_ray.data.splits import SPLITS
-from sane_ray.data.stream import StreamSpec, WindowStream
+from sane_ray.data.draw import StreamSpec
+from sane_ray.data.stream import WindowStream
 from sane_ray.data.windows import check_window_size
 from sane_ray.weights.standardize import StandardizationStats
 from sane_ray.weights.tokenize import TokenLayout

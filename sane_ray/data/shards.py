@@ -17,7 +17,7 @@ import torch
 from sane_ray import storage
 from sane_ray.data.format import CanonicalZoo, load_manifest
 from sane_ray.data.splits import SPLITS
-from sane_ray.data.stream import layout_from_json, token_rows
+from sane_ray.data.draw import layout_from_json, token_rows
 from sane_ray.weights.tokenize import layout_mask, layout_positions
 from sane_ray.zoo.spec import METRICS
 
