@@ -42,7 +42,7 @@ from sane_ray.embed import (
 from sane_ray.embed.preprocess import run_export_files
 from sane_ray.model import SaneModel, preset
 from sane_ray.model.export import export_model
-from sane_ray.pretrain import PretrainConfig, model_for_data
+from sane_ray.pretrain_config import PretrainConfig, model_for_data
 from sane_ray.zoo.architectures import build_model
 from sane_ray.zoo.generate import ensure_default_zoo
 from sane_ray.zoo.reader import open_zoo
@@ -60,7 +60,7 @@ def untrained_digits_run(run_uri: str) -> None:
     ray.init(num_cpus=4, object_store_memory=256 * 1024**2, log_to_driver=False, configure_logging=False)
     prepared = prepare_data(data)
     ray.shutdown()
-    model_cfg = model_for_data(cfg.train.model, prepared.token_size, prepared.window_size, prepared.max_positions)
+    model_cfg = model_for_data(cfg.train.model, prepared.token_size, prepared.window_size, prepared.pad_position)
     export_model(SaneModel(model_cfg).state_dict(), model_cfg, run_uri, run_export_files(prepared))
 
 

@@ -48,7 +48,8 @@ def _make_zoo(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from sane_ray.pretrain import PretrainConfig, preset_config, run_pretrain
+    from sane_ray.pretrain import run_pretrain
+    from sane_ray.pretrain_config import PretrainConfig, preset_config
 
     base = preset_config(args.preset) if args.preset else None
     cfg = load_config(PretrainConfig, args.config, overrides_from_args(args), base=base)
@@ -100,7 +101,7 @@ def config_jobs() -> dict[str, tuple[type, dict[str, str]]]:
 
     The one list that :func:`build_parser` and ``tools/config_doc.py`` (docs/config.md) read.
     """
-    from sane_ray.pretrain import PRETRAIN_ALIASES, PretrainConfig
+    from sane_ray.pretrain_config import PRETRAIN_ALIASES, PretrainConfig
     from sane_ray.probe.config import ProbeConfig
     from sane_ray.sample.config import SampleConfig
     from sane_ray.tune.config import SWEEP_ALIASES, SweepConfig
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(make, *jobs["make-zoo"])
     make.set_defaults(func=_make_zoo)
 
-    from sane_ray.pretrain import PRESETS
+    from sane_ray.pretrain_config import PRESETS
 
     pre = sub.add_parser("pretrain", help="pretrain SANE on a zoo with Ray Train + FSDP2")
     pre.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration")

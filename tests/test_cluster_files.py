@@ -15,7 +15,7 @@ import yaml
 from sane_ray.cli import build_parser
 from sane_ray.config import load_config, overrides_from_args
 from sane_ray.cluster import CPU_NODE, GPU_NODE, MARKER, check_node_types, remote_args, worker_resources
-from sane_ray.pretrain import PretrainConfig, preset_config
+from sane_ray.pretrain_config import PretrainConfig, preset_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

@@ -134,7 +134,8 @@ def main(zoo: str, out: str, flag_dir: str, report: str) -> None:
     from sane_ray import storage
     from sane_ray.config import load_config
     from sane_ray.cluster import CPU_NODE, GPU_NODE
-    from sane_ray.pretrain import PretrainConfig, preset_config, run_pretrain
+    from sane_ray.pretrain import run_pretrain
+    from sane_ray.pretrain_config import PretrainConfig, preset_config
 
     # Three nodes keep start-up affordable on 2 cores: the head is the CPU-type node (one CPU,
     # so stages that ignored placement would spill onto the GPU-type nodes' free CPUs).

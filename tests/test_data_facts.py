@@ -12,7 +12,7 @@ import pytest
 
 from sane_ray.cli import main
 from sane_ray.model import SaneModel, tiny
-from sane_ray.pretrain import PretrainConfig, check_data_facts, model_for_data, preset_config
+from sane_ray.pretrain_config import PretrainConfig, check_data_facts, model_for_data, preset_config
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ import torch
 from sane_ray.config import load_config
 from sane_ray.data.format import CanonicalZoo
 from sane_ray.embed.preprocess import PREPROCESSING_FILE, Preprocessing, checkpoints_at
+from sane_ray.model.export import CONFIG_FILE
 from sane_ray.model.layers import PositionOutOfRangeError, check_tables
 from sane_ray.probe.config import ProbeConfig
 from sane_ray.sample.config import SampleConfig
@@ -27,11 +28,20 @@ def test_the_training_window_is_not_in_preprocessing_and_old_runs_still_read():
     files = _prep().files()
     doc = json.loads(files[PREPROCESSING_FILE])
     assert "window_size" not in doc  # sane_config.json owns it
-    old = {**doc, "version": 1, "window_size": 16}  # a run written before: both files held the window
+    old = {**doc, "version": 1, "window_size": 16, "token_size": 32}  # a run written before: both files held these
     prep = Preprocessing.from_files({PREPROCESSING_FILE: json.dumps(old).encode()}, "run")
     assert prep.pad_position == (50, 5, 20) and prep.token_size == 32
-    with pytest.raises(ValueError, match="version 2"):
-        Preprocessing.from_files({PREPROCESSING_FILE: json.dumps({**doc, "version": 3}).encode()}, "run")
+    with pytest.raises(ValueError, match="version 3"):
+        Preprocessing.from_files({PREPROCESSING_FILE: json.dumps({**doc, "version": 4}).encode()}, "run")
+
+
+def test_the_token_size_is_the_models():
+    doc = json.loads(_prep().files()[PREPROCESSING_FILE])
+    assert "token_size" not in doc  # sane_config.json owns it (d_t)
+    files = {PREPROCESSING_FILE: json.dumps(doc).encode(), CONFIG_FILE: json.dumps({"d_t": 48}).encode()}
+    assert Preprocessing.from_files(files, "run").token_size == 48
+    with pytest.raises(ValueError, match=r"run/sane_config.json: missing \(the run's token size, d_t\)"):
+        Preprocessing.from_files({PREPROCESSING_FILE: json.dumps(doc).encode()}, "run")
 
 
 def test_epochs_default_to_the_runs_recorded_filter():

@@ -99,7 +99,7 @@ def test_preparation_reports_zoo_facts_and_skips(prepared):
     data = prepared
     assert not data.cache_hit and data.cache_uri.startswith("s3://")
     assert data.sequence_lengths == {"cnn_digits": 50, "mlp_digits": 90}
-    assert data.max_positions == data.pad_position == (90, 4, 32)  # one past the largest real (n, l, k)
+    assert data.pad_position == (90, 4, 32)  # one past the largest real (n, l, k)
     reasons = " | ".join(f"{s.path}: {s.reason}" for s in data.skipped)
     assert "cnn02" in reasons and "do not match architecture" in reasons
     assert "cnn01/epoch_0001" in reasons and "non-finite" in reasons

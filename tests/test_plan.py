@@ -6,7 +6,8 @@ import pytest
 
 from sane_ray.cluster import CPU_NODE, GPU_NODE, RunSettings, plan_run
 from sane_ray.data.config import DataConfig
-from sane_ray.pretrain import PretrainConfig, size_run
+from sane_ray.pretrain import size_run
+from sane_ray.pretrain_config import PretrainConfig
 
 
 def _plan(nodes, threads: int = 0, data: DataConfig | None = None, **run):

@@ -260,14 +260,15 @@ def test_metrics_csv_has_a_row_per_epoch_and_every_metric(tmp_path):
 
 def test_flags_keep_the_main_jobs_defaults(monkeypatch):
     from sane_ray import pretrain
+    from sane_ray.pretrain_config import PretrainConfig
 
     seen = []
     monkeypatch.setattr(pretrain, "run_pretrain", seen.append)
     assert main(["pretrain", "--epochs", "3", "--window", "8"]) == 0
     cfg = seen[0]
     assert (cfg.train.epochs, cfg.data.window_size) == (3, 8)
-    assert cfg.train.model == pretrain.PretrainConfig().train.model  # the digits model, not the reference preset
-    assert cfg.data.token_size == pretrain.PretrainConfig().data.token_size
+    assert cfg.train.model == PretrainConfig().train.model  # the digits model, not the reference preset
+    assert cfg.data.token_size == PretrainConfig().data.token_size
 
 
 LOSSES = ("train_loss", "train_reconstruction", "train_contrastive", "grad_norm",

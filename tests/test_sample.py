@@ -15,7 +15,8 @@ from sane_ray.cli import main
 from sane_ray.data import DataConfig
 from sane_ray.model import SaneModel, tiny
 from sane_ray.sample.config import SampleConfig
-from sane_ray.sample.job import broken, rank, run_sample
+from sane_ray.sample.candidates import broken, rank
+from sane_ray.sample.job import run_sample
 from sane_ray.sample.kde import TokenKDE, rule_factor
 from sane_ray.sample.models import bn_condition, check_positions
 from sane_ray.weights.tokenize import layout_from_state_dict

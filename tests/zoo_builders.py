@@ -141,11 +141,11 @@ def export_untrained_run(cfg: Any, run_uri: str) -> Any:
     from sane_ray.embed.preprocess import run_export_files
     from sane_ray.model import SaneModel, tiny
     from sane_ray.model.export import export_model
-    from sane_ray.pretrain import model_for_data
+    from sane_ray.pretrain_config import model_for_data
 
     prepared = prepare_data(cfg)
     model_cfg = model_for_data(dataclasses.replace(tiny(), d_model=32, d_z=8), cfg.token_size, cfg.window_size,
-                               prepared.max_positions)
+                               prepared.pad_position)
     torch.manual_seed(0)
     export_model(SaneModel(model_cfg).state_dict(), model_cfg, run_uri, run_export_files(prepared))
     return prepared

@@ -116,8 +116,8 @@ class CanonicalZoo:
             raise KeyError(f"architecture {architecture} {arch_kwargs or {}} has no layout in this zoo (it has: {known})")
         return self.groups[lid]
 
-    def max_positions(self) -> tuple[int, int, int]:
-        """Largest real (n, l, k) over all layouts."""
+    def largest_position(self) -> tuple[int, int, int]:
+        """Largest real (n, l, k) over all layouts (position *tables* are ``SaneConfig.max_positions``)."""
         n = max(g.layout.num_tokens for g in self.groups.values()) - 1
         lay = max(len(g.layout.layers) for g in self.groups.values()) - 1
         k = max(s.rows for g in self.groups.values() for s in g.layout.layers) - 1
@@ -126,7 +126,7 @@ class CanonicalZoo:
     def pad_position(self) -> tuple[int, int, int]:
         """The ``(n, l, k)`` of padded window slots: one past the largest real position, so position
         tables hold one padding row and alias no real position (training, embedding and probing all use it)."""
-        n, lay, k = self.max_positions()
+        n, lay, k = self.largest_position()
         return n + 1, lay + 1, k + 1
 
     def to_json(self) -> str:

@@ -54,9 +54,9 @@ class PreparedData:
 
     ``stats`` is keyed by layout id (one per distinct architecture shape; most zoos have
     one): :meth:`group_of` and :meth:`stats_of` find a model's. ``streams`` draw each
-    split's window datasets (:class:`~sane_ray.data.stream.WindowStream`). ``max_positions`` is the
-    largest ``(n, l, k)`` any batch contains, the padding position included: position
-    tables need ``max + 1`` rows. ``num_windows`` counts windows per pass, per split.
+    split's window datasets (:class:`~sane_ray.data.stream.WindowStream`). ``pad_position`` is the
+    largest ``(n, l, k)`` any batch contains: position tables need one more row each.
+    ``num_windows`` counts windows per pass, per split.
     """
 
     streams: dict[str, WindowStream]
@@ -64,7 +64,6 @@ class PreparedData:
     stats: dict[str, StandardizationStats]
     token_size: int
     window_size: int
-    max_positions: tuple[int, int, int]
     pad_position: tuple[int, int, int]
     sequence_lengths: dict[str, int]  # architecture name -> tokens per model
     num_windows: dict[str, int]
@@ -158,7 +157,6 @@ def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None, node_type
         stats=load_stats(uri, s3),
         token_size=cfg.token_size,
         window_size=cfg.window_size,
-        max_positions=spec.pad_position,
         pad_position=spec.pad_position,
         sequence_lengths={a: g.sequence_length for g in canonical.groups.values() for a in g.architectures},
         num_windows={s: stream.windows_per_pass for s, stream in streams.items()},

@@ -37,7 +37,7 @@ import torch
 from sane_ray import storage
 from sane_ray.data.format import CANONICAL_MANIFEST, CanonicalZoo, architecture_layout
 from sane_ray.data.config import epoch_filter
-from sane_ray.model.export import tensors_from_bytes, tensors_to_bytes
+from sane_ray.model.export import CONFIG_FILE, tensors_from_bytes, tensors_to_bytes
 from sane_ray.weights.align import align_model
 from sane_ray.weights.permutation import permutation_spec
 from sane_ray.weights.standardize import StandardizationStats
@@ -59,13 +59,24 @@ log = logging.getLogger(__name__)
 
 PREPROCESSING_FILE = "preprocessing.json"
 PREPROCESSING_FORMAT = "sane-ray/preprocessing"
-PREPROCESSING_VERSION = 2
-# Versions read back: 1 also recorded the training window, which ``sane_config.json`` owns (ignored).
-PREPROCESSING_READABLE = (1, 2)
+PREPROCESSING_VERSION = 3
+# Versions read back: 1 also recorded the training window, 1 and 2 the token size; ``sane_config.json``
+# owns both (the model's ``window_size`` and ``d_t``), and old copies are read only when it is absent.
+PREPROCESSING_READABLE = (1, 2, 3)
 
 
 def reference_file(layout_id: str) -> str:
     return f"reference-{layout_id}.safetensors"
+
+
+def _token_size(files: Mapping[str, bytes], doc: Mapping[str, Any], uri: str) -> int:
+    """The run's token size: the model's input width ``d_t`` in ``sane_config.json``; a version 1-2
+    document's own copy only where that file is not given."""
+    if CONFIG_FILE in files:
+        return int(json.loads(files[CONFIG_FILE])["d_t"])
+    if "token_size" in doc:
+        return int(doc["token_size"])
+    raise ValueError(f"{storage.join(uri, CONFIG_FILE)}: missing (the run's token size, d_t)")
 
 
 @dataclass(frozen=True)
@@ -123,7 +134,7 @@ class Preprocessing:
         """The export files (name -> bytes) that :meth:`from_files` reads back."""
         doc = {
             "format": PREPROCESSING_FORMAT, "version": PREPROCESSING_VERSION,
-            "token_size": self.token_size, "include_bn": self.include_bn,
+            "include_bn": self.include_bn,
             "pad_position": list(self.pad_position), "align": self.align,
             "align_max_sweeps": self.align_max_sweeps, "align_seed": self.align_seed,
             "layouts": {
@@ -138,7 +149,8 @@ class Preprocessing:
 
     @classmethod
     def from_files(cls, files: Mapping[str, bytes], uri: str) -> Preprocessing:
-        """Read :meth:`files` back; errors name the file under ``uri``."""
+        """Read :meth:`files` back, the token size from the model's ``sane_config.json`` (``d_t``);
+        errors name the file under ``uri``."""
         where = storage.join(uri, PREPROCESSING_FILE)
         if PREPROCESSING_FILE not in files:
             raise ValueError(f"{where}: missing; this export was not written by pretraining (no preprocessing)")
@@ -152,7 +164,7 @@ class Preprocessing:
                 for lid, d in doc["layouts"].items()
             }
             prep = dict(
-                token_size=int(doc["token_size"]), include_bn=bn_mode(doc["include_bn"]),
+                token_size=_token_size(files, doc, uri), include_bn=bn_mode(doc["include_bn"]),
                 pad_position=tuple(int(v) for v in doc["pad_position"]),
                 align=bool(doc["align"]), align_max_sweeps=int(doc["align_max_sweeps"]),
                 align_seed=int(doc["align_seed"]),

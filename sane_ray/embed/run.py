@@ -10,8 +10,8 @@ import torch
 
 from sane_ray import storage
 from sane_ray.data.format import CANONICAL_MANIFEST, CanonicalZoo
-from sane_ray.embed.preprocess import Preprocessing
-from sane_ray.model.export import ExportError, read_export, sane_from_files
+from sane_ray.embed.preprocess import PREPROCESSING_FILE, Preprocessing, reference_file
+from sane_ray.model.export import CONFIG_FILE, ExportError, read_export, sane_from_files
 from sane_ray.model.sane import SaneModel
 
 
@@ -74,11 +74,9 @@ def run_canonical(run_uri: str, s3: storage.S3Options | None = None) -> Canonica
 def load_preprocessing(run_uri: str, s3: storage.S3Options | None = None) -> Preprocessing:
     """Just the run's preprocessing (settings, statistics, reference weights), without the model:
     for a driver that plans work its actors do with :func:`load_run` (which verifies every file)."""
-    from sane_ray.embed.preprocess import PREPROCESSING_FILE, reference_file
-
     doc = storage.read_bytes(storage.join(run_uri, PREPROCESSING_FILE), s3)
     lids = json.loads(doc)["layouts"]
-    files = {PREPROCESSING_FILE: doc}
+    files = {PREPROCESSING_FILE: doc, CONFIG_FILE: storage.read_bytes(storage.join(run_uri, CONFIG_FILE), s3)}
     files.update({reference_file(lid): storage.read_bytes(storage.join(run_uri, reference_file(lid)), s3) for lid in lids})
     return Preprocessing.from_files(files, run_uri)
 

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,130 +44,24 @@ from sane_ray.config import dump_config
 from sane_ray.embed.preprocess import run_max_abs
 from sane_ray.embed.run import Run, load_run
 from sane_ray.sample import report
+from sane_ray.sample.candidates import SamplingFailedError, broken, make_candidates, rank
 from sane_ray.sample.config import SampleConfig
-from sane_ray.sample.context import (
-    BN,
-    DRAW,
-    FINETUNE,
-    INIT,
-    SCRATCH,
-    TASK_SPLITS,
-    Context,
-    cached_run,
-    cached_task,
-    condition,
-    derive,
-    load_candidate,
-    metrics,
-)
+from sane_ray.sample.context import Context
+from sane_ray.sample.finetuning import finetune_one, prompt_source
 from sane_ray.sample.kde import TokenKDE
-from sane_ray.sample.models import (
-    check_positions,
-    decode_states,
-    default_state,
-    finetune,
-)
+from sane_ray.sample.models import check_positions
 from sane_ray.sample.novelty import novelty_rows
-from sane_ray.sample.prompts import (
-    PromptSet,
-    load_prompts,
-    prompt_latents,
-    select_prompts,
-)
-from sane_ray.zoo.architectures import build_model
-from sane_ray.zoo.native import publish_manifest, write_checkpoint
-from sane_ray.zoo.reader import load_checkpoint, open_zoo
-from sane_ray.zoo.spec import CheckpointRecord, ModelRecord
+from sane_ray.sample.prompts import PromptSet, load_prompts, prompt_latents, select_prompts
+from sane_ray.zoo.native import publish_manifest
+from sane_ray.zoo.reader import open_zoo
 from sane_ray.zoo.tasks import get_task
 
 log = logging.getLogger("sane_ray.sample")
 
-GROUPS = ("sampled", "prompt", "scratch")  # fine-tuned: kept candidates, the prompts, models trained from scratch
-
-
-def candidate_id(round_: int, index: int) -> str:
-    return f"r{round_}-c{index:04d}"
-
-
-def make_candidates(ctx: Context, kde: TokenKDE, round_: int, indices: list[int]) -> list[dict[str, Any]]:
-    """Draw, decode, BN-condition, score and write candidates ``indices`` of round ``round_``; their manifest rows."""
-    torch.set_num_threads(ctx.threads)
-    run, task = cached_run(ctx.run_uri), cached_task(ctx.task)
-    draw_seeds = [derive(ctx.seed, DRAW, round_, i) for i in indices]
-    latents = kde.sample(draw_seeds, threads=1)
-    states = decode_states(run.model, latents.to(run.device), ctx.layout, ctx.stats, run.preprocessing.pad_position,
-                           ctx.window_size, ctx.halo, ctx.architecture, ctx.arch_kwargs,
-                           [derive(ctx.seed, INIT, round_, i) for i in indices])
-    rows = []
-    for i, draw_seed, sd in zip(indices, draw_seeds, states):
-        net = build_model(ctx.architecture, **ctx.arch_kwargs)
-        net.load_state_dict(sd)
-        condition(ctx, net, task, derive(ctx.seed, BN, round_, i))
-        hparams = {"round": round_, "index": i, "draw_seed": draw_seed, "mode": ctx.mode, "task": ctx.task}
-        rows.append(write_checkpoint(ctx.candidates_uri, candidate_id(round_, i), 0, net.state_dict(),
-                                     metrics(net, task), ctx.architecture, ctx.arch_kwargs, hparams, ctx.s3))
-    return rows
-
-
-def finetune_one(ctx: Context, group: str, name: str, source: dict[str, Any], index: int) -> dict[str, Any]:
-    """Fine-tune one model (``group`` sampled / prompt / scratch) for ``ctx.finetune_epochs``; test
-    accuracy per epoch, and for a sampled model the manifest rows of its checkpoints in the kept zoo."""
-    torch.set_num_threads(ctx.threads)
-    task = cached_task(ctx.task)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive(ctx.seed, FINETUNE, GROUPS.index(group), index))
-        if group == "scratch":
-            sd = default_state(ctx.architecture, ctx.arch_kwargs, derive(ctx.seed, SCRATCH, index))
-        elif group == "sampled":
-            sd = load_candidate(source, ctx.candidates_uri)
-        else:
-            sd = load_checkpoint(ModelRecord(**source["model"]), CheckpointRecord(**source["checkpoint"]),
-                                 max_abs=ctx.max_abs)
-        net = build_model(ctx.architecture, **ctx.arch_kwargs)
-        net.load_state_dict(sd)
-        rows: list[dict[str, Any]] = []
-
-        def save(epoch: int, model: torch.nn.Module) -> None:
-            if group == "sampled":
-                hp = {**json.loads(source["hparams"]), "finetune_lr": ctx.finetune_lr, "finetune_epochs": epoch}
-                rows.append(write_checkpoint(ctx.kept_uri, name, epoch, model.state_dict(), metrics(model, task),
-                                             ctx.architecture, ctx.arch_kwargs, hp, ctx.s3))
-
-        save(0, net)
-        accs = finetune(net, task.train, task.test, ctx.finetune_epochs, ctx.finetune_lr, ctx.finetune_batch_size,
-                        derive(ctx.seed, FINETUNE, GROUPS.index(group), index, 1), save)
-    return {"group": group, "model_id": name, "test_acc": accs, "rows": rows}
-
-
-class SamplingFailedError(RuntimeError):
-    """Every candidate of a sampling run is broken (non-finite loss or accuracy)."""
-
-
-SCORED = tuple(f"{split}_{m}" for split in TASK_SPLITS for m in ("acc", "loss"))
-
-
-def broken(row: dict[str, Any]) -> bool:
-    """A candidate with any non-finite accuracy or loss (a diverged decode): never kept."""
-    return not all(math.isfinite(float(row[k])) for k in SCORED)
-
-
-def _score(row: dict[str, Any]) -> tuple:
-    """Ranking key: broken candidates last, then validation accuracy, validation loss, draw order
-    (NaN compares false with everything, so it must never reach the sort as a number)."""
-    order = (row["hparams_round"], row["hparams_index"])
-    return (True, 0.0, 0.0, *order) if broken(row) else (False, -row["val_acc"], row["val_loss"], *order)
-
-
-def rank(rows: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
-    """Sort ``rows`` in place (best first, broken last) and return the best ``keep`` that are not
-    broken (empty when every candidate is)."""
-    rows.sort(key=_score)
-    return [r for r in rows[:keep] if not broken(r)]
-
-
-def _publish_candidates(ctx: Context, rows: list[dict[str, Any]], cfg: SampleConfig, s3: storage.S3Options) -> None:
-    publish_manifest(ctx.candidates_uri, [{k: v for k, v in r.items() if not k.startswith("hparams_")} for r in rows],
-                     metadata={"sample": dataclasses.asdict(cfg)}, s3=s3)
+def _publish_candidates(job: _Job, rows: list[dict[str, Any]]) -> None:
+    publish_manifest(job.ctx.candidates_uri,
+                     [{k: v for k, v in r.items() if not k.startswith("hparams_")} for r in rows],
+                     metadata={"sample": dataclasses.asdict(job.cfg)}, s3=job.s3)
 
 
 def _gpus(cfg: SampleConfig) -> float:
@@ -185,13 +80,6 @@ def _collect(refs: list, what: str) -> list:
         if (n - len(pending)) % every == 0 or not pending:
             log.info("%s: %d/%d tasks done in %.1fs", what, n - len(pending), n, time.perf_counter() - t0)
     return ray.get(refs)
-
-
-def _prompt_source(p: Any) -> dict[str, Any]:
-    return {"model": {"model_id": p.model.model_id, "architecture": p.model.architecture,
-                      "arch_kwargs": p.model.arch_kwargs, "hparams": p.model.hparams},
-            "checkpoint": {"model_id": p.checkpoint.model_id, "epoch": p.checkpoint.epoch, "uri": p.checkpoint.uri,
-                           "metrics": p.checkpoint.metrics, "sha256": p.checkpoint.sha256}}
 
 
 def _write_table(out: str, name: str, table: pa.Table, s3: storage.S3Options) -> None:
@@ -218,11 +106,29 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
     out = storage.parse_uri(cfg.out or storage.join(cfg.run, "sample"), s3).uri
     get_task(cfg.task)  # an unknown task fails here, naming the known ones
     with lease.acquire(out, "sample", s3):  # before Ray starts or a prompt is read
-        return _sample(cfg, out, s3)
+        job = _prepare(cfg, out, s3)
+        kdes, rows, kept, sample_s = _sample_rounds(job)
+        curves = _finetune_all(job, kept)
+        return _report(job, kdes, rows, kept, curves, sample_s)
 
 
-def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any]:
-    """The job inside its lease on ``out``."""
+@dataclass
+class _Job:
+    """What every phase of one sampling job reads: its config, run, prompts and task context."""
+
+    cfg: SampleConfig
+    out: str
+    s3: storage.S3Options
+    run: Run
+    prompts: list[Any]
+    prompt_set: PromptSet
+    ctx: Context
+    ctx_ref: ray.ObjectRef  # the context in the object store: one copy for every task
+    opts: dict[str, Any]  # Ray options of its tasks
+
+
+def _prepare(cfg: SampleConfig, out: str, s3: storage.S3Options) -> _Job:
+    """Load the run and the prompts, check they fit, start Ray and fix the tasks' context."""
     run = load_run(cfg.run, device="cpu")
     prompt_zoo_uri = cfg.prompts or (run.canonical.zoo_uri if run.canonical is not None else "")
     if not prompt_zoo_uri:
@@ -249,26 +155,31 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
         finetune_epochs=cfg.finetune_epochs, finetune_lr=cfg.finetune_lr,
         finetune_batch_size=cfg.finetune_batch_size, threads=max(1, int(cfg.cpus_per_task)), s3=s3,
     )
-    make = ray.remote(make_candidates).options(**opts)
-    tune = ray.remote(finetune_one).options(**opts)
     storage.makedirs(out, s3)
-    ctx_ref = ray.put(ctx)
-    kde = _distribution(cfg, run, prompt_set, window)
-    kdes, rows = [kde], []
+    return _Job(cfg, out, s3, run, prompts, prompt_set, ctx, ray.put(ctx), opts)
+
+
+def _sample_rounds(job: _Job) -> tuple[list[TokenKDE], list[dict[str, Any]], list[dict[str, Any]], float]:
+    """Every round's candidates (a bootstrap round refits the KDE on the kept ones); publishes the
+    candidates zoo. Returns the KDE of each round, every candidate's row (ranked), the kept rows and
+    the seconds spent."""
+    cfg = job.cfg
+    make = ray.remote(make_candidates).options(**job.opts)
+    kdes, rows = [_distribution(cfg, job.run, job.prompt_set, job.ctx.window_size)], []
     t0 = time.perf_counter()
     for round_ in range(cfg.bootstrap + 1):
         kde_ref = ray.put(kdes[round_])
         chunks = [list(range(i, min(i + cfg.candidates_per_task, cfg.candidates)))
                   for i in range(0, cfg.candidates, cfg.candidates_per_task)]
-        for part in _collect([make.remote(ctx_ref, kde_ref, round_, c) for c in chunks], f"round {round_}"):
+        for part in _collect([make.remote(job.ctx_ref, kde_ref, round_, c) for c in chunks], f"round {round_}"):
             rows.extend({**r, **{f"hparams_{k}": v for k, v in json.loads(r["hparams"]).items()
                                  if k in ("round", "index")}} for r in part)
         kept = rank(rows, cfg.keep)
         if not kept:
-            _publish_candidates(ctx, rows, cfg, s3)
+            _publish_candidates(job, rows)
             raise SamplingFailedError(
                 f"all {len(rows)} candidates are broken (non-finite loss or accuracy on {cfg.task}); "
-                f"they are in the zoo {ctx.candidates_uri}")
+                f"they are in the zoo {job.ctx.candidates_uri}")
         log.info("round %d: best val acc %.3f, kept mean val acc %.3f", round_, kept[0]["val_acc"],
                  float(np.mean([r["val_acc"] for r in kept])))
         if round_ < cfg.bootstrap:
@@ -276,17 +187,28 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
                                  for r in kept])
             kdes.append(TokenKDE.fit(latents, cfg.bandwidth_rule, cfg.bandwidth, anchor=cfg.kde_anchor))
     sample_s = time.perf_counter() - t0
-    _publish_candidates(ctx, rows, cfg, s3)
+    _publish_candidates(job, rows)
+    return kdes, rows, kept, sample_s
 
-    jobs = [("sampled", r["model_id"], r, i) for i, r in enumerate(kept)]
-    jobs += [("prompt", p.name, _prompt_source(p), i) for i, p in enumerate(prompts)]
-    jobs += [("scratch", f"scratch-{i:02d}", {}, i) for i in range(cfg.keep)]
-    curves = _collect([tune.remote(ctx_ref, *j) for j in jobs], "fine-tuning")
-    publish_manifest(ctx.kept_uri, [row for c in curves for row in c["rows"]],
-                     metadata={"sample": dataclasses.asdict(cfg)}, s3=s3)
-    compared = novelty_rows(ctx, run, prompt_set, kept, opts) if cfg.novelty else {}
+
+def _finetune_all(job: _Job, kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fine-tune the kept candidates, the prompts and as many from-scratch models; publishes the kept zoo."""
+    tune = ray.remote(finetune_one).options(**job.opts)
+    models = [("sampled", r["model_id"], r, i) for i, r in enumerate(kept)]
+    models += [("prompt", p.name, prompt_source(p), i) for i, p in enumerate(job.prompts)]
+    models += [("scratch", f"scratch-{i:02d}", {}, i) for i in range(job.cfg.keep)]
+    curves = _collect([tune.remote(job.ctx_ref, *m) for m in models], "fine-tuning")
+    publish_manifest(job.ctx.kept_uri, [row for c in curves for row in c["rows"]],
+                     metadata={"sample": dataclasses.asdict(job.cfg)}, s3=job.s3)
+    return curves
+
+
+def _report(job: _Job, kdes: list[TokenKDE], rows: list[dict[str, Any]], kept: list[dict[str, Any]],
+            curves: list[dict[str, Any]], sample_s: float) -> dict[str, Any]:
+    """Compare the kept models with the zoo and the prompts, then write the tables, plots and summary (last)."""
+    cfg, out, s3 = job.cfg, job.out, job.s3
+    compared = novelty_rows(job.ctx, job.run, job.prompt_set, kept, job.opts) if cfg.novelty else {}
     novelty, memo = compared.get("models", {}), compared.get("memorization", [])
-
     table = report.candidate_table(rows, {r["model_id"] for r in kept}, curves, novelty, broken)
     _write_table(out, "candidates", table, s3)
     _write_table(out, "curves", report.curve_table(curves), s3)
@@ -295,7 +217,7 @@ def _sample(cfg: SampleConfig, out: str, s3: storage.S3Options) -> dict[str, Any
         _write_table(out, "memorization", pa.Table.from_pylist(memo), s3)
         storage.write_bytes_atomic(storage.join(out, "memorization.png"), report.memorization_png(memo, cfg.task), s3)
     storage.write_bytes_atomic(storage.join(out, "sample_config.yaml"), dump_config(cfg).encode(), s3)
-    summary = report.summarize(cfg, prompts, kdes, rows, kept, curves, novelty, sample_s,
+    summary = report.summarize(cfg, job.prompts, kdes, rows, kept, curves, novelty, sample_s,
                                sum(map(broken, rows)), memo)
     storage.write_bytes_atomic(storage.join(out, "summary.json"), json.dumps(summary, indent=1).encode(), s3)
     storage.write_bytes_atomic(storage.join(out, "summary.md"), report.summary_markdown(summary).encode(), s3)

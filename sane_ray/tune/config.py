@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sane_ray.pretrain import PretrainConfig
+from sane_ray.pretrain_config import PretrainConfig
 
 # objective name -> (the metric the train loop reports, Tune's mode)
 OBJECTIVES: dict[str, tuple[str, str]] = {"val_loss": ("val_loss", "min"), "probe_r2": ("val_probe_r2", "max")}

@@ -26,7 +26,7 @@ from typing import Any
 
 from sane_ray import storage
 from sane_ray.config import dump_config, with_values
-from sane_ray.pretrain import PretrainConfig
+from sane_ray.pretrain_config import PretrainConfig
 from sane_ray.train.report import read_metrics_csv
 from sane_ray.tune.config import OBJECTIVES, SweepConfig
 from sane_ray.tune.space import Dimension

@@ -8,7 +8,7 @@ space:
   train.model.n_layers: {randint: [1, 4]}      # 1, 2 or 3 (upper bound excluded)
 ```
 
-A key is any leaf of :class:`~sane_ray.pretrain.PretrainConfig` except those that say
+A key is any leaf of :class:`~sane_ray.pretrain_config.PretrainConfig` except those that say
 where a run lives or what it runs on (:data:`NOT_TUNABLE`). Keys that change the
 canonical zoo (``data.token_size``, ``data.align``, ...) must be a ``choice``: each
 distinct preprocessing setting is built once, before any trial starts.

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 from sane_ray import lease, storage
 from sane_ray.cluster import Plan, ensure_ray_for, fits_at_once, worker_resources
 from sane_ray.config import ConfigError, dump_config, from_dict, to_dict, with_values
-from sane_ray.pretrain import PretrainConfig, prepare_run, size_run
+from sane_ray.pretrain import prepare_run, size_run
+from sane_ray.pretrain_config import PretrainConfig
 from sane_ray.tune.config import OBJECTIVES, SweepConfig
 from sane_ray.tune.results import write_results
 from sane_ray.tune.space import Dimension, parse_space, preprocessing_settings
