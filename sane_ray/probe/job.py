@@ -154,7 +154,6 @@ def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeD
     """Preprocess (:func:`~sane_ray.embed.preprocess.model_tokens`), featurize and embed every
     selected checkpoint of ``zoo``, model by model; splits are assigned afterwards."""
     data = ProbeData()
-    window = cfg.window_size or None
     max_abs = run_max_abs(run)
     selected = [dataclasses.replace(m, checkpoints=checkpoints_at(run, m, cfg.epochs)) for m in zoo.models]
     data.fallback = population_stats(run, selected, max_abs=max_abs)
@@ -180,21 +179,10 @@ def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeD
                 data.layer_names = [s.key.removesuffix(".weight") for s in toks.layout.layers]
                 flat_ok = num_weights(toks.mask) <= cfg.max_flat_features
                 data.notes += _uncovered_notes(run, toks.layout, model, lid in data.fallback)
-            emb = embed_tokens(run, toks, window_size=window, halo=cfg.halo, keep_tokens=True)
+            feats, emb = _features(run, control, toks, cfg, flat_ok)
             full_ok = full_ok and emb.tokens[0].numel() <= cfg.max_flat_features
-            layer_of = toks.pos[:, 1]
-            feats = {"s(W)": weight_statistics(toks.tokens, toks.layout)[0], SANE: emb.mean.cpu().numpy(),
-                     MEAN_STD: torch.cat([emb.mean, emb.std], 1).cpu().numpy(),
-                     LAYER_MEAN: layer_moments(emb.tokens, layer_of),
-                     LAYER_MEAN_STD: layer_moments(emb.tokens, layer_of, with_std=True)}
-            if flat_ok:
-                feats["W"] = flat_weights(toks.tokens, toks.mask)
-            if full_ok:
-                feats[FULL] = emb.tokens.flatten(1).cpu().numpy()
-            if control is not None:
-                ctl = embed_tokens(control, toks, window_size=window, halo=cfg.halo, keep_tokens=True)
-                feats[CONTROL] = ctl.mean.cpu().numpy()
-                feats[CONTROL_LAYER] = layer_moments(ctl.tokens, layer_of)
+            if not full_ok:
+                feats.pop(FULL)
             for k, v in feats.items():
                 data.features.setdefault(k, []).append(v)
             data.spread.append(emb.layer_spread.cpu().numpy())
@@ -215,6 +203,25 @@ def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeD
         data.notes.append(f"W skipped: {num_weights(toks.mask):,} weights per model > max_flat_features "
                           f"{cfg.max_flat_features:,}")
     return data
+
+
+def _features(run: Run, control: Run | None, toks: Any, cfg: ProbeConfig, flat_ok: bool) -> tuple[dict[str, Any], Any]:
+    """Every feature set of one model's checkpoints (``toks``: their tokens), and its embeddings."""
+    window = cfg.window_size or None
+    emb = embed_tokens(run, toks, window_size=window, halo=cfg.halo, keep_tokens=True)
+    layer_of = toks.pos[:, 1]
+    feats = {"s(W)": weight_statistics(toks.tokens, toks.layout)[0], SANE: emb.mean.cpu().numpy(),
+             MEAN_STD: torch.cat([emb.mean, emb.std], 1).cpu().numpy(),
+             LAYER_MEAN: layer_moments(emb.tokens, layer_of),
+             LAYER_MEAN_STD: layer_moments(emb.tokens, layer_of, with_std=True)}
+    if flat_ok:
+        feats["W"] = flat_weights(toks.tokens, toks.mask)
+    feats[FULL] = emb.tokens.flatten(1).cpu().numpy()  # a view; the caller drops it once it is too wide
+    if control is not None:
+        ctl = embed_tokens(control, toks, window_size=window, halo=cfg.halo, keep_tokens=True)
+        feats[CONTROL] = ctl.mean.cpu().numpy()
+        feats[CONTROL_LAYER] = layer_moments(ctl.tokens, layer_of)
+    return feats, emb
 
 
 def _uncovered_notes(run: Run, layout: TokenLayout, model: ModelRecord, fallback: bool) -> list[str]:

@@ -54,7 +54,7 @@ def make_candidates(ctx: Context, kde: TokenKDE, round_: int, indices: list[int]
 
 
 class SamplingFailedError(RuntimeError):
-    """Every candidate of a sampling run is broken (non-finite loss or accuracy)."""
+    """Every candidate of a sampling job is broken (non-finite loss or accuracy)."""
 
 
 SCORED = tuple(f"{split}_{m}" for split in TASK_SPLITS for m in ("acc", "loss"))

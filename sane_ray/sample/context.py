@@ -1,4 +1,4 @@
-"""What every task of a sampling run shares: its context, its seed streams, and per-process caches.
+"""What every task of a sampling job shares: its context, its seed streams, and per-process caches.
 
 The driver fixes a :class:`Context` and ships it once through the object store; candidate,
 fine-tuning and novelty tasks (:mod:`sane_ray.sample.job`, :mod:`sane_ray.sample.novelty`)

@@ -1,4 +1,4 @@
-"""Tables, plot and Markdown summary of a sampling run (no Ray, no storage)."""
+"""Tables, plot and Markdown summary of a sampling job (no Ray, no storage)."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def summarize(cfg: SampleConfig, prompts: list[Any], kdes: list[Any], rows: list[dict[str, Any]],
               kept: list[dict[str, Any]], curves: list[dict[str, Any]], novelty: dict[str, dict[str, Any]],
               sample_s: float, n_broken: int = 0, memo: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The run's headline numbers (JSON-ready); ``n_broken``: candidates with a non-finite loss or accuracy."""
+    """The job's headline numbers (JSON-ready); ``n_broken``: candidates with a non-finite loss or accuracy."""
     groups = group_curves(curves)
     return {
         "config": {k: getattr(cfg, k) for k in ("run", "prompts", "task", "mode", "kde_anchor", "bandwidth", "candidates", "keep", "bootstrap",
@@ -171,7 +171,55 @@ def _pct(ms: tuple[float, float]) -> str:
     return "n/a" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}"
 
 
+def _curves_section(curves: dict[str, Any]) -> list[str]:
+    width = max(len(v["mean"]) for v in curves.values())
+    lines = ["| group | n | " + " | ".join(f"epoch {e}" for e in range(width)) + " |", "|---|---|" + "---|" * width]
+    for g, v in curves.items():
+        cells = [f"{100 * m:.1f} ± {100 * sd:.1f}" for m, sd in zip(v["mean"], v["std"])]
+        lines.append(f"| {GROUP_LABELS.get(g, g)} | {v['n']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _novelty_section(n: dict[str, Any], rows: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## Are they new models? (kept models, mean ± std)",
+        "",
+        (f"- L2 to the nearest checkpoint of the run's zoo (aligned weights): {n['nearest_zoo_l2'][0]:.3f} ± "
+         f"{n['nearest_zoo_l2'][1]:.3f}; to the nearest prompt {n['nearest_prompt_l2'][0]:.3f} ± "
+         f"{n['nearest_prompt_l2'][1]:.3f}; own weight norm {n['weight_norm'][0]:.3f}"),
+        (f"- highest IoU of misclassified test samples with a zoo checkpoint: {n['max_iou'][0]:.3f} ± "
+         f"{n['max_iou'][1]:.3f}"),
+        f"- prompt + noise at the same distance: test accuracy {_pct(n['noise_baseline_test_acc'])} %",
+        "",
+        "| kept model | nearest zoo checkpoint | L2 | max IoU (with) | nearest prompt | L2 | prompt+noise test acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mid, r in rows.items():
+        lines.append(f"| {mid} | {r.get('nearest_zoo', 'n/a')} | {r.get('nearest_zoo_l2', math.nan):.3f} | "
+                     f"{r.get('max_iou', math.nan):.3f} ({r.get('max_iou_zoo', 'n/a')}) | {r['nearest_prompt']} | "
+                     f"{r['nearest_prompt_l2']:.3f} | {100 * r['noise_baseline_test_acc']:.1f} |")
+    return lines
+
+
+def _memorization_section(memo: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## Memorization baselines (mean ± std over models; BN-conditioned like the candidates)",
+        "",
+        "| source | n | val acc (%) | test acc (%) | L2 to the nearest training model |",
+        "|---|---|---|---|---|",
+    ]
+    for source, v in memo.items():
+        d = v["nearest_train_l2"]
+        lines.append(f"| {source} | {v['n']} | {_pct(v['val_acc'])} | {_pct(v['test_acc'])} | "
+                     f"{d[0]:.3f} ± {d[1]:.3f} |")
+    return lines + ["", _beats(memo) + " `memorization.png`: test accuracy against the distance, "
+                    "one colour per source; `memorization.csv`: every model."]
+
+
 def summary_markdown(s: dict[str, Any]) -> str:
+    """``summary.md``: the settings, the prompts, then one section per comparison."""
     c = s["config"]
     lines = [
         f"# Sampling: {c['mode']} (anchor per {c['kde_anchor']}) on {c['task']}",
@@ -191,47 +239,11 @@ def summary_markdown(s: dict[str, Any]) -> str:
         "## Test accuracy (%) over fine-tuning epochs, mean ± std over models",
         "",
     ]
-    curves = s["curves"]
-    width = max(len(v["mean"]) for v in curves.values())
-    lines.append("| group | n | " + " | ".join(f"epoch {e}" for e in range(width)) + " |")
-    lines.append("|---|---|" + "---|" * width)
-    for g, v in curves.items():
-        cells = [f"{100 * m:.1f} ± {100 * sd:.1f}" for m, sd in zip(v["mean"], v["std"])]
-        lines.append(f"| {GROUP_LABELS.get(g, g)} | {v['n']} | " + " | ".join(cells) + " |")
+    lines += _curves_section(s["curves"])
     if s["novelty"]:
-        n = s["novelty"]
-        lines += [
-            "",
-            "## Are they new models? (kept models, mean ± std)",
-            "",
-            (f"- L2 to the nearest checkpoint of the run's zoo (aligned weights): {n['nearest_zoo_l2'][0]:.3f} ± "
-             f"{n['nearest_zoo_l2'][1]:.3f}; to the nearest prompt {n['nearest_prompt_l2'][0]:.3f} ± "
-             f"{n['nearest_prompt_l2'][1]:.3f}; own weight norm {n['weight_norm'][0]:.3f}"),
-            (f"- highest IoU of misclassified test samples with a zoo checkpoint: {n['max_iou'][0]:.3f} ± "
-             f"{n['max_iou'][1]:.3f}"),
-            f"- prompt + noise at the same distance: test accuracy {_pct(n['noise_baseline_test_acc'])} %",
-            "",
-            "| kept model | nearest zoo checkpoint | L2 | max IoU (with) | nearest prompt | L2 | prompt+noise test acc |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for mid, r in s["novelty_rows"].items():
-            lines.append(f"| {mid} | {r.get('nearest_zoo', 'n/a')} | {r.get('nearest_zoo_l2', math.nan):.3f} | "
-                         f"{r.get('max_iou', math.nan):.3f} ({r.get('max_iou_zoo', 'n/a')}) | {r['nearest_prompt']} | "
-                         f"{r['nearest_prompt_l2']:.3f} | {100 * r['noise_baseline_test_acc']:.1f} |")
+        lines += _novelty_section(s["novelty"], s["novelty_rows"])
     if s.get("memorization"):
-        lines += [
-            "",
-            "## Memorization baselines (mean ± std over models; BN-conditioned like the candidates)",
-            "",
-            "| source | n | val acc (%) | test acc (%) | L2 to the nearest training model |",
-            "|---|---|---|---|---|",
-        ]
-        for source, v in s["memorization"].items():
-            d = v["nearest_train_l2"]
-            lines.append(f"| {source} | {v['n']} | {_pct(v['val_acc'])} | {_pct(v['test_acc'])} | "
-                         f"{d[0]:.3f} ± {d[1]:.3f} |")
-        lines += ["", _beats(s["memorization"]) + " `memorization.png`: test accuracy against the distance, "
-                  "one colour per source; `memorization.csv`: every model."]
+        lines += _memorization_section(s["memorization"])
     lines += ["", ("Files: `candidates.csv` / `.parquet` (ranked), `curves.csv`, `finetune.png`, zoos `candidates/` "
                    "and `kept/` (`sane-ray zoo info`).")]
     return "\n".join(lines) + "\n"

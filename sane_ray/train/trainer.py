@@ -94,46 +94,33 @@ def train_sane(
     if num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     fixed = {k: v for k, v in datasets.items() if isinstance(v, ray.data.Dataset)}
-    streams = {k: v for k, v in datasets.items() if k not in fixed}
     steps = train_cfg.steps_per_epoch or steps_per_epoch(
         _rows_per_pass(datasets["train"], train_cfg.seed, num_workers), num_workers, train_cfg.batch_size)
-    runtime = select_runtime(use_gpu, train_cfg.mixed_precision)
     s3 = (s3 or storage.S3Options()).resolved()
     run_uri = storage.join(storage.parse_uri(storage_path, s3).uri, name)
-    fs, path = storage.pyarrow_fs(storage_path, s3)
+    loop_config = {
+        "train": dataclasses.asdict(train_cfg),
+        "steps_per_epoch": steps,
+        "use_gpu": use_gpu,
+        "datasets": sorted(fixed),
+        "streams": {k: v for k, v in datasets.items() if k not in fixed},
+        "run_uri": run_uri,
+        "s3": s3,
+        "export_files": dict(export_files or {}),
+        "on_epoch_end": on_epoch_end,
+        "epoch_signal": epoch_signal,
+        "tracking": dict(tracking) if tracking else None,
+    }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": dataclasses.asdict(train_cfg),
-            "steps_per_epoch": steps,
-            "use_gpu": use_gpu,
-            "datasets": sorted(fixed),
-            "streams": streams,
-            "run_uri": run_uri,
-            "s3": s3,
-            "export_files": dict(export_files or {}),
-            "on_epoch_end": on_epoch_end,
-            "epoch_signal": epoch_signal,
-            "tracking": dict(tracking) if tracking else None,
-        },
-        torch_config=TorchConfig(backend=runtime.backend),
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=select_runtime(use_gpu, train_cfg.mixed_precision).backend),
         scaling_config=ScalingConfig(
             num_workers=num_workers,
             use_gpu=use_gpu,
             resources_per_worker=dict(resources_per_worker) if resources_per_worker else None,
         ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=path,
-            storage_filesystem=fs,
-            failure_config=FailureConfig(
-                max_failures=train_cfg.max_failures, controller_failure_limit=controller_failure_limit
-            ),
-            # None: Ray deletes nothing; resume.prune keeps checkpoints_to_keep of all directories.
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
-            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO goes to its log files only
-            callbacks=[FaultReporter(train_cfg.max_failures), *callbacks],
-        ),
+        run_config=_run_config(train_cfg, storage_path, name, s3, controller_failure_limit, callbacks),
         datasets=fixed,
     )
     if leased:
@@ -141,6 +128,24 @@ def train_sane(
     with lease.acquire(run_uri, "pretraining", s3):
         resume.preflight(run_uri, s3)
         return _fit(trainer, run_uri, train_cfg.max_failures, s3)
+
+
+def _run_config(train_cfg: TrainConfig, storage_path: str, name: str, s3: storage.S3Options,
+                controller_failure_limit: int, callbacks: Sequence[Any]) -> RunConfig:
+    """Where Ray Train keeps the run, how often it restarts, and what it prints."""
+    fs, path = storage.pyarrow_fs(storage_path, s3)
+    return RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(
+            max_failures=train_cfg.max_failures, controller_failure_limit=controller_failure_limit
+        ),
+        # None: Ray deletes nothing; resume.prune keeps checkpoints_to_keep of all directories.
+        checkpoint_config=CheckpointConfig(num_to_keep=None),
+        logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO goes to its log files only
+        callbacks=[FaultReporter(train_cfg.max_failures), *callbacks],
+    )
 
 
 def _fit(trainer: TorchTrainer, run_uri: str, max_failures: int, s3: storage.S3Options) -> Result:

@@ -180,7 +180,7 @@ def summary_markdown(cfg: SweepConfig, rows: list[dict[str, Any]], best: dict[st
         f"# Sweep {cfg.name}", "",
         (f"{len(rows)} trials ({counts['finished']} finished, {counts['stopped early']} stopped early, "
          f"{counts['error']} failed), {cfg.search} search, {cfg.scheduler} scheduler, objective {metric} "
-         f"({OBJECTIVES[cfg.objective][1]} of the last epoch). Wall time of this run: {wall_s:.0f} s."), "",
+         f"({OBJECTIVES[cfg.objective][1]} of the last epoch). Wall time of this invocation: {wall_s:.0f} s."), "",
         f"Best: trial {best['trial_id']} with {metric} = {best['objective']:.4g}"
         + (f"; the base configuration (trial {base['trial_id']}): {base['objective']:.4g}" if base else "") + ".",
         f"Its config: `best_config.yaml`; its run: `{best['run_uri']}`.", "",

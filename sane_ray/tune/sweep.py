@@ -178,11 +178,34 @@ def run_sweep(cfg: SweepConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]
         return _sweep(cfg, uri, callbacks)
 
 
+def _searcher(cfg: SweepConfig, point: dict[str, Any] | None, limit: int) -> Any:
+    """Tune's search algorithm for ``cfg.search``, trying the base point first when there is one."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if cfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(points_to_evaluate=[point] if point else None, seed=cfg.seed)
+    # A SearchGenerator: Tune ignores max_concurrent_trials for it, so it gets the limit itself.
+    return BasicVariantGenerator(points_to_evaluate=[point] if point else None, random_state=cfg.seed,
+                                 max_concurrent=limit)
+
+
+def _scheduler(cfg: SweepConfig, dims: list[Dimension], base: PretrainConfig) -> Any:
+    """ASHA over epochs (up to the most any trial trains), or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.scheduler != "asha":
+        return FIFOScheduler()
+    epoch_dim = next((d for d in dims if d.key == "train.epochs"), None)
+    epochs = max(epoch_dim.corners()) if epoch_dim else base.train.epochs
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(cfg.grace_period, epochs),
+                         reduction_factor=cfg.reduction_factor)
+
+
 def _sweep(cfg: SweepConfig, uri: str, callbacks: Sequence[Any]) -> dict[str, Any]:
     """The sweep inside its lease on ``uri``."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     given, pretrain = cfg, cfg.pretrain
     ensure_ray_for(pretrain.run, pretrain.data, pretrain.train.num_threads, cfg.max_concurrent or 1, cfg.trial_cpus)
@@ -191,21 +214,7 @@ def _sweep(cfg: SweepConfig, uri: str, callbacks: Sequence[Any]) -> dict[str, An
     dims, base = check_sweep(cfg)
     metric, mode = OBJECTIVES[cfg.objective]
     fs, path = storage.pyarrow_fs(uri)
-
     point = base_point(dims, base) if cfg.include_base else None
-    if cfg.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        searcher = OptunaSearch(points_to_evaluate=[point] if point else None, seed=cfg.seed)
-    else:
-        # A SearchGenerator: Tune ignores max_concurrent_trials for it, so it gets the limit itself.
-        searcher = BasicVariantGenerator(points_to_evaluate=[point] if point else None, random_state=cfg.seed,
-                                         max_concurrent=limit)
-    epoch_dim = next((d for d in dims if d.key == "train.epochs"), None)
-    epochs = max(epoch_dim.corners()) if epoch_dim else base.train.epochs
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(cfg.grace_period, epochs),
-                               reduction_factor=cfg.reduction_factor)
-                 if cfg.scheduler == "asha" else FIFOScheduler())
     trials_uri = storage.join(uri, TRIALS)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=to_dict(base), trials_uri=trials_uri),
@@ -215,7 +224,7 @@ def _sweep(cfg: SweepConfig, uri: str, callbacks: Sequence[Any]) -> dict[str, An
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         log.info("resuming the sweep at %s: finished trials are kept", uri)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, storage_filesystem=fs)
-        # Restore brings back the callbacks pickled with the first run; this process's replace them
+        # Restore brings back the callbacks pickled with the first invocation; this process's replace them
         # (Tuner.restore takes no RunConfig; the run config is reachable on the local tuner only).
         tuner._local_tuner.get_run_config().callbacks = list(callbacks)
     else:
@@ -224,7 +233,8 @@ def _sweep(cfg: SweepConfig, uri: str, callbacks: Sequence[Any]) -> dict[str, An
             trainable,
             param_space={d.key: d.tune_domain() for d in dims},
             tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=cfg.samples, search_alg=searcher, scheduler=scheduler,
+                metric=metric, mode=mode, num_samples=cfg.samples, search_alg=_searcher(cfg, point, limit),
+                scheduler=_scheduler(cfg, dims, base),
                 max_concurrent_trials=limit if cfg.search == "optuna" else None,
                 trial_dirname_creator=lambda t: t.trial_id,
             ),

@@ -152,18 +152,36 @@ def match_weights(
     if max_sweeps < 1:
         raise ValueError(f"max_sweeps must be >= 1, got {max_sweeps}")
     terms = _terms(spec, _float_tensors(ref_sd, spec, "reference state dict"), _float_tensors(sd, spec, "state dict"))
-    groups = list(spec.group_sizes)
-    perms = identity_permutation(spec, device="cpu")
-    version = dict.fromkeys(groups, 0)  # bumped whenever a group's permutation changes
-    # (group, term index) -> (other groups' versions, their permutations, contribution)
-    cache: dict[tuple[str, int], tuple[tuple[int, ...], tuple[torch.Tensor, ...], torch.Tensor]] = {}
-    solved_at: dict[str, tuple[int, ...]] = {}  # neighbour versions at the group's last assignment
-    duals: dict[str, Duals | None] = {}  # the group's last optimum's prices: warm-start the next assignment
+    state = _Sweeps(spec, terms)
     order_gen = torch.Generator().manual_seed(seed)
+    sweeps, converged = 0, False
+    while sweeps < max_sweeps and not converged:
+        sweeps += 1
+        progress = False
+        for gi in torch.randperm(len(state.groups), generator=order_gen).tolist():
+            progress = state.reassign(state.groups[gi]) or progress
+        converged = not progress
+    return Matching(state.perms, sweeps, converged)
 
-    def contribution(group: str, i: int, term: _Term) -> torch.Tensor:
+
+class _Sweeps:
+    """The coordinate descent's state: each group's permutation and version, and cached contributions."""
+
+    def __init__(self, spec: PermutationSpec, terms: dict[str, list[_Term]]):
+        self.spec, self.terms = spec, terms
+        self.groups = list(spec.group_sizes)
+        self.perms = identity_permutation(spec, device="cpu")
+        self.version = dict.fromkeys(self.groups, 0)  # bumped whenever a group's permutation changes
+        # (group, term index) -> (other groups' versions, their permutations, contribution)
+        self.cache: dict[tuple[str, int], tuple[tuple[int, ...], tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self.solved_at: dict[str, tuple[int, ...]] = {}  # neighbour versions at the group's last assignment
+        self.duals: dict[str, Duals | None] = {}  # the group's last optimum's prices: warm-start the next one
+
+    def contribution(self, group: str, i: int, term: _Term) -> torch.Tensor:
+        """Term ``i``'s share of ``group``'s assignment matrix, updated from the cache where it can be."""
+        version, perms = self.version, self.perms
         stamp = tuple(version[g] for _, g, _ in term.others)
-        hit = cache.get((group, i))
+        hit = self.cache.get((group, i))
         if hit is not None and hit[0] == stamp:
             return hit[2]
         basis = tuple(perms[g] for _, g, _ in term.others)
@@ -177,34 +195,29 @@ def match_weights(
                 value = hit[2] + term.delta(old, new)
         if value is None:  # version 0 is the identity: skip gathering along those axes
             value = term.full({g: perms[g] for _, g, _ in term.others if version[g]})
-        cache[(group, i)] = (stamp, basis, value)
+        self.cache[(group, i)] = (stamp, basis, value)
         return value
 
-    sweeps, converged = 0, False
-    while sweeps < max_sweeps and not converged:
-        sweeps += 1
-        progress = False
-        for gi in torch.randperm(len(groups), generator=order_gen).tolist():
-            group = groups[gi]
-            stamp = tuple(version[g] for t in terms[group] for _, g, _ in t.others)
-            if solved_at.get(group) == stamp:
-                continue  # A is unchanged since the last assignment: the same permutation would come back
-            n = spec.group_sizes[group]
-            a = torch.zeros(n, n, dtype=torch.float32)
-            for i, term in enumerate(terms[group]):
-                a += contribution(group, i, term)
-            a64 = a.double()
-            _check_finite(group, a64, terms[group])
-            new, duals[group] = max_assignment(a64, duals.get(group))
-            rows = torch.arange(n)
-            gain = float(a64[rows, new].sum() - a64[rows, perms[group]].sum())
-            solved_at[group] = stamp
-            if not torch.equal(new, perms[group]):
-                perms[group] = new
-                version[group] += 1
-                progress = progress or gain > IMPROVEMENT_TOL
-        converged = not progress
-    return Matching(perms, sweeps, converged)
+    def reassign(self, group: str) -> bool:
+        """Solve ``group``'s assignment given the others; whether it improved the objective."""
+        stamp = tuple(self.version[g] for t in self.terms[group] for _, g, _ in t.others)
+        if self.solved_at.get(group) == stamp:
+            return False  # A is unchanged since the last assignment: the same permutation would come back
+        n = self.spec.group_sizes[group]
+        a = torch.zeros(n, n, dtype=torch.float32)
+        for i, term in enumerate(self.terms[group]):
+            a += self.contribution(group, i, term)
+        a64 = a.double()
+        _check_finite(group, a64, self.terms[group])
+        new, self.duals[group] = max_assignment(a64, self.duals.get(group))
+        rows = torch.arange(n)
+        gain = float(a64[rows, new].sum() - a64[rows, self.perms[group]].sum())
+        self.solved_at[group] = stamp
+        if torch.equal(new, self.perms[group]):
+            return False
+        self.perms[group] = new
+        self.version[group] += 1
+        return gain > IMPROVEMENT_TOL
 
 
 def weight_matching(

@@ -1,6 +1,6 @@
 """What makes a checkpoint usable, and the errors that say why one is not.
 
-Real zoos contain diverged runs (NaN/Inf or exploding weights), truncated uploads and
+Real zoos contain diverged trainings (NaN/Inf or exploding weights), truncated uploads and
 files from other architectures. Every reader funnels a decoded state dict through
 :func:`validate_state_dict`, so the rules are the same for both layouts, and every
 skipped item goes through :func:`skip`, so each one is logged once with its path.
@@ -23,7 +23,7 @@ from sane_ray.zoo.spec import Skipped
 log = logging.getLogger("sane_ray.zoo")
 
 # Largest |weight| accepted (floating tensors, BN running statistics included). Trained
-# small CNNs and ResNets stay below ~1e2; diverged runs blow far past 1e4.
+# small CNNs and ResNets stay below ~1e2; diverged trainings blow far past 1e4.
 DEFAULT_MAX_ABS = 1e4
 
 

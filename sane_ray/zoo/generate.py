@@ -8,7 +8,7 @@ or S3). Local output on a multi-node cluster must be a shared filesystem; prefer
 
 Each task writes its own checkpoints (epoch 0 is the initialization) and returns its
 manifest rows; the driver publishes the manifest only after every task succeeded, so a
-failed run leaves no zoo. The generation config is stored in the manifest metadata:
+failed generation leaves no zoo. The generation config is stored in the manifest metadata:
 :func:`ensure_zoo` reuses a published zoo with the same config instead of retraining.
 
 While a zoo is written its root is leased (:mod:`sane_ray.lease`): a second writer is
