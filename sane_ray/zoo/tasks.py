@@ -10,14 +10,15 @@ fine-tuning, so a task is plain data: CPU tensors per split, nothing tied to Ray
 
 All tasks share one deterministic, stratified 60/20/20 split (by ``split_seed``), so a
 sample index is in the same split in every task. Pixels are scaled to [0, 1] and then
-standardized with one mean and std computed on the training split.
+standardized with one mean and std computed on the training split (recorded on the task
+as its :class:`Normalization`). Tasks from the user's own data: :mod:`sane_ray.zoo.task_sources`.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -36,6 +37,31 @@ class UnknownTaskError(KeyError):
         return str(self.args[0])
 
 
+class TaskDataError(ValueError):
+    """Task data that cannot be used; the message is one line naming the file or directory."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(line.strip() for line in message.splitlines()))
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How stored pixels became inputs: ``x = (pixels / divisor - mean[c]) / std[c]`` per channel c.
+
+    ``mean`` and ``std`` are empty when nothing was standardized; ``stats`` says where they
+    came from: ``"none"``, ``"given"`` or ``"train"`` (computed on the training split).
+    """
+
+    divisor: float = 1.0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    stats: str = "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values, to write beside results."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
 @dataclass(frozen=True)
 class Split:
     """Inputs ``x`` float32 (N, C, H, W) and labels ``y`` int64 (N,)."""
@@ -49,7 +75,7 @@ class Split:
 
 @dataclass(frozen=True)
 class Task:
-    """A classification task: three disjoint splits, its class count and input shape (C, H, W)."""
+    """A classification task: three disjoint splits, its class count, input shape (C, H, W) and normalization."""
 
     name: str
     train: Split
@@ -57,6 +83,7 @@ class Task:
     test: Split
     num_classes: int
     input_shape: tuple[int, int, int]
+    normalization: Normalization = Normalization()
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
@@ -95,7 +122,8 @@ def _build(name: str, images: np.ndarray, labels: np.ndarray, split_seed: int) -
     x = torch.from_numpy((images - mean) / std).unsqueeze(1)  # (N, 1, 8, 8)
     y = torch.from_numpy(labels)
     train, val, test = (Split(x[i].contiguous(), y[i].contiguous()) for i in map(torch.from_numpy, parts))
-    return Task(name, train, val, test, num_classes=10, input_shape=(1, 8, 8))
+    normalization = Normalization(divisor=16.0, mean=(mean,), std=(std,), stats="train")
+    return Task(name, train, val, test, num_classes=10, input_shape=(1, 8, 8), normalization=normalization)
 
 
 def _digits_task(split_seed: int) -> Task:
