@@ -18,6 +18,7 @@ from sane_ray.zoo.architectures import build_model
 from sane_ray.zoo.generate import ZooExistsError, ZooGenerationError, ensure_zoo, generate_zoo
 from sane_ray.zoo.plan import SearchSpace, ZooGenConfig, default_zoo_config, plan_models, zoo_uri
 from sane_ray.zoo.trainer import initialize, train_model
+from sane_ray.zoo.info import format_info, zoo_info
 from sane_ray.zoo.native import MANIFEST
 from sane_ray.zoo.reader import load_checkpoint, open_zoo
 from sane_ray.zoo.tasks import LABEL_PERMUTATION, TASKS, UnknownTaskError, evaluate, get_task, split_indices
@@ -121,6 +122,7 @@ def test_zoo_local_and_s3_identical(ray_cluster, s3, tmp_path):
 
     zoo = open_zoo(local, verify=True)  # every checkpoint loads and passes the reader's checks
     assert not zoo.skipped and zoo.metadata["generation"] == ZooGenConfig(**TINY).identity()
+    assert zoo.task == "digits" and "task:         digits" in format_info(zoo_info(zoo))  # the samplers' default
     task = get_task("digits")
     for plan, rec in zip(plan_models(ZooGenConfig(**TINY)), zoo.models, strict=True):
         assert (rec.model_id, rec.architecture, rec.arch_kwargs, rec.hparams) == (

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 
+import numpy as np
 import pyarrow.csv as pacsv
 import pytest
 import torch
@@ -177,9 +178,59 @@ def test_sample_job_is_reproducible_and_writes_readable_zoos(bn_run, capsys):
     assert other["curves"]["sampled"]["mean"] != summaries[0]["curves"]["sampled"]["mean"]
 
 
+def _digits_npz(path, classes: int) -> str:
+    """The digits task's tensors (already normalized floats: taken as given) with labels below ``classes``."""
+    task = get_task("digits")
+    arrays = {}
+    for split in ("train", "val", "test"):
+        part = task.split(split)
+        keep = part.y < classes
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = part.x[keep].numpy(), part.y[keep].numpy()
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_a_task_with_other_classes_gets_a_new_fitted_head(bn_run):
+    root, run_uri = bn_run
+    npz = _digits_npz(root / "five.npz", 5)
+    cfg = SampleConfig(run=run_uri, task=npz, candidates=4, keep=2, finetune_epochs=1, prompt_best_k=2,
+                       bn_batches=2, candidates_per_task=2, cpus_per_task=0.5, seed=3, out=str(root / "five"))
+    summary = run_sample(cfg)
+    assert summary["task"]["new_head"] and summary["task"]["num_classes"] == 5
+    assert summary["task"]["source"] == npz and summary["task"]["normalization"]["stats"] == "none"
+    kept = open_zoo(str(root / "five" / "kept"), verify=True)
+    assert all(m.arch_kwargs["num_classes"] == 5 for m in kept.models)
+    sd = load_checkpoint(kept.models[0], kept.models[0].checkpoints[0])
+    head = [k for k in sd if k.endswith(".weight") and sd[k].ndim == 2][-1]
+    assert sd[head].shape[0] == 5
+    md = (root / "five" / "summary.md").read_text()
+    assert "head fitted" in md and "zero-shot" not in md.split("## Side by side")[1].split("\n\n")[1]
+    assert not (root / "five" / "memorization.csv").exists()  # zoo models' heads do not fit 5 classes
+    assert set(summary["curves"]) == {"sampled", "prompt", "scratch"}
+    with pytest.raises(ValueError, match="5 classes but the zoo.s architecture has 10 outputs"):
+        run_sample(dataclasses.replace(cfg, new_head=False, out=str(root / "five-refused")))
+
+
+def test_the_task_defaults_to_the_zoos_and_a_zoo_without_one_needs_it(bn_run):
+    _, run_uri = bn_run
+    with pytest.raises(ValueError, match=r"records no task: give the data to score on \(--task"):
+        run_sample(SampleConfig(run=run_uri, candidates=2, keep=1, out=str(bn_run[0] / "none")))
+
+
+def test_a_task_whose_images_do_not_fit_the_architecture_fails_before_sampling(bn_run, tmp_path):
+    _, run_uri = bn_run
+    rng = np.random.default_rng(0)
+    bad = tmp_path / "wide.npz"
+    np.savez(bad, **{f"{k}_{s}": (rng.integers(0, 255, (20, 12, 12), dtype=np.uint8) if k == "x" else
+                                  np.arange(20) % 10) for s in ("train", "val", "test") for k in ("x", "y")})
+    with pytest.raises(ValueError, match=r"wide.npz.*\(1, 12, 12\).*\(1, 8, 8\)") as err:
+        run_sample(SampleConfig(run=run_uri, task=str(bad), candidates=2, keep=1, out=str(tmp_path / "o")))
+    assert "\n" not in str(err.value)
+
+
 def test_sample_cli_refuses_bad_settings(bn_run, capsys):
     _, run_uri = bn_run
     assert main(["sample", "--run", run_uri, "--keep", "9", "--candidates", "4"]) == 2
     assert "keep=9 exceeds candidates=4" in capsys.readouterr().err
     assert main(["sample", "--run", run_uri, "--task", "cifar"]) == 2
-    assert "unknown task" in capsys.readouterr().err
+    assert "not a registered task (digits" in capsys.readouterr().err

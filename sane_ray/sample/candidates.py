@@ -14,6 +14,7 @@ import torch
 from sane_ray.sample.context import (
     BN,
     DRAW,
+    HEAD,
     INIT,
     TASK_SPLITS,
     Context,
@@ -21,11 +22,12 @@ from sane_ray.sample.context import (
     cached_task,
     condition,
     derive,
+    fit_new_head,
     metrics,
+    target_net,
 )
 from sane_ray.sample.kde import TokenKDE
 from sane_ray.sample.models import decode_states
-from sane_ray.zoo.architectures import build_model
 from sane_ray.zoo.native import write_checkpoint
 
 
@@ -34,9 +36,10 @@ def candidate_id(round_: int, index: int) -> str:
 
 
 def make_candidates(ctx: Context, kde: TokenKDE, round_: int, indices: list[int]) -> list[dict[str, Any]]:
-    """Draw, decode, BN-condition, score and write candidates ``indices`` of round ``round_``; their manifest rows."""
+    """Draw, decode, BN-condition (and with a new head fit it), score and write candidates ``indices`` of
+    round ``round_``; their manifest rows."""
     torch.set_num_threads(ctx.threads)
-    run, task = cached_run(ctx.run_uri), cached_task(ctx.task)
+    run, task = cached_run(ctx.run_uri), cached_task(ctx.task_ref)
     draw_seeds = [derive(ctx.seed, DRAW, round_, i) for i in indices]
     latents = kde.sample(draw_seeds, threads=1)
     states = decode_states(run.model, latents.to(run.device), ctx.layout, ctx.stats, run.preprocessing.pad_position,
@@ -44,12 +47,13 @@ def make_candidates(ctx: Context, kde: TokenKDE, round_: int, indices: list[int]
                            [derive(ctx.seed, INIT, round_, i) for i in indices])
     rows = []
     for i, draw_seed, sd in zip(indices, draw_seeds, states):
-        net = build_model(ctx.architecture, **ctx.arch_kwargs)
-        net.load_state_dict(sd)
+        net = target_net(ctx, sd, derive(ctx.seed, HEAD, round_, i))
         condition(ctx, net, task, derive(ctx.seed, BN, round_, i))
-        hparams = {"round": round_, "index": i, "draw_seed": draw_seed, "mode": ctx.mode, "task": ctx.task}
+        fit_new_head(ctx, net, task, derive(ctx.seed, HEAD, round_, i, 1))
+        hparams = {"round": round_, "index": i, "draw_seed": draw_seed, "mode": ctx.mode, "task": ctx.task,
+                   "new_head": ctx.new_head}
         rows.append(write_checkpoint(ctx.candidates_uri, candidate_id(round_, i), 0, net.state_dict(),
-                                     metrics(net, task), ctx.architecture, ctx.arch_kwargs, hparams, ctx.s3))
+                                     metrics(net, task), ctx.architecture, ctx.target_kwargs, hparams, ctx.s3))
     return rows
 
 

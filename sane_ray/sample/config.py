@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sane_ray.zoo.task_sources import NORMALIZE_MODES
+
 MODES = ("kde", "gauss")
 BANDWIDTH_RULES = ("scott", "silverman")
 ANCHORS = ("token", "model")  # KDE anchor per token (the paper) or one per candidate (sane_ray.sample.kde)
+FINETUNE_LAYERS = ("all", "head")
 
 
 @dataclass
@@ -21,8 +24,24 @@ class SampleConfig:
     """An exported pretraining run (its directory)."""
     prompts: str = ""
     """Zoo URI of the prompt models; "": the run's own zoo."""
-    task: str = "digits"
-    """Target task (sane_ray.zoo.tasks): BN-conditioning, scoring, fine-tuning."""
+    task: str = ""
+    """Target task for BN-conditioning, scoring, fine-tuning: a registered name (digits, ...), FILE.npz, an
+    image folder, a datasets save_to_disk or Parquet directory, or module:function (docs/sampling.md); "": the
+    task the prompt zoo records."""
+    task_normalize: str = "auto"
+    """auto: uint8 images scaled to [0, 1], float arrays as given; train: then per-channel mean/std of the
+    training split (files only; registered tasks bring their own)."""
+    task_mean: list[float] | None = None
+    """Per-channel mean subtracted after scaling (one value: every channel); null: none."""
+    task_std: list[float] | None = None
+    """Per-channel std divided by after scaling (one value: every channel); null: none."""
+    task_image_column: str = ""
+    """Image column of a datasets/Parquet task; "": image or img."""
+    task_label_column: str = ""
+    """Label column of a datasets/Parquet task; "": label or labels."""
+    new_head: bool = True
+    """A task with another class count than the prompts' architecture: every model gets a new, seeded head
+    (fitted in closed form before ranking); false: refuse such a task."""
     out: str = ""
     """Where the candidates, kept models and report go; "": <run>/sample."""
     # ---- prompts: each model's last epoch unless prompt_epoch; optionally only some models / the best k
@@ -72,6 +91,8 @@ class SampleConfig:
     """Adam learning rate of the fine-tuning."""
     finetune_batch_size: int = 32
     """Fine-tuning batch size."""
+    finetune_layers: str = "all"
+    """all: fine-tune every parameter; head: only the classification head (the rest fixed)."""
     novelty: bool = True
     """Compare the kept models with the zoo: nearest zoo model, misclassification overlap, prompt-plus-noise baseline."""
     # ---- execution
@@ -94,6 +115,12 @@ class SampleConfig:
         if self.bandwidth_rule not in BANDWIDTH_RULES:
             raise ValueError(f"SampleConfig.bandwidth_rule must be one of {', '.join(BANDWIDTH_RULES)}, "
                              f"got {self.bandwidth_rule!r}")
+        if self.finetune_layers not in FINETUNE_LAYERS:
+            raise ValueError(f"SampleConfig.finetune_layers must be one of {', '.join(FINETUNE_LAYERS)}, "
+                             f"got {self.finetune_layers!r}")
+        if self.task_normalize not in NORMALIZE_MODES:
+            raise ValueError(f"SampleConfig.task_normalize must be one of {', '.join(NORMALIZE_MODES)}, "
+                             f"got {self.task_normalize!r}")
         if self.kde_anchor not in ANCHORS:
             raise ValueError(f"SampleConfig.kde_anchor must be one of {', '.join(ANCHORS)}, got {self.kde_anchor!r}")
         for name in ("candidates", "keep", "candidates_per_task", "bn_batches", "bn_batch_size",

@@ -7,9 +7,11 @@ derive every random draw from ``Context.seed`` with :func:`derive` and one strea
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,16 +20,17 @@ import torch
 
 from sane_ray import storage
 from sane_ray.embed.run import Run, load_run
-from sane_ray.sample.models import bn_condition, evaluate_split
+from sane_ray.sample.models import bn_condition, evaluate_split, fit_head, with_new_head
 from sane_ray.weights.standardize import StandardizationStats
 from sane_ray.weights.tokenize import TokenLayout
 from sane_ray.zoo.reader import load_checkpoint
 from sane_ray.zoo.spec import CheckpointRecord, ModelRecord
-from sane_ray.zoo.tasks import Task, get_task
+from sane_ray.zoo.architectures import build_model
+from sane_ray.zoo.tasks import TASK_SPLITS, Split, Task
 
 # Streams of the seed: every random draw is derive(cfg.seed, STREAM, ...).
-DRAW, INIT, BN, FINETUNE, SCRATCH, NOISE = range(1, 7)
-TASK_SPLITS = ("train", "val", "test")  # the task data a candidate is scored on (not the zoo's model splits)
+DRAW, INIT, BN, FINETUNE, SCRATCH, NOISE, HEAD = range(1, 8)
+HEAD_FIT_SAMPLES = 2048  # training images a new head is fitted on before ranking
 
 
 def derive(seed: int, *keys: int) -> int:
@@ -41,10 +44,13 @@ class Context:
 
     run_uri: str
     architecture: str
-    arch_kwargs: dict[str, Any]
+    arch_kwargs: dict[str, Any]  # the prompts': what the decoded tokens describe
+    target_kwargs: dict[str, Any]  # the models the job builds: arch_kwargs with the task's class count
+    new_head: bool  # the task has another class count: every model gets a new, seeded head
     layout_json: str
     stats_json: str
-    task: str
+    task: str  # the task's source, for records and messages
+    task_ref: Any  # the Task in the object store (sane_ray.sample.target)
     seed: int
     window_size: int
     halo: int | None
@@ -59,6 +65,7 @@ class Context:
     finetune_epochs: int
     finetune_lr: float
     finetune_batch_size: int
+    finetune_layers: str
     threads: int
     s3: storage.S3Options
 
@@ -77,10 +84,26 @@ def cached_run(uri: str) -> Run:
     return load_run(uri)  # on the task's GPU when Ray gave it one
 
 
-@functools.lru_cache(maxsize=4)
-def cached_task(name: str) -> Task:
-    """The task's data, loaded once per worker process."""
-    return get_task(name)
+def share_task(task: Task) -> Any:
+    """Put ``task`` in the object store as numpy arrays, which workers map without copying: one
+    copy per node, however many worker processes score or fine-tune on it."""
+    import ray
+
+    # Arrays that own their memory: Ray serializes those out of band (a view of a torch tensor it pickles).
+    arrays = {s: (task.split(s).x.numpy().copy(), task.split(s).y.numpy().copy()) for s in TASK_SPLITS}
+    return ray.put((dataclasses.replace(task, train=None, val=None, test=None), arrays))
+
+
+@functools.lru_cache(maxsize=2)
+def cached_task(ref: Any) -> Task:
+    """The job's task (:func:`share_task`), its tensors views of the node's object store."""
+    import ray
+
+    shell, arrays = ray.get(ref)
+    with warnings.catch_warnings():  # read-only shared memory: the tensors are only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        splits = {s: Split(torch.from_numpy(x), torch.from_numpy(y)) for s, (x, y) in arrays.items()}
+    return dataclasses.replace(shell, **splits)
 
 
 def metrics(net: torch.nn.Module, task: Task) -> dict[str, float]:
@@ -96,6 +119,24 @@ def condition(ctx: Context, net: torch.nn.Module, task: Task, seed: int) -> None
     if ctx.bn_condition:
         bn_condition(net, task.train, ctx.bn_batches, ctx.bn_batch_size, torch.Generator().manual_seed(seed),
                      ctx.bn_momentum)
+
+
+def target_net(ctx: Context, sd: dict[str, torch.Tensor], head_seed: int) -> torch.nn.Module:
+    """The job's network from weights of the prompts' architecture: as they are, or with a new head
+    (seeded by ``head_seed``) when the task has another class count."""
+    if ctx.new_head:
+        return with_new_head(sd, ctx.architecture, ctx.target_kwargs, head_seed)
+    net = build_model(ctx.architecture, **ctx.target_kwargs)
+    net.load_state_dict(sd)
+    return net
+
+
+def fit_new_head(ctx: Context, net: torch.nn.Module, task: Task, seed: int) -> None:
+    """With a new head, fit it in closed form on a seeded subset of the training split (else nothing)."""
+    if ctx.new_head:
+        n = min(HEAD_FIT_SAMPLES, len(task.train))
+        idx = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed))[:n]
+        fit_head(net, Split(task.train.x[idx], task.train.y[idx]), task.num_classes)
 
 
 def load_candidate(row: dict[str, Any], root: str) -> dict[str, torch.Tensor]:

@@ -13,12 +13,15 @@ import torch
 
 from sane_ray.sample.context import (
     FINETUNE,
+    HEAD,
     SCRATCH,
     Context,
     cached_task,
     derive,
+    fit_new_head,
     load_candidate,
     metrics,
+    target_net,
 )
 from sane_ray.sample.models import default_state, finetune
 from sane_ray.zoo.architectures import build_model
@@ -33,29 +36,32 @@ def finetune_one(ctx: Context, group: str, name: str, source: dict[str, Any], in
     """Fine-tune one model (``group`` sampled / prompt / scratch) for ``ctx.finetune_epochs``; test
     accuracy per epoch, and for a sampled model the manifest rows of its checkpoints in the kept zoo."""
     torch.set_num_threads(ctx.threads)
-    task = cached_task(ctx.task)
+    task = cached_task(ctx.task_ref)
+    g = GROUPS.index(group)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive(ctx.seed, FINETUNE, GROUPS.index(group), index))
-        if group == "scratch":
-            sd = default_state(ctx.architecture, ctx.arch_kwargs, derive(ctx.seed, SCRATCH, index))
-        elif group == "sampled":
-            sd = load_candidate(source, ctx.candidates_uri)
-        else:
+        torch.manual_seed(derive(ctx.seed, FINETUNE, g, index))
+        if group == "prompt":  # the prompts' architecture: a new head where the task needs one
             sd = load_checkpoint(ModelRecord(**source["model"]), CheckpointRecord(**source["checkpoint"]),
                                  max_abs=ctx.max_abs)
-        net = build_model(ctx.architecture, **ctx.arch_kwargs)
-        net.load_state_dict(sd)
+            net = target_net(ctx, sd, derive(ctx.seed, HEAD, g, index))
+        else:  # the target already: a kept candidate, or the default initialization
+            sd = (load_candidate(source, ctx.candidates_uri) if group == "sampled" else
+                  default_state(ctx.architecture, ctx.target_kwargs, derive(ctx.seed, SCRATCH, index)))
+            net = build_model(ctx.architecture, **ctx.target_kwargs)
+            net.load_state_dict(sd)
+        if group != "sampled":  # a kept candidate's head was fitted when it was scored
+            fit_new_head(ctx, net, task, derive(ctx.seed, HEAD, g, index, 1))
         rows: list[dict[str, Any]] = []
 
         def save(epoch: int, model: torch.nn.Module) -> None:
             if group == "sampled":
                 hp = {**json.loads(source["hparams"]), "finetune_lr": ctx.finetune_lr, "finetune_epochs": epoch}
                 rows.append(write_checkpoint(ctx.kept_uri, name, epoch, model.state_dict(), metrics(model, task),
-                                             ctx.architecture, ctx.arch_kwargs, hp, ctx.s3))
+                                             ctx.architecture, ctx.target_kwargs, hp, ctx.s3))
 
         save(0, net)
         accs = finetune(net, task.train, task.test, ctx.finetune_epochs, ctx.finetune_lr, ctx.finetune_batch_size,
-                        derive(ctx.seed, FINETUNE, GROUPS.index(group), index, 1), save)
+                        derive(ctx.seed, FINETUNE, g, index, 1), save, layers=ctx.finetune_layers)
     return {"group": group, "model_id": name, "test_acc": accs, "rows": rows}
 
 

@@ -46,15 +46,15 @@ from sane_ray.embed.run import Run, load_run
 from sane_ray.sample import report
 from sane_ray.sample.candidates import SamplingFailedError, broken, make_candidates, rank
 from sane_ray.sample.config import SampleConfig
-from sane_ray.sample.context import Context
+from sane_ray.sample.context import Context, share_task
 from sane_ray.sample.finetuning import finetune_one, prompt_source
 from sane_ray.sample.kde import TokenKDE
 from sane_ray.sample.models import check_positions
 from sane_ray.sample.novelty import novelty_rows
 from sane_ray.sample.prompts import PromptSet, load_prompts, prompt_latents, select_prompts
+from sane_ray.sample.target import Target, resolve_target
 from sane_ray.zoo.native import publish_manifest
 from sane_ray.zoo.reader import open_zoo
-from sane_ray.zoo.tasks import get_task
 
 log = logging.getLogger("sane_ray.sample")
 
@@ -104,7 +104,6 @@ def run_sample(cfg: SampleConfig, s3: storage.S3Options | None = None) -> dict[s
         raise ValueError("SampleConfig.run is empty: give the exported pretraining run (--run URI)")
     s3 = (s3 or storage.S3Options()).resolved()
     out = storage.parse_uri(cfg.out or storage.join(cfg.run, "sample"), s3).uri
-    get_task(cfg.task)  # an unknown task fails here, naming the known ones
     with lease.acquire(out, "sample", s3):  # before Ray starts or a prompt is read
         job = _prepare(cfg, out, s3)
         kdes, rows, kept, sample_s = _sample_rounds(job)
@@ -122,24 +121,27 @@ class _Job:
     run: Run
     prompts: list[Any]
     prompt_set: PromptSet
+    target: Target
     ctx: Context
     ctx_ref: ray.ObjectRef  # the context in the object store: one copy for every task
     opts: dict[str, Any]  # Ray options of its tasks
 
 
 def _prepare(cfg: SampleConfig, out: str, s3: storage.S3Options) -> _Job:
-    """Load the run and the prompts, check they fit, start Ray and fix the tasks' context."""
+    """Load the run, the prompts and the task, check they fit, start Ray and fix the tasks' context."""
     run = load_run(cfg.run, device="cpu")
     prompt_zoo_uri = cfg.prompts or (run.canonical.zoo_uri if run.canonical is not None else "")
     if not prompt_zoo_uri:
         raise ValueError(f"the run {cfg.run} records no zoo: give the prompt models (--prompts URI)")
     max_abs = run_max_abs(run)
-    prompts = select_prompts(open_zoo(prompt_zoo_uri, s3=s3), cfg.prompt_models, cfg.prompt_epoch, cfg.prompt_best_k)
+    zoo = open_zoo(prompt_zoo_uri, s3=s3)
+    prompts = select_prompts(zoo, cfg.prompt_models, cfg.prompt_epoch, cfg.prompt_best_k)
     prompt_set = load_prompts(run, prompts, max_abs, s3)
     arch, kwargs = prompt_set.architecture, prompt_set.arch_kwargs
     check_positions(run.model, prompt_set.layout, arch)
+    target = resolve_target(cfg, zoo, arch, kwargs, s3)
     window = cfg.window_size or run.model.cfg.window_size
-    log.info("sampling %s %s for task %s from %d prompts (%s) with %s", arch, kwargs, cfg.task, len(prompts),
+    log.info("sampling %s %s for task %s from %d prompts (%s) with %s", arch, kwargs, target.source, len(prompts),
              ", ".join(p.name for p in prompts), cfg.mode)
 
     ensure_ray(num_cpus=cfg.local_cpus or None)
@@ -147,16 +149,17 @@ def _prepare(cfg: SampleConfig, out: str, s3: storage.S3Options) -> _Job:
     opts = remote_args("gpu" if gpus else "cpu", cfg.cpus_per_task, gpus, node_types=cfg.node_types)
     log.info("%s", task_plan("sampling", math.ceil(cfg.candidates / cfg.candidates_per_task), cfg.cpus_per_task, gpus))
     ctx = Context(
-        run_uri=run.uri, architecture=arch, arch_kwargs=kwargs, layout_json=prompt_set.layout.to_json(),
-        stats_json=prompt_set.stats.to_json(), task=cfg.task, seed=cfg.seed, window_size=window, halo=cfg.halo,
+        run_uri=run.uri, architecture=arch, arch_kwargs=kwargs, target_kwargs=target.target_kwargs,
+        new_head=target.new_head, layout_json=prompt_set.layout.to_json(), stats_json=prompt_set.stats.to_json(),
+        task=target.source, task_ref=share_task(target.task), seed=cfg.seed, window_size=window, halo=cfg.halo,
         max_abs=max_abs, bn_condition=cfg.bn_condition, bn_batches=cfg.bn_batches, bn_batch_size=cfg.bn_batch_size,
         bn_momentum=cfg.bn_momentum, mode=cfg.mode,
         candidates_uri=storage.join(out, "candidates"), kept_uri=storage.join(out, "kept"),
         finetune_epochs=cfg.finetune_epochs, finetune_lr=cfg.finetune_lr,
-        finetune_batch_size=cfg.finetune_batch_size, threads=max(1, int(cfg.cpus_per_task)), s3=s3,
+        finetune_batch_size=cfg.finetune_batch_size, finetune_layers=cfg.finetune_layers, threads=max(1, int(cfg.cpus_per_task)), s3=s3,
     )
     storage.makedirs(out, s3)
-    return _Job(cfg, out, s3, run, prompts, prompt_set, ctx, ray.put(ctx), opts)
+    return _Job(cfg, out, s3, run, prompts, prompt_set, target, ctx, ray.put(ctx), opts)
 
 
 def _sample_rounds(job: _Job) -> tuple[list[TokenKDE], list[dict[str, Any]], list[dict[str, Any]], float]:
@@ -178,7 +181,7 @@ def _sample_rounds(job: _Job) -> tuple[list[TokenKDE], list[dict[str, Any]], lis
         if not kept:
             _publish_candidates(job, rows)
             raise SamplingFailedError(
-                f"all {len(rows)} candidates are broken (non-finite loss or accuracy on {cfg.task}); "
+                f"all {len(rows)} candidates are broken (non-finite loss or accuracy on {job.ctx.task}); "
                 f"they are in the zoo {job.ctx.candidates_uri}")
         log.info("round %d: best val acc %.3f, kept mean val acc %.3f", round_, kept[0]["val_acc"],
                  float(np.mean([r["val_acc"] for r in kept])))
@@ -206,19 +209,22 @@ def _finetune_all(job: _Job, kept: list[dict[str, Any]]) -> list[dict[str, Any]]
 def _report(job: _Job, kdes: list[TokenKDE], rows: list[dict[str, Any]], kept: list[dict[str, Any]],
             curves: list[dict[str, Any]], sample_s: float) -> dict[str, Any]:
     """Compare the kept models with the zoo and the prompts, then write the tables, plots and summary (last)."""
-    cfg, out, s3 = job.cfg, job.out, job.s3
-    compared = novelty_rows(job.ctx, job.run, job.prompt_set, kept, job.opts) if cfg.novelty else {}
+    cfg, out, s3, task = job.cfg, job.out, job.s3, job.ctx.task
+    compare = cfg.novelty and not job.target.new_head  # zoo models' heads do not fit a task of other classes
+    if cfg.novelty and not compare:
+        log.info("novelty and memorization baselines skipped: they score zoo models, whose heads do not fit %s", task)
+    compared = novelty_rows(job.ctx, job.run, job.prompt_set, kept, job.opts) if compare else {}
     novelty, memo = compared.get("models", {}), compared.get("memorization", [])
     table = report.candidate_table(rows, {r["model_id"] for r in kept}, curves, novelty, broken)
     _write_table(out, "candidates", table, s3)
     _write_table(out, "curves", report.curve_table(curves), s3)
-    storage.write_bytes_atomic(storage.join(out, "finetune.png"), report.curves_png(curves, cfg.task), s3)
+    storage.write_bytes_atomic(storage.join(out, "finetune.png"), report.curves_png(curves, task), s3)
     if memo:
         _write_table(out, "memorization", pa.Table.from_pylist(memo), s3)
-        storage.write_bytes_atomic(storage.join(out, "memorization.png"), report.memorization_png(memo, cfg.task), s3)
+        storage.write_bytes_atomic(storage.join(out, "memorization.png"), report.memorization_png(memo, task), s3)
     storage.write_bytes_atomic(storage.join(out, "sample_config.yaml"), dump_config(cfg).encode(), s3)
     summary = report.summarize(cfg, job.prompts, kdes, rows, kept, curves, novelty, sample_s,
-                               sum(map(broken, rows)), memo)
+                               sum(map(broken, rows)), memo, job.target.describe())
     storage.write_bytes_atomic(storage.join(out, "summary.json"), json.dumps(summary, indent=1).encode(), s3)
     storage.write_bytes_atomic(storage.join(out, "summary.md"), report.summary_markdown(summary).encode(), s3)
     log.info("sampled %d candidates in %.1fs (%.2f/s); results in %s", len(rows), sample_s, len(rows) / sample_s, out)

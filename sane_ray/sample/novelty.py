@@ -104,7 +104,7 @@ def novelty_task(ctx: Context, zoo_uri: str, prompt_names: list[str], prompt_raw
                  prompt_aside: dict[str, torch.Tensor], kept: list[dict[str, Any]]) -> dict[str, Any]:
     """``{"models": kept model id -> novelty columns, "memorization": one row per model of each source}``."""
     torch.set_num_threads(ctx.threads)
-    run, task = cached_run(ctx.run_uri), cached_task(ctx.task)
+    run, task = cached_run(ctx.run_uri), cached_task(ctx.task_ref)
     mask = layout_mask(ctx.layout)
     zoo = _zoo_checkpoints(ctx, run, task, zoo_uri, mask)
     prompt_vecs = prompt_raw[:, mask]

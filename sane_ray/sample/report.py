@@ -142,12 +142,19 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def summarize(cfg: SampleConfig, prompts: list[Any], kdes: list[Any], rows: list[dict[str, Any]],
               kept: list[dict[str, Any]], curves: list[dict[str, Any]], novelty: dict[str, dict[str, Any]],
-              sample_s: float, n_broken: int = 0, memo: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The job's headline numbers (JSON-ready); ``n_broken``: candidates with a non-finite loss or accuracy."""
+              sample_s: float, n_broken: int = 0, memo: list[dict[str, Any]] | None = None,
+              task: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job's headline numbers (JSON-ready); ``n_broken``: candidates with a non-finite loss or accuracy;
+    ``task``: what the job scored on (:meth:`sane_ray.sample.target.Target.describe`)."""
     groups = group_curves(curves)
+    best = kept[0] if kept else None
     return {
-        "config": {k: getattr(cfg, k) for k in ("run", "prompts", "task", "mode", "kde_anchor", "bandwidth", "candidates", "keep", "bootstrap",
-                                                "finetune_epochs", "halo", "bn_condition", "seed")},
+        "config": {k: getattr(cfg, k) for k in ("run", "prompts", "task", "mode", "kde_anchor", "bandwidth", "candidates",
+                                                "keep", "bootstrap", "finetune_epochs", "finetune_layers", "halo",
+                                                "bn_condition", "seed")},
+        "task": task or {},
+        "best_kept": {"model_id": best["model_id"], "val_acc": best["val_acc"], "test_acc": best["test_acc"]}
+        if best else None,
         "prompts": [{"name": p.name, "val_acc": p.checkpoint.metrics.get("val_acc"),
                      "test_acc": p.checkpoint.metrics.get("test_acc")} for p in prompts],
         "bandwidth": [k.mean_bandwidth() for k in kdes],
@@ -169,6 +176,42 @@ def summarize(cfg: SampleConfig, prompts: list[Any], kdes: list[Any], rows: list
 def _pct(ms: tuple[float, float]) -> str:
     m, s = ms
     return "n/a" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def _task_lines(t: dict[str, Any]) -> list[str]:
+    if not t:
+        return []
+    n = t["normalization"]
+    scale = "as given" if n["divisor"] == 1 else f"pixels / {n['divisor']:g}"
+    if n["mean"]:
+        fmt = lambda v: "[" + ", ".join(f"{x:.3g}" for x in v) + "]"  # noqa: E731
+        scale += f", then per-channel mean {fmt(n['mean'])} std {fmt(n['std'])} ({n['stats']})"
+    head = ("a new, seeded head per model (the task's classes differ from the zoo's), fitted in closed form "
+            "before ranking: accuracies before fine-tuning are *head fitted*, not zero-shot") if t["new_head"] else \
+        "the zoo's own head"
+    sizes = ", ".join(f"{k} {v}" for k, v in t["sizes"].items())
+    return [f"Task `{t['source']}`: input {tuple(t['input_shape'])}, {t['num_classes']} classes, {sizes} "
+            f"images; inputs = {scale}; {head}.", ""]
+
+
+def _headline_section(s: dict[str, Any]) -> list[str]:
+    """Candidates, prompts, from-scratch models and the memorization baselines side by side."""
+    before = "head fitted" if (s.get("task") or {}).get("new_head") else "zero-shot"
+    curves, memo = s["curves"], s.get("memorization") or {}
+    last = max((len(v["mean"]) for v in curves.values()), default=1) - 1
+    after = f"after {last} fine-tuning epoch(s)" if last else "(no fine-tuning)"
+    lines = ["## Side by side: test accuracy (%)", "", f"| models | n | {before} | {after} |", "|---|---|---|---|"]
+    if s.get("best_kept"):
+        b = s["best_kept"]
+        lines.append(f"| best kept candidate ({b['model_id']}, by val acc) | 1 | {100 * b['test_acc']:.1f} | |")
+    for g, v in curves.items():
+        cells = [f"{100 * v['mean'][0]:.1f} ± {100 * v['std'][0]:.1f}",
+                 f"{100 * v['mean'][-1]:.1f} ± {100 * v['std'][-1]:.1f}" if last else ""]
+        lines.append(f"| {GROUP_LABELS.get(g, g)} | {v['n']} | {cells[0]} | {cells[1]} |")
+    for source, v in memo.items():
+        if source not in GROUP_LABELS:  # the baselines; the kept samples and prompts are rows above
+            lines.append(f"| memorization baseline: {source} | {v['n']} | {_pct(v['test_acc'])} | |")
+    return lines
 
 
 def _curves_section(curves: dict[str, Any]) -> list[str]:
@@ -228,6 +271,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
          f"{c['candidates']} candidates per round, {c['bootstrap']} bootstrap round(s), keep {c['keep']}; "
          f"haloed decoding {'off' if c['halo'] == 0 else 'on'}, BN-conditioning {'on' if c['bn_condition'] else 'off'}."),
         "",
+        *_task_lines(s.get("task") or {}),
         "Prompts: " + ", ".join(f"{p['name']} (val {p['val_acc']:.3f}, test {p['test_acc']:.3f})" for p in s["prompts"]),
         "",
         (f"KDE mean bandwidth per round: {', '.join(f'{b:.4g}' for b in s['bandwidth'])}. "
@@ -236,9 +280,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
          f"validation accuracy of the kept ones {_pct(s['kept_val_acc'])} %. Broken candidates (non-finite "
          f"loss or accuracy, ranked last, never kept): {s.get('broken', 0)}."),
         "",
-        "## Test accuracy (%) over fine-tuning epochs, mean ± std over models",
-        "",
     ]
+    lines += _headline_section(s)
+    lines += ["", "## Test accuracy (%) over fine-tuning epochs, mean ± std over models", ""]
     lines += _curves_section(s["curves"])
     if s["novelty"]:
         lines += _novelty_section(s["novelty"], s["novelty_rows"])

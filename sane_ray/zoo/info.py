@@ -28,6 +28,7 @@ def zoo_info(zoo: Zoo) -> dict[str, Any]:
         "checkpoints_per_model": {"min": min(per_model), "max": max(per_model)} if per_model else None,
         "epochs": {"min": min(epochs), "max": max(epochs)} if epochs else None,
         "architectures": dict(sorted(Counter(m.architecture for m in zoo.models).items())),
+        "task": zoo.task,
         "accuracy": {
             "min": min(final_acc), "median": median(final_acc), "max": max(final_acc), "models": len(final_acc),
         } if final_acc else None,
@@ -51,6 +52,8 @@ def format_info(info: dict[str, Any]) -> str:
     if info["architectures"]:
         archs = ", ".join(f"{name} x{n}" for name, n in info["architectures"].items())
         lines.append(f"architectures: {archs}")
+    lines.append(f"task:         {info['task']}" if info.get("task") else
+                 "task:         not recorded (give --task to sample from this zoo)")
     acc = info["accuracy"]
     if acc:
         lines.append(f"final test_acc: min {acc['min']:.4f}  median {acc['median']:.4f}  max {acc['max']:.4f}"

@@ -82,6 +82,12 @@ class Zoo:
     def num_checkpoints(self) -> int:
         return sum(len(m.checkpoints) for m in self.models)
 
+    @property
+    def task(self) -> str | None:
+        """The task the zoo's models trained on, as its generator recorded it (None: not recorded)."""
+        generation = self.metadata.get("generation") or {}
+        return generation.get("task") or None
+
     def model(self, model_id: str) -> ModelRecord:
         for m in self.models:
             if m.model_id == model_id:

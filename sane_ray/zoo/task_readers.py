@@ -28,11 +28,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from sane_ray import storage
-from sane_ray.zoo.tasks import TaskDataError
+from sane_ray.zoo.tasks import TASK_SPLITS, TaskDataError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels")
@@ -111,7 +110,7 @@ def _require_splits(uri: str, present: set[str], layout: str) -> None:
 
 def _read_folder(uri: str, files: list[str], s3: storage.S3Options | None) -> tuple[Arrays, int]:
     """``DIR/<split>/<class>/<image>``: classes sorted by name; val and test may lack some of train's."""
-    items: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}  # split -> (class, relative path)
+    items: dict[str, list[tuple[str, str]]] = {s: [] for s in TASK_SPLITS}  # split -> (class, relative path)
     for rel in files:
         parts = rel.split("/")
         if len(parts) == 3 and parts[0] in items and parts[2].lower().endswith(IMAGE_SUFFIXES):
@@ -145,7 +144,7 @@ def _read_folder(uri: str, files: list[str], s3: storage.S3Options | None) -> tu
 def split_of(name: str) -> str | None:
     """The split a file or split name belongs to: its base name's prefix, else the innermost directory's."""
     for part in reversed(name.split("/")):
-        for split in SPLITS:
+        for split in TASK_SPLITS:
             if part.startswith(split):
                 return split
     return None
@@ -199,7 +198,7 @@ def _json(uri: str, s3: storage.S3Options | None) -> dict:
 def _read_parquet(uri: str, files: list[str], s3: storage.S3Options | None,
                   columns: tuple[str | None, str | None]) -> Arrays:
     """Parquet files assigned to splits by name (``train*``, ``val*``/``validation*``, ``test*``, or their directory)."""
-    shards: dict[str, list[str]] = {s: [] for s in SPLITS}
+    shards: dict[str, list[str]] = {s: [] for s in TASK_SPLITS}
     for rel in files:
         if rel.endswith(".parquet"):
             split = split_of(rel)

@@ -32,13 +32,12 @@ import torch
 
 from sane_ray import storage
 from sane_ray.zoo.task_readers import read_directory
-from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, TASKS, Normalization, Split, Task, TaskDataError, get_task
+from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, TASK_SPLITS, TASKS, Normalization, Split, Task, TaskDataError, get_task
 
 __all__ = ["ClassMismatch", "TaskDataError", "check_task", "load_task"]
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 VAL_FRACTION = 0.2  # of train, carved off when the data has no val split
 NORMALIZE_MODES = ("auto", "train")
 _ENTRY_POINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -158,7 +157,7 @@ def _build_task(name: str, arrays: Mapping[str, Any], split_seed: int = DEFAULT_
     if missing:
         raise TaskDataError(f"{name}: missing {', '.join(missing)} (need x_train, y_train, x_test, y_test; "
                             "x_val, y_val optional)")
-    splits = {s: _split_arrays(name, s, arrays) for s in SPLITS if f"x_{s}" in arrays}
+    splits = {s: _split_arrays(name, s, arrays) for s in TASK_SPLITS if f"x_{s}" in arrays}
     _check_images(name, splits)
     declared = arrays.get("num_classes", num_classes)
     n_classes = _check_labels(name, splits, None if declared is None else int(declared))

@@ -28,6 +28,7 @@ from torch import nn
 LABEL_PERMUTATION: tuple[int, ...] = (7, 3, 9, 0, 5, 1, 8, 2, 6, 4)
 SPLIT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)
 DEFAULT_SPLIT_SEED = 0
+TASK_SPLITS = ("train", "val", "test")  # a task's data splits (not a zoo's model splits, sane_ray.data.splits)
 
 
 class UnknownTaskError(KeyError):
@@ -86,7 +87,7 @@ class Task:
     normalization: Normalization = Normalization()
 
     def split(self, name: str) -> Split:
-        if name not in ("train", "val", "test"):
+        if name not in TASK_SPLITS:
             raise ValueError(f"unknown split {name!r} of task {self.name!r}; use train, val or test")
         return getattr(self, name)
 
