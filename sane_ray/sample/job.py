@@ -52,7 +52,7 @@ from sane_ray.sample.kde import TokenKDE
 from sane_ray.sample.models import check_positions
 from sane_ray.sample.novelty import novelty_rows
 from sane_ray.sample.prompts import PromptSet, load_prompts, prompt_latents, select_prompts
-from sane_ray.sample.target import Target, resolve_target
+from sane_ray.sample.target import resolve_target
 from sane_ray.zoo.native import publish_manifest
 from sane_ray.zoo.reader import open_zoo
 
@@ -121,7 +121,7 @@ class _Job:
     run: Run
     prompts: list[Any]
     prompt_set: PromptSet
-    target: Target
+    task: dict[str, Any]  # what the job scores on (Target.describe); its data is in the object store only
     ctx: Context
     ctx_ref: ray.ObjectRef  # the context in the object store: one copy for every task
     opts: dict[str, Any]  # Ray options of its tasks
@@ -159,7 +159,7 @@ def _prepare(cfg: SampleConfig, out: str, s3: storage.S3Options) -> _Job:
         finetune_batch_size=cfg.finetune_batch_size, finetune_layers=cfg.finetune_layers, threads=max(1, int(cfg.cpus_per_task)), s3=s3,
     )
     storage.makedirs(out, s3)
-    return _Job(cfg, out, s3, run, prompts, prompt_set, target, ctx, ray.put(ctx), opts)
+    return _Job(cfg, out, s3, run, prompts, prompt_set, target.describe(), ctx, ray.put(ctx), opts)
 
 
 def _sample_rounds(job: _Job) -> tuple[list[TokenKDE], list[dict[str, Any]], list[dict[str, Any]], float]:
@@ -210,7 +210,7 @@ def _report(job: _Job, kdes: list[TokenKDE], rows: list[dict[str, Any]], kept: l
             curves: list[dict[str, Any]], sample_s: float) -> dict[str, Any]:
     """Compare the kept models with the zoo and the prompts, then write the tables, plots and summary (last)."""
     cfg, out, s3, task = job.cfg, job.out, job.s3, job.ctx.task
-    compare = cfg.novelty and not job.target.new_head  # zoo models' heads do not fit a task of other classes
+    compare = cfg.novelty and not job.ctx.new_head  # zoo models' heads do not fit a task of other classes
     if cfg.novelty and not compare:
         log.info("novelty and memorization baselines skipped: they score zoo models, whose heads do not fit %s", task)
     compared = novelty_rows(job.ctx, job.run, job.prompt_set, kept, job.opts) if compare else {}
@@ -224,7 +224,7 @@ def _report(job: _Job, kdes: list[TokenKDE], rows: list[dict[str, Any]], kept: l
         storage.write_bytes_atomic(storage.join(out, "memorization.png"), report.memorization_png(memo, task), s3)
     storage.write_bytes_atomic(storage.join(out, "sample_config.yaml"), dump_config(cfg).encode(), s3)
     summary = report.summarize(cfg, job.prompts, kdes, rows, kept, curves, novelty, sample_s,
-                               sum(map(broken, rows)), memo, job.target.describe())
+                               sum(map(broken, rows)), memo, job.task)
     storage.write_bytes_atomic(storage.join(out, "summary.json"), json.dumps(summary, indent=1).encode(), s3)
     storage.write_bytes_atomic(storage.join(out, "summary.md"), report.summary_markdown(summary).encode(), s3)
     log.info("sampled %d candidates in %.1fs (%.2f/s); results in %s", len(rows), sample_s, len(rows) / sample_s, out)
