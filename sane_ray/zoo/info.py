@@ -43,6 +43,9 @@ def format_info(info: dict[str, Any]) -> str:
         f"models:       {info['models']}",
         f"checkpoints:  {info['checkpoints']}",
     ]
+    task = (info["metadata"].get("generation") or {}).get("task")  # zoos that make-zoo wrote record it
+    if task:
+        lines.insert(1, f"task:         {task}")
     if info["checkpoints_per_model"]:
         per = info["checkpoints_per_model"]
         lines[-1] += f" ({per['min']}-{per['max']} per model)" if per["min"] != per["max"] else f" ({per['min']} per model)"
