@@ -21,7 +21,7 @@ from sane_ray.zoo.trainer import initialize, train_model
 from sane_ray.zoo.info import format_info, zoo_info
 from sane_ray.zoo.native import MANIFEST
 from sane_ray.zoo.reader import load_checkpoint, open_zoo
-from sane_ray.zoo.tasks import LABEL_PERMUTATION, TASKS, UnknownTaskError, evaluate, get_task, split_indices
+from sane_ray.zoo.tasks import DIGITS8_TASKS, LABEL_PERMUTATION, UnknownTaskError, evaluate, get_task, split_indices
 
 # A space where every model learns within 3 epochs, so "beats chance" holds for each one.
 RELIABLE = SearchSpace(lr=[3e-3, 1e-2], activation=["tanh", "gelu", "silu"],
@@ -33,7 +33,7 @@ TINY = dict(models=3, epochs=3, seed=7, space=RELIABLE)
 
 
 def test_tasks_shapes_and_standardization():
-    for name in TASKS:
+    for name in DIGITS8_TASKS:
         task = get_task(name)
         assert task.num_classes == 10 and task.input_shape == (1, 8, 8)
         for split in (task.train, task.val, task.test):
@@ -42,6 +42,14 @@ def test_tasks_shapes_and_standardization():
             assert set(split.y.unique().tolist()) == set(range(10))
         assert (len(task.train), len(task.val), len(task.test)) == (1078, 359, 360)
         assert abs(float(task.train.x.mean())) < 1e-5 and abs(float(task.train.x.std()) - 1) < 1e-3
+
+
+def test_digits28_is_the_digits_at_mnist_size():
+    small, big = get_task("digits"), get_task("digits28")
+    assert big.input_shape == (1, 28, 28) and big.train.x.shape == (1078, 1, 28, 28)
+    assert torch.equal(big.test.y, small.test.y)  # the same images in the same splits
+    assert big.normalization.divisor == 1 and big.normalization.stats == "train" and len(big.normalization.mean) == 1
+    assert abs(float(big.train.x.mean())) < 1e-4 and abs(float(big.train.x.std()) - 1) < 1e-3
 
 
 def test_splits_deterministic_disjoint_stratified():

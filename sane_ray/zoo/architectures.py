@@ -8,6 +8,8 @@ match the checkpoint. Sequential CNNs and MLPs keep their layers in ``module_lis
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -195,8 +197,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("cnn_mnist_public", cnn_mnist_public, (1, 28, 28), "sequential"),
         Architecture("cnn_cifar_public", cnn_cifar_public, (3, 32, 32), "sequential"),
         Architecture("cnn_digits", cnn_digits, (1, 8, 8), "sequential"),
-        Architecture("cnn_digits_bn", lambda **kw: cnn_digits(batchnorm=True, **kw), (1, 8, 8), "sequential"),
-        Architecture("cnn_digits_wide", lambda **kw: cnn_digits(channels=16, hidden=32, **kw), (1, 8, 8), "sequential"),
+        # partials, not lambdas: their signatures still name the keyword arguments (see ``arguments``)
+        Architecture("cnn_digits_bn", functools.partial(cnn_digits, batchnorm=True), (1, 8, 8), "sequential"),
+        Architecture("cnn_digits_wide", functools.partial(cnn_digits, channels=16, hidden=32), (1, 8, 8),
+                     "sequential"),
         Architecture("mlp_digits", mlp_digits, (1, 8, 8), "sequential"),
         Architecture("resnet18", resnet18, (3, 32, 32), "resnet"),
         Architecture("resnet34", resnet34, (3, 32, 32), "resnet"),
@@ -220,6 +224,12 @@ def build_model(name: str, **kwargs) -> nn.Module:
         return arch.builder(**kwargs)
     except TypeError as e:
         raise ValueError(f"bad arguments {kwargs} for architecture {name!r}: {e}") from e
+
+
+def arguments(name: str) -> frozenset[str]:
+    """The keyword arguments registered architecture ``name`` takes (``activation``, ``width``, ...):
+    what a zoo's per-model draws may set on it."""
+    return frozenset(inspect.signature(get_architecture(name).builder).parameters)
 
 
 def input_shape(name: str, **kwargs) -> tuple[int, ...]:

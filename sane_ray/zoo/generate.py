@@ -1,10 +1,11 @@
 """Generate model zoos on the digits tasks: one Ray task trains one planned model, the driver publishes.
 
 Like the public model zoos, models differ in seed, learning rate, weight decay,
-activation, initialization and dropout; every choice is drawn from ``(cfg.seed, model
-index)`` alone, and training is single-threaded with a seeded batch order, so a config
-always yields bit-identical weights and metrics wherever the zoo is written (local disk
-or S3). Local output on a multi-node cluster must be a shared filesystem; prefer S3.
+initialization, and activation and dropout where the architecture takes them (a
+ResNet does not); every choice is drawn from ``(cfg.seed, model index)`` alone, and
+training is single-threaded with a seeded batch order, so a config always yields
+bit-identical weights and metrics wherever the zoo is written (local disk or S3).
+Local output on a multi-node cluster must be a shared filesystem; prefer S3.
 
 Each task writes its own checkpoints (epoch 0 is the initialization) and returns its
 manifest rows; the driver publishes the manifest only after every task succeeded, so a

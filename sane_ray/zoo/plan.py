@@ -18,12 +18,11 @@ from torch import nn
 
 from sane_ray import storage
 from sane_ray.config import to_dict
-from sane_ray.zoo.architectures import ACTIVATIONS, get_architecture
+from sane_ray.zoo.architectures import ACTIVATIONS, ARCHITECTURES, arguments, get_architecture, input_shape
 from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, get_task
 
 # Bump when training changes in a way that changes checkpoints: cached zoos then regenerate.
 GENERATOR_VERSION = 2
-DIGITS_ARCHITECTURES = ("cnn_digits", "cnn_digits_bn", "cnn_digits_wide", "mlp_digits")
 
 ZooFormat = Literal["native", "public"]
 
@@ -57,11 +56,11 @@ class SearchSpace:
     weight_decay: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3])
     """Adam weight decay: one value picked per model."""
     activation: list[str] = field(default_factory=lambda: ["relu", "tanh", "gelu", "sigmoid", "silu", "leakyrelu"])
-    """Hidden-layer activation: one picked per model."""
+    """Hidden-layer activation: one picked per model (architectures that take one; ResNets keep ReLU)."""
     init: list[str] = field(default_factory=lambda: list(INITS))
     """Weight initialization: one picked per model ("default" keeps PyTorch's layer init; the others zero biases)."""
     dropout: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
-    """Dropout rate: one picked per model."""
+    """Dropout rate: one picked per model (architectures that take one; ResNets have none)."""
 
 
 @dataclass
@@ -71,9 +70,12 @@ class ZooGenConfig:
     out: str | None = None
     """Where the zoo is written (path or s3://); null: <cache>/zoos/<task>-<arch>-<models>x<epochs>-s<seed>."""
     task: str = "digits"
-    """The task every model trains on: digits, digits_transposed or digits_permuted (sane_ray.zoo.tasks)."""
+    """The task every model trains on (sane_ray.zoo.tasks): digits, digits_transposed, digits_permuted
+    (8x8 grayscale), digits28 (28x28 grayscale) or digits32_rgb (32x32 RGB)."""
     arch: str = "cnn_digits"
-    """Architecture of every model: cnn_digits, cnn_digits_bn, cnn_digits_wide or mlp_digits."""
+    """Architecture of every model, one taking the task's input shape: cnn_digits, cnn_digits_bn,
+    cnn_digits_wide or mlp_digits (8x8 tasks); cnn_mnist_public (digits28); resnet18, resnet34 or
+    cnn_cifar_public (digits32_rgb)."""
     models: int = 48
     """Models in the zoo, one Ray task each."""
     epochs: int = 10
@@ -83,21 +85,22 @@ class ZooGenConfig:
     batch_size: int = 32
     """Training batch size of every model."""
     split_seed: int = DEFAULT_SPLIT_SEED
-    """The task's stratified train/val/test split of the digits images (shared by all tasks)."""
+    """The task's stratified train/val/test split of the digits images (shared by all tasks); it also
+    seeds digits32_rgb's per-image shifts, colours and noise."""
     overwrite: bool = False
     """Replace a zoo already published at the zoo's location; false: refuse to."""
     format: ZooFormat = "native"
     """The layout written: native (safetensors + manifest) or public (modelzoos.cc)."""
+    width: int = 8
+    """ResNet width (channels of the first stage; resnet18 at 8: 176k parameters); ignored by other architectures."""
     space: SearchSpace = field(default_factory=SearchSpace)
     node_types: bool = False
     """Train the models on nodes declaring sane_cpu_node (sane_ray.cluster, cluster/); false: anywhere."""
 
     def validate(self) -> None:
         """Fail on the driver, before any task starts, naming the bad setting."""
-        if self.arch not in DIGITS_ARCHITECTURES:
-            get_architecture(self.arch)  # unknown names get the registry's error
-            raise ValueError(f"arch {self.arch!r} does not take 8x8 digits; use one of {', '.join(DIGITS_ARCHITECTURES)}")
-        get_task(self.task, self.split_seed)
+        get_architecture(self.arch)  # unknown names get the registry's error
+        _check_input_shape(self.arch, self.task, get_task(self.task, self.split_seed).input_shape)
         if self.format not in get_args(ZooFormat):
             raise ValueError(f"format must be one of {', '.join(get_args(ZooFormat))}, got {self.format!r}")
         if self.format == "public" and self.out and storage.parse_uri(self.out).scheme == "s3":
@@ -105,7 +108,7 @@ class ZooGenConfig:
                 "format public cannot be written to S3: the layout has no manifest to publish last and S3 "
                 "has no rename, so an interrupted write would leave a partial zoo that readers trust; "
                 "write it to a local or shared filesystem, or use format native on S3")
-        for name in ("models", "batch_size"):
+        for name in ("models", "batch_size", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs < 0:
@@ -127,7 +130,23 @@ class ZooGenConfig:
         """The settings that determine the zoo's contents (not its layout, where it goes or runs, or overwrite)."""
         d = to_dict(self)
         del d["out"], d["overwrite"], d["format"], d["node_types"]
+        if "width" not in arguments(self.arch):  # so zoos generated before the field existed keep their identity
+            del d["width"]
         return {"generator_version": GENERATOR_VERSION, **d}
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _check_input_shape(arch: str, task: str, task_shape: tuple[int, ...]) -> None:
+    """Refuse an architecture whose input is not the task's (C, H, W), naming those that fit."""
+    shape = tuple(input_shape(arch))
+    if shape == tuple(task_shape):
+        return
+    fits = [a for a in ARCHITECTURES if tuple(input_shape(a)) == tuple(task_shape)]
+    raise ValueError(f"arch {arch!r} takes {_dims(shape)} inputs but task {task!r} has {_dims(task_shape)}; "
+                     f"architectures for {_dims(task_shape)}: {', '.join(fits) or 'none registered'}")
 
 
 def zoo_uri(cfg: ZooGenConfig) -> str:
@@ -154,10 +173,22 @@ class ModelPlan:
     batch_size: int
 
 
+def _arch_kwargs(arch: str, num_classes: int, width: int, activation: str, dropout: float) -> dict[str, Any]:
+    """One model's architecture arguments: the task's class count, and of the drawn activation and
+    dropout and the config's width those that ``arch`` takes (a ResNet takes only the width)."""
+    offered = {"activation": activation, "dropout": float(dropout), "width": width}
+    return {**{k: v for k, v in offered.items() if k in arguments(arch)}, "num_classes": num_classes}
+
+
 def plan_models(cfg: ZooGenConfig) -> list[ModelPlan]:
-    """Draw each model's seed and hyperparameters from ``(cfg.seed, index)`` alone."""
+    """Draw each model's seed and hyperparameters from ``(cfg.seed, index)`` alone.
+
+    Every model draws an activation and a dropout rate, whether or not its architecture
+    takes them, so a model's other draws do not depend on the architecture.
+    """
     plans = []
     sp = cfg.space
+    num_classes = get_task(cfg.task, cfg.split_seed).num_classes
     for i in range(cfg.models):
         rng = np.random.default_rng([cfg.seed, i])
         seed = int(rng.integers(2**31 - 1))
@@ -170,7 +201,7 @@ def plan_models(cfg: ZooGenConfig) -> list[ModelPlan]:
             task=cfg.task,
             split_seed=cfg.split_seed,
             arch=cfg.arch,
-            arch_kwargs={"activation": act, "dropout": float(dropout), "num_classes": 10},
+            arch_kwargs=_arch_kwargs(cfg.arch, num_classes, cfg.width, act, dropout),
             hparams={
                 "index": i, "seed": seed, "lr": lr, "weight_decay": float(wd), "init": init,
                 "optimizer": "adam", "batch_size": cfg.batch_size, "epochs": cfg.epochs,

@@ -55,6 +55,7 @@ _ARCH_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "in_channels": ("model::channels_in", int),
     "activation": ("model::nlin", lambda v: str(v).lower()),
     "dropout": ("model::dropout", float),
+    "width": ("model::width", int),  # sane-ray's narrow ResNets; a public ResNet zoo has none (width 64)
 }
 # make-zoo's training hyperparameters under the public zoos' names; others keep their own name.
 _HPARAM_KEYS = {
@@ -70,8 +71,9 @@ def architecture_from_params(params: Mapping[str, Any]) -> tuple[str, dict[str, 
     ``model::type`` CNN maps by ``model::channels_in`` (1 -> ``cnn_mnist_public``, 3 ->
     ``cnn_cifar_public``), ResNet18/ResNet34 (any case) to ``resnet18``/``resnet34``;
     ``model::nlin`` -> ``activation`` (CNNs), ``model::o_dim`` -> ``num_classes``,
-    ``model::channels_in`` -> ``in_channels``. Any other registry name (``cnn_digits``,
-    as ``make-zoo --format public`` writes) maps to itself, taking every one of those keys
+    ``model::channels_in`` -> ``in_channels``, ``model::width`` -> ``width`` (ResNets; absent in
+    the public ResNet zoos, whose width is 64). Any other registry name (``cnn_digits``, as
+    ``make-zoo --format public`` writes) maps to itself, taking every one of those keys
     present plus ``model::dropout`` -> ``dropout`` (the public CNNs have no dropout argument,
     so their ``model::dropout`` is not passed). Raises ``UnknownArchitectureError`` for an
     unknown type and ``ValueError`` for unusable values.
@@ -94,7 +96,7 @@ def architecture_from_params(params: Mapping[str, Any]) -> tuple[str, dict[str, 
             raise UnknownArchitectureError(f"no public CNN with {channels} input channels (known: 1, 3)")
         return _CNNS[channels], {k: v for k, v in given.items() if k != "dropout"}
     if kind in _RESNETS:
-        return _RESNETS[kind], {k: v for k, v in given.items() if k in ("num_classes", "in_channels")}
+        return _RESNETS[kind], {k: v for k, v in given.items() if k in ("num_classes", "in_channels", "width")}
     if kind in ARCHITECTURES:
         return kind, given
     raise UnknownArchitectureError(

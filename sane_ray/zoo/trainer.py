@@ -21,7 +21,11 @@ from sane_ray.zoo.tasks import Task, evaluate
 
 
 def initialize(model: nn.Module, scheme: str) -> None:
-    """Re-initialize conv and linear weights with ``scheme`` and zero their biases."""
+    """Re-initialize conv and linear weights with ``scheme`` and zero their biases.
+
+    Normalization layers keep PyTorch's init (scale 1, shift 0): the scheme varies what BN
+    then normalizes, and a ResNet's convs have no biases to zero.
+    """
     fn = INITS[scheme]
     if fn is None:
         return
