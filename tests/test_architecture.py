@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import import_graph as ig  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 LOWER = {"train", "data", "weights", "zoo", "model"}  # the rooms a pretraining worker runs
 UPPER = {"embed", "probe", "sample", "tune"}  # the jobs built on them
 
@@ -47,3 +48,23 @@ def test_the_architecture_picture_matches_the_code():
     doc = ig.ROOT / "docs" / "architecture.md"
     text = doc.read_text()
     assert f"{ig.BEGIN}\n{ig.mermaid()}\n{ig.END}" in text, "run: python tools/import_graph.py"
+
+
+MAX_BODY_LINES = 50
+
+
+def test_no_function_body_is_longer_than_a_screen_without_saying_why():
+    """A body (docstring excluded) over MAX_BODY_LINES lines needs "long because" in its docstring."""
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "sane_ray").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node) or ""
+            body = node.body[1:] if doc else node.body
+            lines = body[-1].end_lineno - body[0].lineno + 1 if body else 0
+            if lines > MAX_BODY_LINES and "long because" not in doc.lower():
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

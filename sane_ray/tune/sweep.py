@@ -203,6 +203,28 @@ def _scheduler(cfg: SweepConfig, dims: list[Dimension], base: PretrainConfig) ->
                          reduction_factor=cfg.reduction_factor)
 
 
+def _new_tuner(cfg: SweepConfig, dims: list[Dimension], base: PretrainConfig, point: dict[str, Any] | None,
+               limit: int, trainable: Any, path: str, fs: Any, callbacks: Sequence[Any]) -> Any:
+    """A fresh ``Tuner`` over the space: its search, scheduler, concurrency and where it keeps state."""
+    from ray import tune
+
+    metric, mode = OBJECTIVES[cfg.objective]
+    return tune.Tuner(
+        trainable,
+        param_space={d.key: d.tune_domain() for d in dims},
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, num_samples=cfg.samples, search_alg=_searcher(cfg, point, limit),
+            scheduler=_scheduler(cfg, dims, base),
+            max_concurrent_trials=limit if cfg.search == "optuna" else None,
+            trial_dirname_creator=lambda t: t.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=os.path.dirname(path.rstrip("/")), storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=0), callbacks=list(callbacks), verbose=1,
+        ),
+    )
+
+
 def _sweep(cfg: SweepConfig, uri: str, callbacks: Sequence[Any]) -> dict[str, Any]:
     """The sweep inside its lease on ``uri``."""
     from ray import tune
@@ -229,20 +251,7 @@ def _sweep(cfg: SweepConfig, uri: str, callbacks: Sequence[Any]) -> dict[str, An
         tuner._local_tuner.get_run_config().callbacks = list(callbacks)
     else:
         storage.write_bytes_atomic(storage.join(uri, SWEEP_CONFIG), dump_config(given).encode())
-        tuner = tune.Tuner(
-            trainable,
-            param_space={d.key: d.tune_domain() for d in dims},
-            tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=cfg.samples, search_alg=_searcher(cfg, point, limit),
-                scheduler=_scheduler(cfg, dims, base),
-                max_concurrent_trials=limit if cfg.search == "optuna" else None,
-                trial_dirname_creator=lambda t: t.trial_id,
-            ),
-            run_config=tune.RunConfig(
-                name=cfg.name, storage_path=os.path.dirname(path.rstrip("/")), storage_filesystem=fs,
-                failure_config=tune.FailureConfig(max_failures=0), callbacks=list(callbacks), verbose=1,
-            ),
-        )
+        tuner = _new_tuner(cfg, dims, base, point, limit, trainable, path, fs, callbacks)
     log.info("%s", plan.line())
     log.info("sweep %s: %d trials, %d at once, %s + %s, objective %s (%s)",
              cfg.name, cfg.samples, limit, cfg.search, cfg.scheduler, metric, mode)
