@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sane_ray.zoo.task_sources import NORMALIZE_MODES
+from sane_ray.zoo.tasks import NORMALIZE_MODES
 
 MODES = ("kde", "gauss")
 BANDWIDTH_RULES = ("scott", "silverman")

@@ -32,14 +32,13 @@ import torch
 
 from sane_ray import storage
 from sane_ray.zoo.task_readers import read_directory
-from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, TASK_SPLITS, TASKS, Normalization, Split, Task, TaskDataError, get_task
+from sane_ray.zoo.tasks import DEFAULT_SPLIT_SEED, NORMALIZE_MODES, TASK_SPLITS, TASKS, Normalization, Split, Task, TaskDataError, get_task
 
 __all__ = ["ClassMismatch", "TaskDataError", "check_task", "load_task"]
 
 log = logging.getLogger(__name__)
 
 VAL_FRACTION = 0.2  # of train, carved off when the data has no val split
-NORMALIZE_MODES = ("auto", "train")
 _ENTRY_POINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 

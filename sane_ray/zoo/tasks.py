@@ -38,6 +38,7 @@ from torch import nn
 LABEL_PERMUTATION: tuple[int, ...] = (7, 3, 9, 0, 5, 1, 8, 2, 6, 4)
 SPLIT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)
 DEFAULT_SPLIT_SEED = 0
+NORMALIZE_MODES = ("auto", "train")  # files: auto scales uint8 to [0, 1]; train also standardizes per channel
 TASK_SPLITS = ("train", "val", "test")  # a task's data splits (not a zoo's model splits, sane_ray.data.splits)
 # digits32_rgb: image side, largest shift per axis (pixels), how far a dark (light) colour's channels
 # lie from 0 (1), and the std of the pixel noise (all on the [0, 1] scale).
