@@ -10,7 +10,7 @@ import torch
 
 from sane_ray.cli import main
 from sane_ray.model import SaneConfig, SaneModel, masked_mse, tiny
-from sane_ray.model.losses import renormalize
+from sane_ray.model.losses import masked_errors
 from sane_ray.train.runtime import select_runtime
 from sane_ray.train.step import compute_loss
 from sane_ray.weights.augment import multiplicative_noise
@@ -45,13 +45,24 @@ def test_mse_over_all_entries_divides_by_every_entry():
         masked_mse(x, y, mask, over="mean")
 
 
-def test_renormalize_turns_one_normalization_into_the_other():
+def test_the_normalizations_differ_only_in_how_the_same_errors_are_averaged():
     b = _padded_batch()
     x_hat, target, mask = b["x_j"] + 0.3, b["x_i"], b["mask"]
-    real, every = masked_mse(x_hat, target, mask, "real"), masked_mse(x_hat, target, mask, "all")
-    assert not torch.allclose(real, every)
-    assert torch.allclose(renormalize(real, mask, "real", "all"), every)
-    assert torch.allclose(renormalize(every, mask, "all", "real"), real)
+    errors = masked_errors(x_hat, target, mask)
+    assert all(torch.allclose(errors[k], masked_mse(x_hat, target, mask, k)) for k in errors)
+    m = mask.float()
+    assert torch.allclose(errors["real"] * m.sum() / m.numel(), errors["all"])
+    per_token = ((x_hat - target) ** 2 * m).sum(-1) / m.sum(-1).clamp_min(1)
+    assert torch.allclose(errors["token"], per_token[m.sum(-1) > 0].mean())
+    assert len({round(float(v), 6) for v in errors.values()}) == 3  # the padded batch tells all three apart
+
+
+def test_per_token_normalization_weighs_a_mostly_padded_token_like_a_full_one():
+    target = torch.zeros(1, 2, 4)
+    mask = torch.tensor([[[True] * 4, [True, False, False, False]]])
+    x_hat = torch.tensor([[[1.0] * 4, [3.0, 0, 0, 0]]])  # per-entry errors 1 (full token) and 9 (one-entry token)
+    assert masked_mse(x_hat, target, mask, "real").item() == pytest.approx((4 + 9) / 5)
+    assert masked_mse(x_hat, target, mask, "token").item() == pytest.approx((1 + 9) / 2)
 
 
 @pytest.mark.parametrize("over", ["real", "all"])

@@ -6,6 +6,7 @@ import torch
 from sane_ray.data.config import DataConfig
 from sane_ray.data.splits import SplitError, split_models, split_sizes
 from sane_ray.data.windows import (
+    balanced_counts,
     WindowSizeError,
     check_window_size,
     gather_windows,
@@ -131,3 +132,26 @@ def test_data_config_rejects_bad_settings():
     assert a.canonical_settings() == b.canonical_settings()  # stream settings are not part of the cache key
     assert DataConfig(token_size=8).canonical_settings() != a.canonical_settings()
     assert not DataConfig(skip_epoch_zero=True).uses_epoch(0) and DataConfig(epochs=[2]).uses_epoch(2)
+
+
+def test_balanced_counts_give_each_architecture_its_weighted_share_of_a_pass():
+    base, rows = [1, 12], [30, 10]  # a 1-window model and a 12-window one: unbalanced 30 vs 120 windows
+    counts = balanced_counts(base, rows, [1.0, 1.0])
+    assert sum(r * c for r, c in zip(rows, counts)) == pytest.approx(150, abs=10)  # the pass keeps its length
+    assert counts == [2, 8] and rows[0] * counts[0] < rows[1] * counts[1] < 2 * rows[0] * counts[0]
+    assert balanced_counts(base, rows, [1.0, 4.0]) == [1, 12]  # weights 1:4 are what the sizes gave anyway
+    assert balanced_counts([5], [7], [3.0]) == [5] and balanced_counts(base, [30, 0], [1, 1]) == base
+
+
+def test_architecture_weights_are_per_architecture_and_checked():
+    from sane_ray.data.draw import architecture_weights
+    from sane_ray.data.format import LayoutGroup
+
+    groups = [LayoutGroup("a", "{}", "cnn_digits", "{}", ("cnn_digits", "cnn_digits_bn")),
+              LayoutGroup("b", "{}", "vit_digits", "{}", ("vit_digits",))]
+    assert architecture_weights(groups, {}) == [2.0, 1.0]
+    assert architecture_weights(groups, {"vit_digits": 3}) == [2.0, 3.0]
+    with pytest.raises(ValueError, match="names mlp_digits, not in the zoo"):
+        architecture_weights(groups, {"mlp_digits": 1})
+    with pytest.raises(ValueError, match="architecture_weights must be > 0"):
+        DataConfig(architecture_weights={"vit_digits": 0})

@@ -30,9 +30,10 @@ import torch
 
 from sane_ray import storage
 from sane_ray.data.config import DataConfig
-from sane_ray.data.format import CanonicalZoo
+from sane_ray.data.format import CanonicalZoo, LayoutGroup
 from sane_ray.data.windows import (
     WindowPlan,
+    balanced_counts,
     gather_windows,
     interleave_rows,
     plan_windows,
@@ -61,23 +62,45 @@ class StreamSpec:
 
     @classmethod
     def build(cls, canonical: CanonicalZoo, cfg: DataConfig) -> StreamSpec:
+        """Counts from the sequence lengths, balanced across the architectures of a mixed zoo by
+        ``cfg.architecture_weights`` (:func:`~sane_ray.data.windows.balanced_counts`)."""
         lids = tuple(sorted(canonical.groups))
         groups = [canonical.groups[lid] for lid in lids]
+        base = [windows_per_checkpoint(g.sequence_length, cfg.window_size, cfg.windows_per_model_epoch) for g in groups]
+        rows = [canonical.checkpoints.get("train", {}).get(lid, 0) for lid in lids]
         return cls(
             window_size=cfg.window_size,
             token_size=cfg.token_size,
             layout_ids=lids,
             layout_jsons=tuple(g.layout_json for g in groups),
             architectures=tuple((g.architecture, g.arch_kwargs_json) for g in groups),
-            counts=tuple(
-                windows_per_checkpoint(g.sequence_length, cfg.window_size, cfg.windows_per_model_epoch) for g in groups
-            ),
+            counts=tuple(balanced_counts(base, rows, architecture_weights(groups, cfg.architecture_weights))),
             pad_position=canonical.pad_position(),
             permute=cfg.permutation_augmentation,
         )
 
     def windows_per_pass(self, rows_per_layout: dict[str, int]) -> int:
         return sum(rows_per_layout.get(lid, 0) * c for lid, c in zip(self.layout_ids, self.counts))
+
+
+def architecture_weights(groups: list[LayoutGroup], weights: dict[str, float]) -> list[float]:
+    """Each layout group's weight: the sum of its architectures' (1 where ``weights`` names none), so
+    every architecture counts the same by default, whatever its size or number of models."""
+    known = {a for g in groups for a in g.architectures}
+    unknown = sorted(set(weights) - known)
+    if unknown:
+        raise ValueError(f"DataConfig.architecture_weights names {', '.join(unknown)}, not in the zoo "
+                         f"(it has {', '.join(sorted(known))})")
+    return [sum(float(weights.get(a, 1.0)) for a in g.architectures) for g in groups]
+
+
+def window_shares(spec: StreamSpec, canonical: CanonicalZoo) -> dict[str, float]:
+    """Share of a training pass's windows per architecture group (what the log reports)."""
+    rows = canonical.checkpoints.get("train", {})
+    per = {"/".join(canonical.groups[lid].architectures): rows.get(lid, 0) * c
+           for lid, c in zip(spec.layout_ids, spec.counts)}
+    total = sum(per.values()) or 1
+    return {k: v / total for k, v in per.items()}
 
 
 @functools.lru_cache(maxsize=64)

@@ -35,7 +35,7 @@ from sane_ray.data.format import (CanonicalZoo, DataPreparationError, LayoutGrou
                                   load_stats)
 from sane_ray.data.config import DataConfig
 from sane_ray.data.splits import SPLITS
-from sane_ray.data.draw import StreamSpec
+from sane_ray.data.draw import StreamSpec, window_shares
 from sane_ray.data.stream import WindowStream
 from sane_ray.data.windows import check_window_size
 from sane_ray.weights.standardize import StandardizationStats
@@ -150,6 +150,9 @@ def prepare_data(cfg: DataConfig, s3: storage.S3Options | None = None, node_type
                     len(canonical.skipped), canonical.zoo_uri, reasons)
 
     spec = StreamSpec.build(canonical, cfg)
+    if len(spec.layout_ids) > 1:
+        log.info("windows per training pass by architecture: %s", ", ".join(
+            f"{a} {share:.0%}" for a, share in window_shares(spec, canonical).items()))
     streams = {s: WindowStream.build(canonical, s, cfg, spec, s3, node_types) for s in SPLITS if canonical.files[s]}
     return PreparedData(
         streams=streams,

@@ -60,6 +60,26 @@ def windows_per_checkpoint(sequence_length: int, window_size: int, override: int
     return max(1, round(sequence_length / window_size))
 
 
+def balanced_counts(base: Sequence[int], rows: Sequence[int], weights: Sequence[float]) -> list[int]:
+    """Windows per checkpoint per layout so that layout l draws about ``weights[l] / sum(weights)`` of a
+    pass's windows, the pass as long as with the ``base`` counts (:func:`windows_per_checkpoint`).
+
+    ``rows`` are the training checkpoints per layout (layouts without any keep their base count).
+    Without balancing, a layout's share grows with its sequence length, so the largest
+    architecture of a mixed zoo takes most of every pass. A short model repeated in a pass
+    is the whole model again: its loss weight, not new data.
+    """
+    active = [i for i, r in enumerate(rows) if r > 0]
+    if len(active) < 2:
+        return list(base)
+    total = sum(rows[i] * base[i] for i in active)
+    weight = sum(weights[i] for i in active)
+    out = list(base)
+    for i in active:
+        out[i] = max(1, round(total * weights[i] / weight / rows[i]))
+    return out
+
+
 def interleave_rows(model_codes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Row order that spreads checkpoints of the same model: first checkpoint of every model
     (models in random order), then every second checkpoint, and so on."""

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-# How the reconstruction MSE is averaged: over the real entries, or over all entries
-# (padding included, the reference implementation's choice).
-RECONSTRUCTION_NORMS = ("real", "all")
+# How the reconstruction MSE is averaged: over the real entries, over all entries (padding
+# included, the reference implementation's choice), or per token (sane_ray.model.losses).
+RECONSTRUCTION_NORMS = ("real", "all", "token")
 # What each view is reconstructed towards: its clean tokens, or its noisy input (the reference).
 RECONSTRUCTION_TARGETS = ("clean", "noisy")
 
@@ -55,7 +55,8 @@ class SaneConfig:
     noise_sigma: float = 0.1
     """Multiplicative input noise: each view's tokens are x * (1 + sigma * N(0, 1))."""
     reconstruction_norm: str = "real"
-    """MSE averaged over the real entries (real) or all, padding included (all, the reference's)."""
+    """MSE averaged over the real entries (real), all entries, padding included (all, the reference's), or
+    per token: each token's mean over its real entries, averaged over tokens (token, for mixed zoos)."""
     reconstruction_target: str = "clean"
     """Each view is reconstructed towards its clean tokens (clean) or its noisy input (noisy, the reference's)."""
 

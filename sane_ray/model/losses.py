@@ -4,7 +4,11 @@
 the real entries (``"real"``, the default) or over all entries, padding included
 (``"all"``, the reference implementation's ``MSELoss(mask * x_hat, target)``): the two
 differ by the fraction of real entries, which shifts the weight of ``gamma``
-(docs/design.md). The contrastive term can
+(docs/design.md). ``"token"`` averages each token's squared error over its own real
+entries, then over the tokens that have any: a token of a small layer (a 10-row head cut
+into 289-wide tokens is mostly padding) then weighs as much as a full one, so in a zoo
+mixing architectures the few entries of small models are not drowned by the many of large
+ones (the per-token normalization of multi-zoo SANE training). The contrastive term can
 use negatives from other workers: :func:`nt_xent` takes the local projections as
 anchors and, optionally, the projections gathered from all workers as keys. Gathering
 itself lives in ``sane_ray.train`` (this package knows nothing about processes); it is
@@ -27,37 +31,44 @@ GatherFn = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
 class LossParts(NamedTuple):
     total: torch.Tensor
-    reconstruction: torch.Tensor
+    reconstruction: torch.Tensor  # under the configured normalization
     contrastive: torch.Tensor
+    by_norm: dict[str, torch.Tensor]  # the reconstruction under every normalization (for reporting)
 
 
 def masked_mse(x_hat: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, over: str = "real") -> torch.Tensor:
     """Squared error on the real (mask=True) entries; padding never contributes.
 
     ``over="real"`` divides by the number of real entries, ``over="all"`` by the number
-    of all entries (padding included).
+    of all entries (padding included), ``over="token"`` averages per token (module doc).
     """
+    _check_norm(over)
+    return masked_errors(x_hat, target, mask)[over]
+
+
+def _check_norm(over: str) -> None:
+    if over not in RECONSTRUCTION_NORMS:
+        raise ValueError(f"unknown reconstruction normalization {over!r}; known: {', '.join(RECONSTRUCTION_NORMS)}")
+
+
+def masked_errors(x_hat: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The masked MSE under every normalization of :data:`RECONSTRUCTION_NORMS`, from one squared error."""
     if x_hat.shape != target.shape or mask.shape != target.shape:
         raise ValueError(
             f"masked_mse needs equal shapes, got x_hat {tuple(x_hat.shape)}, target {tuple(target.shape)}, "
             f"mask {tuple(mask.shape)}"
         )
     m = mask.to(x_hat.dtype)
-    return ((x_hat - target) ** 2 * m).sum() / _denominator(m, over)
-
-
-def renormalize(rec: torch.Tensor, mask: torch.Tensor, over: str, to: str) -> torch.Tensor:
-    """A :func:`masked_mse` value computed ``over`` one normalization, expressed under ``to``."""
-    m = mask.to(rec.dtype)
-    return rec * _denominator(m, over) / _denominator(m, to)
-
-
-def _denominator(m: torch.Tensor, over: str) -> torch.Tensor:
-    if over == "real":
-        return m.sum().clamp_min(1.0)
-    if over == "all":
-        return torch.tensor(float(m.numel()), dtype=m.dtype, device=m.device)
-    raise ValueError(f"unknown reconstruction normalization {over!r}; known: {', '.join(RECONSTRUCTION_NORMS)}")
+    sq = (x_hat - target) ** 2 * m
+    per_token_n = m.sum(-1)
+    per_token = sq.sum(-1) / per_token_n.clamp_min(1.0)
+    real_tokens = (per_token_n > 0).to(x_hat.dtype)
+    total = sq.sum()
+    return {
+        "real": total / m.sum().clamp_min(1.0),
+        "all": total / float(m.numel()),
+        "token": (per_token * real_tokens).sum() / real_tokens.sum().clamp_min(1.0),
+    }
 
 
 def nt_xent(
@@ -126,7 +137,9 @@ def sane_loss(
     from all workers. ``model_ids`` (B,) keep windows of one model from being each
     other's negatives.
     """
-    rec = masked_mse(x_hat.float(), target.float(), mask, over)
+    _check_norm(over)
+    by_norm = masked_errors(x_hat.float(), target.float(), mask)
+    rec = by_norm[over]
     if gather is None:
         con = nt_xent(p_i, p_j, temperature, model_ids=model_ids)
     else:
@@ -139,4 +152,4 @@ def sane_loss(
         key_ids = both[:, 2 * d].long() if model_ids is not None else None
         con = nt_xent(p_i, p_j, temperature, keys=(all_i, all_j), offset=offset,
                       model_ids=model_ids, key_model_ids=key_ids)
-    return LossParts(gamma * con + (1.0 - gamma) * rec, rec, con)
+    return LossParts(gamma * con + (1.0 - gamma) * rec, rec, con, by_norm)

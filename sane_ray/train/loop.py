@@ -48,7 +48,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from sane_ray.config import from_dict
 from sane_ray.model.export import export_model
-from sane_ray.model.losses import GatherFn, renormalize
+from sane_ray.model.losses import GatherFn
 from sane_ray.model.sane import SaneModel
 from sane_ray.train.checkpoint import TrainState, save_train_state
 from sane_ray.train.config import TrainConfig
@@ -308,8 +308,7 @@ def _evaluate(
     for batch in data.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False, device=device):
         batch = to_device(batch, device)
         parts = compute_loss(model, batch, cfg.model, runtime, gather, autocast=not distributed)
-        rec = {to: renormalize(parts.reconstruction, batch["mask"], cfg.model.reconstruction_norm, to)
-               for to in ("real", "all")}
+        rec = parts.by_norm
         per_batch = torch.stack([parts.total, rec["real"], rec["all"], parts.contrastive, zero_prediction_loss(batch)])
         b = batch["x_i"].shape[0]
         sums += torch.cat([per_batch * b, torch.tensor([float(b)], device=device)])

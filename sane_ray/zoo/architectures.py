@@ -178,6 +178,12 @@ def resnet34(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> Re
     return ResNet((3, 4, 6, 3), num_classes, in_channels, width)
 
 
+def resnet_digits(num_classes: int = 10, in_channels: int = 1, width: int = 8) -> ResNet:
+    """A narrow ResNet for 8x8 digits: one BasicBlock per stage (8 -> 4 -> 2 -> 1 pixels), 77k parameters
+    at width 8; the residual family in mixed-architecture zoos."""
+    return ResNet((1, 1, 1, 1), num_classes, in_channels, width)
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -204,6 +210,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("mlp_digits", mlp_digits, (1, 8, 8), "sequential"),
         Architecture("resnet18", resnet18, (3, 32, 32), "resnet"),
         Architecture("resnet34", resnet34, (3, 32, 32), "resnet"),
+        Architecture("resnet_digits", resnet_digits, (1, 8, 8), "resnet"),
     ]
 }
 

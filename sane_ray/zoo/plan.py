@@ -73,9 +73,10 @@ class ZooGenConfig:
     """The task every model trains on (sane_ray.zoo.tasks): digits, digits_transposed, digits_permuted
     (8x8 grayscale), digits28 (28x28 grayscale) or digits32_rgb (32x32 RGB)."""
     arch: str = "cnn_digits"
-    """Architecture of every model, one taking the task's input shape: cnn_digits, cnn_digits_bn,
-    cnn_digits_wide or mlp_digits (8x8 tasks); cnn_mnist_public (digits28); resnet18, resnet34 or
-    cnn_cifar_public (digits32_rgb)."""
+    """Architecture of the models, one taking the task's input shape: cnn_digits, cnn_digits_bn,
+    cnn_digits_wide, mlp_digits, resnet_digits or vit_digits (8x8 tasks); cnn_mnist_public (digits28);
+    resnet18, resnet34 or cnn_cifar_public (digits32_rgb). Several, comma-separated
+    (cnn_digits,mlp_digits,vit_digits): a mixed zoo, model i gets the (i mod n)-th."""
     models: int = 48
     """Models in the zoo, one Ray task each."""
     epochs: int = 10
@@ -99,8 +100,10 @@ class ZooGenConfig:
 
     def validate(self) -> None:
         """Fail on the driver, before any task starts, naming the bad setting."""
-        get_architecture(self.arch)  # unknown names get the registry's error
-        _check_input_shape(self.arch, self.task, get_task(self.task, self.split_seed).input_shape)
+        shape = get_task(self.task, self.split_seed).input_shape
+        for arch in self.architectures:
+            get_architecture(arch)  # unknown names get the registry's error
+            _check_input_shape(arch, self.task, shape)
         if self.format not in get_args(ZooFormat):
             raise ValueError(f"format must be one of {', '.join(get_args(ZooFormat))}, got {self.format!r}")
         if self.format == "public" and self.out and storage.parse_uri(self.out).scheme == "s3":
@@ -126,11 +129,19 @@ class ZooGenConfig:
         if unknown:
             raise ValueError(f"unknown activation {unknown[0]!r} in space.activation; known: {', '.join(ACTIVATIONS)}")
 
+    @property
+    def architectures(self) -> list[str]:
+        """The architectures of ``arch``, in the order models take them round-robin."""
+        names = [a.strip() for a in self.arch.split(",")]
+        if not all(names) or len(set(names)) < len(names):
+            raise ValueError(f"arch must name distinct architectures separated by commas, got {self.arch!r}")
+        return names
+
     def identity(self) -> dict[str, Any]:
         """The settings that determine the zoo's contents (not its layout, where it goes or runs, or overwrite)."""
         d = to_dict(self)
         del d["out"], d["overwrite"], d["format"], d["node_types"]
-        if "width" not in arguments(self.arch):  # so zoos generated before the field existed keep their identity
+        if not any("width" in arguments(a) for a in self.architectures):  # so zoos generated before the field existed keep their identity
             del d["width"]
         return {"generator_version": GENERATOR_VERSION, **d}
 
@@ -154,7 +165,7 @@ def zoo_uri(cfg: ZooGenConfig) -> str:
     (with ``-public`` appended for the public layout)."""
     if cfg.out:
         return storage.parse_uri(cfg.out).uri
-    name = f"{cfg.task}-{cfg.arch}-{cfg.models}x{cfg.epochs}-s{cfg.seed}" + ("-public" if cfg.format == "public" else "")
+    name = f"{cfg.task}-{'+'.join(cfg.architectures)}-{cfg.models}x{cfg.epochs}-s{cfg.seed}" + ("-public" if cfg.format == "public" else "")
     return os.path.join(storage.cache_dir(), "zoos", name)
 
 
@@ -184,10 +195,12 @@ def plan_models(cfg: ZooGenConfig) -> list[ModelPlan]:
     """Draw each model's seed and hyperparameters from ``(cfg.seed, index)`` alone.
 
     Every model draws an activation and a dropout rate, whether or not its architecture
-    takes them, so a model's other draws do not depend on the architecture.
+    takes them, so a model's other draws do not depend on the architecture (nor on the
+    other architectures of a mixed zoo: model i takes architecture i mod n).
     """
     plans = []
     sp = cfg.space
+    archs = cfg.architectures
     num_classes = get_task(cfg.task, cfg.split_seed).num_classes
     for i in range(cfg.models):
         rng = np.random.default_rng([cfg.seed, i])
@@ -195,13 +208,14 @@ def plan_models(cfg: ZooGenConfig) -> list[ModelPlan]:
         lr = float(f"{math.exp(rng.uniform(math.log(sp.lr[0]), math.log(sp.lr[1]))):.3g}")
         pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
         wd, act, init, dropout = pick(sp.weight_decay), pick(sp.activation), pick(sp.init), pick(sp.dropout)
+        arch = archs[i % len(archs)]
         plans.append(ModelPlan(
             model_id=f"model_{i:04d}",
             seed=seed,
             task=cfg.task,
             split_seed=cfg.split_seed,
-            arch=cfg.arch,
-            arch_kwargs=_arch_kwargs(cfg.arch, num_classes, cfg.width, act, dropout),
+            arch=arch,
+            arch_kwargs=_arch_kwargs(arch, num_classes, cfg.width, act, dropout),
             hparams={
                 "index": i, "seed": seed, "lr": lr, "weight_decay": float(wd), "init": init,
                 "optimizer": "adam", "batch_size": cfg.batch_size, "epochs": cfg.epochs,
