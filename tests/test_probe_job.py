@@ -21,8 +21,9 @@ PRETRAIN = ["--preset", "tiny", "--workers", "1", "--epochs", "1", "--batch-size
 
 
 def _table(uri: str) -> dict[str, dict[str, float]]:
-    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode())))
-    return {r["target"]: {k: float(v) for k, v in r.items() if k != "target"} for r in rows}
+    reader = csv.DictReader(io.StringIO(storage.read_bytes(uri).decode()))
+    corner = reader.fieldnames[0]  # "target", or "architecture" in architectures.csv
+    return {r[corner]: {k: float(v) for k, v in r.items() if k != corner} for r in reader}
 
 
 def _public_zoo(root: str, n_models: int, epochs: int) -> None:
@@ -207,3 +208,30 @@ def test_hyperparameter_targets_pick_varying_training_settings():
     y, categorical = targets["log10 lr"]
     assert not categorical and y[0] == pytest.approx(-4)
     assert targets["init"][1]
+
+
+def test_one_run_over_mixed_architectures_pretrains_balanced_and_probes_per_architecture(ray_cluster, tmp_path,
+                                                                                         caplog):
+    """A zoo of two architectures: windows balanced between them, per-token loss, a pooled SANE table,
+    one full table per architecture and the embedding map."""
+    zoo, runs, out = str(tmp_path / "zoo"), str(tmp_path / "runs"), str(tmp_path / "probe")
+    zb.build_native_zoo(zoo, n_models=20, epochs=2, archs=("cnn_digits", "mlp_digits"))
+    with caplog.at_level("INFO", logger="sane_ray.data.pipeline"):
+        assert main(["pretrain", "--zoo", zoo, "--out", runs, "--name", "mixed", *PRETRAIN,
+                     "--train.model.reconstruction_norm", "token"]) == 0
+    shares = [r.getMessage() for r in caplog.records if "windows per training pass by architecture" in r.getMessage()]
+    assert shares and "cnn_digits 5" in shares[0] and "mlp_digits 5" in shares[0], shares  # about 50% each
+    assert main(["probe", "--run", f"{runs}/mixed", "--out", out, "--folds", "0"]) == 0
+    pooled = _table(storage.join(out, "results.csv"))
+    assert set(pooled["Acc"]) >= {SANE, CONTROL} and not {"W", "s(W)"} & set(pooled["Acc"])
+    by_arch = _table(storage.join(out, "architectures.csv"))
+    assert set(by_arch) == {"cnn_digits", "mlp_digits"}
+    for arch, row in by_arch.items():
+        assert np.isfinite(row["SANE"]) and np.isfinite(row["W"]) and np.isfinite(row["SANE, pooled probe"]), row
+        own = _table(storage.join(out, "arch", arch, "results.csv"))
+        assert own["Acc"]["W"] == row["W"] and {"W", "s(W)", SANE} <= set(own["Acc"])
+        models = _models_csv(storage.join(out, "arch", arch))
+        assert all(int(m[1:]) % 2 == (arch == "mlp_digits") for m in models)  # only that architecture's models
+    md = storage.read_bytes(storage.join(out, "results.md")).decode()
+    assert md.startswith("# Property prediction across architectures") and "# Pooled probe" in md
+    assert storage.read_bytes(storage.join(out, "embedding_map.png"))[:8] == b"\x89PNG\r\n\x1a\n"

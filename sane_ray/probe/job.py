@@ -23,7 +23,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,62 +36,18 @@ from sane_ray.embed import Run, embed_tokens, load_run
 from sane_ray.embed.preprocess import (checkpoints_at, model_tokens, population_stats, run_max_abs, run_settings,
                                       uncovered_layers)
 from sane_ray.embed.run import untrained_control
-from sane_ray.probe import report
+from sane_ray.probe import mixed, report
 from sane_ray.probe.config import ProbeConfig
+from sane_ray.probe.data import (CHANCE, CONTROL, CONTROL_LAYER, FULL, IDENTIFIERS, LAYER_MEAN, LAYER_MEAN_STD, MAX_CLASSES, MEAN_STD,
+                              SANE, SELECTED, TARGETS, TEST_MAJORITY, VARIANTS, ProbeData, ProbeResults)
 from sane_ray.probe.features import flat_weights, layer_moments, num_weights, weight_statistics
 from sane_ray.probe.linear import (FoldScores, classifier_probe, grouped_kfold, nested_kfold_selection, ridge_probe,
                                    select_on_validation)
-from sane_ray.weights.standardize import StandardizationStats
 from sane_ray.weights.tokenize import TokenLayout
 from sane_ray.zoo.reader import open_zoo
 from sane_ray.zoo.spec import ModelRecord, Zoo
 
 log = logging.getLogger("sane_ray.probe")
-
-TARGETS = {"Acc": "test_acc", "Epoch": "epoch", "Ggap": "ggap"}  # the paper's rows -> checkpoint values
-SANE, CONTROL, FULL = "SANE", "SANE (untrained)", "SANE (full sequence)"
-MEAN_STD = "SANE (mean, std)"  # the paper's mean token latent with the tokens' std beside it
-LAYER_MEAN = "SANE (per-layer mean)"  # the mean token latent of each layer, concatenated (like s(W)'s blocks)
-LAYER_MEAN_STD = "SANE (per-layer mean, std)"  # ... with each layer's std of token latents beside its mean
-CONTROL_LAYER = "SANE (untrained, per-layer mean)"  # the control for LAYER_MEAN
-CHANCE, TEST_MAJORITY = "chance (train majority)", "test majority"  # hyperparameter table, see ProbeScore
-SELECTED = "SANE (selected on val)"  # per target, the variant of VARIANTS with the best validation score
-VARIANTS = (SANE, MEAN_STD, LAYER_MEAN, LAYER_MEAN_STD, FULL)  # what the trained encoder's embedding is
-# Hyperparameter keys that identify a model or its run rather than describe its training.
-IDENTIFIERS = {"seed", "index", "split_seed", "epochs", "epochs_train", "task", "model_id"}
-MAX_CLASSES = 20  # a "category" with more distinct values is an identifier, not a hyperparameter
-
-
-@dataclass
-class ProbeData:
-    """One row per checkpoint: its model, epoch, split, targets, features per method, layer spread."""
-
-    model_id: list[str] = field(default_factory=list)
-    epoch: list[int] = field(default_factory=list)
-    split: list[str] = field(default_factory=list)
-    metrics: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in ("test_acc", "ggap")})
-    features: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    spread: list[np.ndarray] = field(default_factory=list)
-    hparams: list[dict[str, Any]] = field(default_factory=list)
-    layer_names: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    # Layout id -> statistics pooled over the probed models for layers the run's do not cover.
-    fallback: dict[str, StandardizationStats] = field(default_factory=dict)
-    pretrained: list[bool] = field(default_factory=list)  # per row: the run trained on this model
-
-    def assign_splits(self, split_of: dict[str, str], trained: set[str]) -> None:
-        self.split = [split_of[m] for m in self.model_id]
-        self.pretrained = [m in trained for m in self.model_id]
-
-    def test_models_pretrained(self) -> int:
-        return len({m for m, s, p in zip(self.model_id, self.split, self.pretrained) if s == "test" and p})
-
-    def target(self, key: str) -> np.ndarray:
-        return np.asarray(self.epoch if key == "epoch" else self.metrics[key], dtype=np.float64)
-
-    def matrix(self, method: str) -> np.ndarray:
-        return np.concatenate(self.features[method], axis=0)
-
 
 def _run_document(run_uri: str) -> dict[str, Any]:
     """The run's resolved pretraining config (``pretrain_config.yaml``), {} if the export has none."""
@@ -150,59 +105,77 @@ def _hyperparameters(model: ModelRecord) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool))}
 
 
-def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> ProbeData:
+def architecture_labels(run: Run, models: Sequence[ModelRecord]) -> dict[str, str]:
+    """Model id -> the name its architecture group goes by in the report: the registry name, with
+    the layout id beside it where one name has several token layouts (e.g. MLPs of two widths)."""
+    lid = {m.model_id: run.preprocessing.layout_id(m.architecture, m.arch_kwargs) for m in models}
+    layouts_of: dict[str, set[str]] = {}
+    for m in models:
+        layouts_of.setdefault(m.architecture, set()).add(lid[m.model_id])
+    return {m.model_id: m.architecture if len(layouts_of[m.architecture]) == 1
+            else f"{m.architecture} [{lid[m.model_id][:8]}]" for m in models}
+
+
+def collect(run: Run, control: Run | None, zoo: Zoo, cfg: ProbeConfig) -> dict[str, ProbeData]:
     """Preprocess (:func:`~sane_ray.embed.preprocess.model_tokens`), featurize and embed every
-    selected checkpoint of ``zoo``, model by model; splits are assigned afterwards."""
-    data = ProbeData()
+    selected checkpoint of ``zoo``, model by model, into one :class:`ProbeData` per architecture
+    (:func:`architecture_labels`; W and s(W) need one layout); splits are assigned afterwards."""
     max_abs = run_max_abs(run)
     selected = [dataclasses.replace(m, checkpoints=checkpoints_at(run, m, cfg.epochs)) for m in zoo.models]
-    data.fallback = population_stats(run, selected, max_abs=max_abs)
-    layouts: set[str] = set()
-    flat_ok = full_ok = True
-    n, t0 = len(zoo.models), time.perf_counter()
+    fallback = population_stats(run, selected, max_abs=max_abs)
+    labels = architecture_labels(run, zoo.models)
+    out: dict[str, ProbeData] = {}
+    n, t0, rows = len(zoo.models), time.perf_counter(), 0
     every = max(1, n // 10)
     for i, (model, chosen) in enumerate(zip(zoo.models, selected), 1):
+        data = out.setdefault(labels[model.model_id], ProbeData(fallback=fallback))
         lid = run.preprocessing.layout_id(model.architecture, model.arch_kwargs)
-        mt = model_tokens(run, model, chosen.epochs, max_abs=max_abs, fallback_stats=data.fallback.get(lid))
+        mt = model_tokens(run, model, chosen.epochs, max_abs=max_abs, fallback_stats=fallback.get(lid))
         if mt.skipped:
             data.notes.append(f"{model.model_id}: {len(mt.skipped)} checkpoint(s) skipped ({mt.skipped[0].reason})")
         if mt.tokens is None:
             if chosen.checkpoints:
                 data.notes.append(f"{model.model_id}: left out (no usable checkpoint at the selected epochs)")
         else:
-            toks = mt.tokens
-            layouts.add(toks.layout.to_json())
-            if len(layouts) > 1:
-                raise ValueError(f"zoo {zoo.uri} mixes architectures of different shapes ({model.model_id} differs): "
-                                 "W and s(W) need one layout; probe one architecture at a time")
-            if not data.layer_names:
-                data.layer_names = [s.key.removesuffix(".weight") for s in toks.layout.layers]
-                flat_ok = num_weights(toks.mask) <= cfg.max_flat_features
-                data.notes += _uncovered_notes(run, toks.layout, model, lid in data.fallback)
-            feats, emb = _features(run, control, toks, cfg, flat_ok)
-            full_ok = full_ok and emb.tokens[0].numel() <= cfg.max_flat_features
-            if not full_ok:
-                feats.pop(FULL)
-            for k, v in feats.items():
-                data.features.setdefault(k, []).append(v)
-            data.spread.append(emb.layer_spread.cpu().numpy())
-            for ckpt, _ in mt.good:
-                data.model_id.append(model.model_id)
-                data.epoch.append(ckpt.epoch)
-                for key in data.metrics:
-                    data.metrics[key].append(float(ckpt.metrics.get(key, math.nan)))
-                data.hparams.append(_hyperparameters(model))
+            _add_model(data, run, control, model, mt, cfg, labels[model.model_id], lid in fallback)
+            rows += len(mt.good)
         if i % every == 0 or i == n:
-            log.info("probe: %d/%d models embedded (%d checkpoints) in %.1fs", i, n, len(data.epoch),
-                     time.perf_counter() - t0)
-    if not data.epoch:
+            log.info("probe: %d/%d models embedded (%d checkpoints) in %.1fs", i, n, rows, time.perf_counter() - t0)
+    out = {label: d for label, d in out.items() if d.epoch}
+    if not out:
         raise ValueError(f"zoo {zoo.uri} has no usable checkpoint at the selected epochs")
-    if not full_ok:
-        data.features.pop(FULL, None)
-    if not flat_ok:
-        data.notes.append(f"W skipped: {num_weights(toks.mask):,} weights per model > max_flat_features "
-                          f"{cfg.max_flat_features:,}")
-    return data
+    for data in out.values():
+        if not data.full_ok:
+            data.features.pop(FULL, None)
+        if not data.flat_ok:
+            data.notes.append(f"W skipped: {data.weights_per_model:,} weights per model > max_flat_features "
+                              f"{cfg.max_flat_features:,}")
+    return out
+
+
+def _add_model(data: ProbeData, run: Run, control: Run | None, model: ModelRecord, mt: Any, cfg: ProbeConfig,
+               label: str, fallback: bool) -> None:
+    """One model's rows and features; its architecture's first model fixes the layer names and the limits."""
+    toks = mt.tokens
+    if not data.layer_names:
+        data.layer_names = [s.key.removesuffix(".weight") for s in toks.layout.layers]
+        data.weights_per_model = num_weights(toks.mask)
+        data.flat_ok = data.weights_per_model <= cfg.max_flat_features
+        data.notes += _uncovered_notes(run, toks.layout, model, fallback)
+    feats, emb = _features(run, control, toks, cfg, data.flat_ok)
+    data.full_ok = data.full_ok and emb.tokens[0].numel() <= cfg.max_flat_features
+    if not data.full_ok:
+        feats.pop(FULL)
+    for k, v in feats.items():
+        data.features.setdefault(k, []).append(v)
+    data.spread.append(emb.layer_spread.cpu().numpy())
+    for ckpt, _ in mt.good:
+        data.model_id.append(model.model_id)
+        data.arch.append(label)
+        data.epoch.append(ckpt.epoch)
+        for key in data.metrics:
+            data.metrics[key].append(float(ckpt.metrics.get(key, math.nan)))
+        data.hparams.append(_hyperparameters(model))
 
 
 def _features(run: Run, control: Run | None, toks: Any, cfg: ProbeConfig, flat_ok: bool) -> tuple[dict[str, Any], Any]:
@@ -271,20 +244,6 @@ def hyperparameter_targets(data: ProbeData) -> dict[str, tuple[np.ndarray, bool]
     return out
 
 
-@dataclass
-class ProbeResults:
-    """Everything the job writes, as data."""
-
-    test: dict[str, dict[str, float]]
-    kfold: dict[str, dict[str, tuple[float, float]]]
-    hparams: dict[str, dict[str, float]]
-    alphas: dict[str, dict[str, float]]
-    points: dict[str, tuple[np.ndarray, np.ndarray, float]]
-    val: dict[str, dict[str, float]] = field(default_factory=dict)  # validation score of the chosen alpha
-    selected: dict[str, str] = field(default_factory=dict)  # target -> the SANE variant validation picked
-    kfold_selected: dict[str, list[str]] = field(default_factory=dict)  # target -> each fold's pick
-
-
 def _select(scores: dict[str, dict[str, float]], val: dict[str, dict[str, float]], row: str) -> str:
     """Copy the SANE variant with the best validation score into the :data:`SELECTED` column of ``row``."""
     best = select_on_validation({m: val[row][m] for m in VARIANTS if m in val[row]})
@@ -351,7 +310,12 @@ def models_csv(data: ProbeData, run_split: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_markdown(res: ProbeResults, data: ProbeData, zoo: Zoo, run_uri: str, split_how: str) -> str:
+FIGURES = ("Figures: `pred_vs_true.png` (test accuracy, test split), `layer_spread.png` "
+           "(per-layer spread of SANE token embeddings, test models at their last epoch).\n")
+
+
+def results_markdown(res: ProbeResults, data: ProbeData, zoo: Zoo, run_uri: str, split_how: str,
+                     figures: str = FIGURES) -> str:
     counts = _split_counts(data)
     sizes = ", ".join(f"{s} {c['models']} models / {c['checkpoints']} checkpoints" for s, c in counts.items())
     epochs = sorted(set(data.epoch))
@@ -394,8 +358,7 @@ def results_markdown(res: ProbeResults, data: ProbeData, zoo: Zoo, run_uri: str,
                   report.table_markdown(res.hparams, "target")]
     if data.notes:
         parts += ["## Notes\n", "\n".join(f"- {n}" for n in data.notes) + "\n"]
-    parts.append("Figures: `pred_vs_true.png` (test accuracy, test split), `layer_spread.png` "
-                 "(per-layer spread of SANE token embeddings, test models at their last epoch).\n")
+    parts.append(figures)
     return "\n".join(parts)
 
 
@@ -438,6 +401,46 @@ def write_results(res: ProbeResults, data: ProbeData, zoo: Zoo, cfg: ProbeConfig
     storage.write_bytes_atomic(storage.join(out, "results.md"), results_markdown(res, data, zoo, cfg.run, split_how).encode())
 
 
+def _probe_mixed(by_arch: dict[str, ProbeData], cfg: ProbeConfig, zoo: Zoo, out: str, split_how: str,
+                 run_split: dict[str, str]) -> ProbeResults:
+    """A zoo of several architectures (:mod:`sane_ray.probe.mixed`): each architecture probed and written
+    on its own under ``arch/<name>/``, then the pooled SANE probe and the summary at ``out``."""
+    per, skipped = {}, {}
+    for label, data in by_arch.items():
+        if missing := mixed.missing_splits(data):
+            skipped[label] = missing
+            continue
+        log.info("probe: architecture %s (%d checkpoints)", label, len(data.epoch))
+        per[label] = probe(data, cfg)
+        write_results(per[label], data, zoo, cfg, storage.join(out, "arch", mixed.dir_name(label)), split_how,
+                      run_split)
+    pool = mixed.pooled(by_arch)
+    log.info("probe: pooled over %d architectures (%d checkpoints)", len(by_arch), len(pool.epoch))
+    res = probe(pool, cfg)
+    table = mixed.summary_table(per, pool, res, by_arch)
+    storage.makedirs(out)
+    for name, blob in {
+        "probe_config.yaml": dump_config(cfg).encode(),
+        "models.csv": models_csv(pool, run_split).encode(),
+        "results.csv": report.table_csv(res.test).encode(),
+        "architectures.csv": report.table_csv(table, "architecture").encode(),
+        "pred_vs_true.png": report.predicted_vs_true_png(res.points),
+        "embedding_map.png": mixed.embedding_map(pool),
+        "results.json": json.dumps({
+            "zoo": zoo.uri, "format": zoo.format, "split": split_how, "counts": _split_counts(pool),
+            "architectures": table, "skipped_architectures": skipped, "test_r2": res.test, "val_r2": res.val,
+            "kfold_r2": res.kfold, "selected": res.selected, "hyperparameters": res.hparams, "notes": pool.notes,
+        }, indent=1, default=float).encode(),
+        **({"results_kfold.csv": report.table_csv(res.kfold).encode()} if res.kfold else {}),
+    }.items():
+        storage.write_bytes_atomic(storage.join(out, name), blob)
+    pooled_md = results_markdown(res, pool, zoo, cfg.run, split_how, figures="Figures: `pred_vs_true.png` (test "
+                                 "accuracy, test split, pooled), `embedding_map.png`.\n")
+    storage.write_bytes_atomic(storage.join(out, "results.md"),
+                               mixed.markdown(pooled_md, table, skipped, by_arch).encode())
+    return res
+
+
 def run_probe(cfg: ProbeConfig) -> tuple[str, ProbeResults]:
     """The whole job; returns the output URI and the results."""
     if not cfg.run:
@@ -457,12 +460,16 @@ def _probe(cfg: ProbeConfig, out: str) -> ProbeResults:
     zoo = open_zoo(zoo_uri)
     control = untrained_control(run, int((run_doc.get("train") or {}).get("seed", 0))) if cfg.control else None
     log.info("probe: embedding %d models of %s with run %s", len(zoo.models), zoo.uri, cfg.run)
-    data = collect(run, control, zoo, cfg)
-    probed = set(data.model_id)
+    by_arch = collect(run, control, zoo, cfg)
+    probed = {m for d in by_arch.values() for m in d.model_id}
     split_of, split_how, seen = model_splits(run, [m for m in zoo.models if m.model_id in probed])
     known = run.splits()
     run_split = {m: known[m] for m in seen}  # the run's split of the probed models that are its own
-    data.assign_splits(split_of, {m for m, s in run_split.items() if s == "train"})
+    for data in by_arch.values():
+        data.assign_splits(split_of, {m for m, s in run_split.items() if s == "train"})
+    if len(by_arch) > 1:
+        return _probe_mixed(by_arch, cfg, zoo, out, split_how, run_split)
+    (data,) = by_arch.values()
     res = probe(data, cfg)
     write_results(res, data, zoo, cfg, out, split_how, run_split)
     return res

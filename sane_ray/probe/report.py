@@ -112,3 +112,27 @@ def layer_spread_png(spread: np.ndarray, color: np.ndarray, label: str = "test a
     if layer_names is not None:
         ax.set_xticklabels(layer_names, rotation=30, ha="right", fontsize=7)
     return _png(fig)
+
+
+def embedding_map_png(xy: np.ndarray, groups: np.ndarray, color: np.ndarray, label: str = "test accuracy") -> bytes:
+    """Two panels of the same 2-D points (one per checkpoint): coloured by group (architecture) and by ``color``."""
+    from matplotlib import colormaps
+
+    fig = _new_figure(2, 3.8)
+    fig.set_size_inches(10, 4.2)
+    ax = fig.add_subplot(1, 2, 1)
+    for i, g in enumerate(dict.fromkeys(groups.tolist())):
+        m = groups == g
+        ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.6, color=colormaps["tab10"](i % 10), label=str(g))
+    ax.legend(fontsize=7, markerscale=2)
+    ax.set_title("by architecture")
+    ax = fig.add_subplot(1, 2, 2)
+    ok = np.isfinite(color)
+    ax.scatter(xy[~ok, 0], xy[~ok, 1], s=6, color="lightgray")
+    points = ax.scatter(xy[ok, 0], xy[ok, 1], s=6, c=color[ok], cmap="viridis")
+    fig.colorbar(points, ax=ax, label=label)
+    ax.set_title(f"by {label}")
+    for ax in fig.axes[:2]:
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+    return _png(fig)
