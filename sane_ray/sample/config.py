@@ -47,6 +47,9 @@ class SampleConfig:
     # ---- prompts: each model's last epoch unless prompt_epoch; optionally only some models / the best k
     prompt_models: list[str] | None = None
     """Model ids to prompt with; null: every model of the prompt zoo."""
+    prompt_architecture: str = ""
+    """Only prompt models of this architecture (registry name), the target of a zoo mixing architectures;
+    "": any (with prompt_best_k, the best model's)."""
     prompt_epoch: int | None = None
     """The prompts' checkpoint epoch; null: each model's last."""
     prompt_best_k: int = 5

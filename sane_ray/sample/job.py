@@ -135,7 +135,7 @@ def _prepare(cfg: SampleConfig, out: str, s3: storage.S3Options) -> _Job:
         raise ValueError(f"the run {cfg.run} records no zoo: give the prompt models (--prompts URI)")
     max_abs = run_max_abs(run)
     zoo = open_zoo(prompt_zoo_uri, s3=s3)
-    prompts = select_prompts(zoo, cfg.prompt_models, cfg.prompt_epoch, cfg.prompt_best_k)
+    prompts = select_prompts(zoo, cfg.prompt_models, cfg.prompt_epoch, cfg.prompt_best_k, cfg.prompt_architecture)
     prompt_set = load_prompts(run, prompts, max_abs, s3)
     arch, kwargs = prompt_set.architecture, prompt_set.arch_kwargs
     check_positions(run.model, prompt_set.layout, arch)

@@ -62,8 +62,15 @@ def _val_acc(p: Prompt) -> float:
 
 
 def select_prompts(zoo: Zoo, model_ids: list[str] | None = None, epoch: int | None = None,
-                   best_k: int = 0) -> list[Prompt]:
-    """The prompts of ``zoo`` (see the module doc), best first when ``best_k``, else in id order."""
+                   best_k: int = 0, architecture: str = "") -> list[Prompt]:
+    """The prompts of ``zoo`` (see the module doc), best first when ``best_k``, else in id order;
+    with ``architecture``, only models of that registry name (one architecture of a mixed zoo)."""
+    if architecture:
+        kept = [m for m in zoo.models if m.architecture == architecture]
+        if not kept:
+            have = ", ".join(sorted({m.architecture for m in zoo.models}))
+            raise ValueError(f"prompt_architecture: zoo {zoo.uri} has no {architecture!r} model (it has {have})")
+        zoo = dataclasses.replace(zoo, models=kept)
     if model_ids is not None:
         known = {m.model_id for m in zoo.models}
         missing = [i for i in model_ids if i not in known]
