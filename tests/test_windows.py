@@ -155,3 +155,14 @@ def test_architecture_weights_are_per_architecture_and_checked():
         architecture_weights(groups, {"mlp_digits": 1})
     with pytest.raises(ValueError, match="architecture_weights must be > 0"):
         DataConfig(architecture_weights={"vit_digits": 0})
+
+
+def test_a_mixed_zoo_splits_per_architecture_as_each_alone_would():
+    cnn, vit = [f"c{i:02d}" for i in range(20)], [f"v{i:02d}" for i in range(10)]
+    strata = {**dict.fromkeys(cnn, "cnn_digits"), **dict.fromkeys(vit, "vit_digits")}
+    mixed = split_models(cnn + vit, (0.7, 0.15, 0.15), 3, strata)
+    alone = [split_models(ids, (0.7, 0.15, 0.15), 3) for ids in (cnn, vit)]
+    assert mixed == {s: sorted(alone[0][s] + alone[1][s]) for s in mixed}
+    assert split_models(cnn, (0.7, 0.15, 0.15), 3, dict.fromkeys(cnn, "cnn_digits")) == alone[0]
+    with pytest.raises(SplitError, match="architecture vit_digits: the zoo has 2 usable model"):
+        split_models(cnn + vit[:2], (0.7, 0.15, 0.15), 3, strata)

@@ -104,12 +104,6 @@ def cache_key(zoo: Zoo, cfg: DataConfig) -> str:
     return h.hexdigest()[:20]
 
 
-
-
-
-
-
-
 # ---------------------------------------------------------------- planning (driver, no weights)
 
 
@@ -138,7 +132,8 @@ def plan(zoo: Zoo, cfg: DataConfig) -> Plan:
             skipped.append(Skipped(m.model_id, f"no checkpoint among the selected epochs (has {m.epochs})"))
     if not models:
         raise DataPreparationError(f"zoo {zoo.uri} has no model with checkpoints at the selected epochs")
-    splits = split_models([m.model_id for m in models], cfg.split_fractions, cfg.split_seed)
+    splits = split_models([m.model_id for m in models], cfg.split_fractions, cfg.split_seed,
+                          {m.model_id: m.architecture for m in models})
     split_of = {mid: s for s, ids in splits.items() for mid in ids}
     layout_of, groups = group_models(models, cfg.token_size, cfg.include_bn)
     trained = {layout_of[mid] for mid in splits["train"]}

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 # Bump when the shard contents change for the same settings: old caches are then ignored.
-CANONICAL_VERSION = 1
+CANONICAL_VERSION = 2  # 2: zoos mixing architectures split per architecture
 
 
 CANONICAL_MANIFEST = "canonical.json"

@@ -2,12 +2,16 @@
 
 All checkpoints of a model stay in one split, so no split sees another's training
 trajectory. The assignment depends only on the set of model ids, the fractions and the
-seed: the ids are sorted, shuffled with ``numpy.random.default_rng(seed)`` and cut.
+seed: the ids are sorted, shuffled with ``numpy.random.default_rng(seed)`` and cut. A zoo
+mixing architectures is split per architecture (stratified), each with the same
+fractions and seed: every architecture has its share of validation and test models, and
+the models of one architecture split exactly as a zoo of that architecture alone would, so
+a run on the mixed zoo and a run on one architecture's models test on the same models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -38,9 +42,22 @@ def split_sizes(num_models: int, fractions: Sequence[float]) -> tuple[int, int, 
     return num_models - val - test, val, test
 
 
-def split_models(model_ids: Iterable[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
-    """``{"train": [...], "val": [...], "test": [...]}``, each list sorted."""
+def split_models(model_ids: Iterable[str], fractions: Sequence[float], seed: int,
+                 strata: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...], "test": [...]}``, each list sorted; with ``strata`` (model id ->
+    architecture) naming more than one, split per stratum (module doc)."""
     ids = sorted(set(model_ids))
+    groups = sorted({strata[i] for i in ids}) if strata else []
+    if len(groups) > 1:
+        out: dict[str, list[str]] = {name: [] for name in SPLITS}
+        for g in groups:
+            try:
+                part = split_models([i for i in ids if strata[i] == g], fractions, seed)
+            except SplitError as e:
+                raise SplitError(f"architecture {g}: {e} (a zoo mixing architectures is split per architecture)") from None
+            for name in SPLITS:
+                out[name] += part[name]
+        return {name: sorted(members) for name, members in out.items()}
     n_train, n_val, _ = split_sizes(len(ids), fractions)
     order = np.random.default_rng(seed).permutation(len(ids))
     shuffled = [ids[i] for i in order]

@@ -82,7 +82,7 @@ def model_splits(run: Run, models: Sequence[ModelRecord]) -> tuple[dict[str, str
         s = run_settings(run)
         fractions = tuple(s.get("split_fractions", (0.7, 0.15, 0.15)))
         seed = int(s.get("split_seed", 42))
-        fresh = split_models(model_ids, fractions, seed)
+        fresh = split_models(model_ids, fractions, seed, {m.model_id: m.architecture for m in models})
         how = (f"a fresh split by model ({'/'.join(f'{f:g}' for f in fractions)}, the run's split seed {seed}): "
                f"the run was pretrained on none of these models{other}")
         log.info("probe: %s", how)
