@@ -93,6 +93,7 @@ SAMPLE_ALIASES = {
     "prompt-models": "prompt_models",
     "prompt-epoch": "prompt_epoch",
     "prompt-best-k": "prompt_best_k",
+    "prompt-architecture": "prompt_architecture",
 }
 
 
