@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sane_ray.weights.align import match_weights, reference_matching
+from sane_ray.weights.align import match_weights
 from sane_ray.weights.permutation import (
     apply_permutation,
     identity_permutation,
@@ -114,7 +114,8 @@ def test_random_heads_mlp_and_stream_permutation_keeps_the_outputs(kw):
     assert set(spec.permuted_keys) == set(sd) - {"heads.head.bias"}  # only the logits' order is fixed
 
 
-def test_alignment_finds_the_inverse_of_a_permutation_and_follows_the_textbook_loop():
+def test_alignment_of_a_permuted_copy_finds_the_inverse_permutation():
+    """(Agreement with the textbook loop on unrelated ViTs: tests/test_align.py.)"""
     spec = permutation_spec("vit_digits")
     ref = trained_like("vit_digits", {}, 2).state_dict()
     perms = random_permutation(spec, torch.Generator().manual_seed(5))
@@ -124,9 +125,6 @@ def test_alignment_finds_the_inverse_of_a_permutation_and_follows_the_textbook_l
     assert all(torch.equal(found.perms[g], invert(perms)[g]) for g in spec.group_sizes)
     recovered = apply_permutation(scrambled, spec, found.perms)
     assert all(torch.equal(recovered[k], ref[k]) for k in ref)
-    other = trained_like("vit_digits", {}, 3).state_dict()
-    got, (want, sweeps) = match_weights(spec, ref, other, seed=2), reference_matching(spec, ref, other, seed=2)
-    assert got.sweeps == sweeps and all(torch.equal(got.perms[g], want[g]) for g in spec.group_sizes)
 
 
 @pytest.mark.parametrize("token_size, count", [(32, 1178), (64, 718)])
