@@ -9,6 +9,8 @@ Cases (``--cases``):
 * ``digits_bn``: pairs of *trained* ``cnn_digits_bn`` models (a small BN CNN zoo trained
   in-process with the zoo generator's ``train_model``; cached under
   ``$SANE_RAY_CACHE/bench/align-digits-bn``).
+* ``vit_digits``: pairs of trained ``vit_digits`` models (tiny ViTs, same way; cached
+  under ``$SANE_RAY_CACHE/bench/align-vit-digits``): heads, MLP units and the residual stream.
 * ``resnet10``: the former case, 10 classes, untouched BatchNorm affine weights.
 
 Per pair (seed ``s``: models ``2s`` and ``2s+1``, group order seed ``s``): wall time of
@@ -74,8 +76,8 @@ def resnet_member(seed: int, num_classes: int, perturb_bn: bool) -> StateDict:
     return model.state_dict()
 
 
-def digits_bn_zoo(models: int, epochs: int) -> list[StateDict]:
-    """Final weights of ``models`` trained ``cnn_digits_bn`` models (trained once, then read from the cache)."""
+def trained_zoo(arch: str, models: int, epochs: int) -> list[StateDict]:
+    """Final weights of ``models`` trained ``arch`` models on digits (trained once, then read from the cache)."""
     from safetensors.torch import load_file
 
     from sane_ray.storage import cache_dir
@@ -84,8 +86,8 @@ def digits_bn_zoo(models: int, epochs: int) -> list[StateDict]:
     from sane_ray.zoo.native import checkpoint_path
     from sane_ray.zoo.tasks import get_task
 
-    root = os.path.join(cache_dir(), "bench", f"align-digits-bn-{epochs}ep")
-    cfg = ZooGenConfig(out=root, arch="cnn_digits_bn", models=models, epochs=epochs)
+    root = os.path.join(cache_dir(), "bench", f"align-{arch.replace('cnn_', '').replace('_', '-')}-{epochs}ep")
+    cfg = ZooGenConfig(out=root, arch=arch, models=models, epochs=epochs)
     task = None
     out = []
     for plan in plan_models(cfg):
@@ -105,10 +107,13 @@ def make_pairs(case: str, seeds: int, digits_epochs: int) -> tuple[PermutationSp
         members = [resnet_member(s, 10, False) for s in range(2 * seeds)]
         spec = permutation_spec("resnet18")
     elif case == "digits_bn":
-        members = digits_bn_zoo(2 * seeds, digits_epochs)
+        members = trained_zoo("cnn_digits_bn", 2 * seeds, digits_epochs)
         spec = permutation_spec("cnn_digits_bn")  # activation and dropout p do not change the keys
+    elif case == "vit_digits":
+        members = trained_zoo("vit_digits", 2 * seeds, digits_epochs)
+        spec = permutation_spec("vit_digits")
     else:
-        raise SystemExit(f"unknown case {case!r}; known: resnet100, resnet10, digits_bn")
+        raise SystemExit(f"unknown case {case!r}; known: resnet100, resnet10, digits_bn, vit_digits")
     pairs = [(members[2 * s], members[2 * s + 1]) for s in range(seeds)]
     return spec, pairs
 

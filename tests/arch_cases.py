@@ -14,6 +14,7 @@ ARCHS = [
     ("cnn_digits_bn", {}),
     ("mlp_digits", {}),
     ("resnet18", {"width": 8}),
+    ("vit_digits", {"patch_size": 2, "num_heads": 2}),
 ]
 IDS = [a for a, _ in ARCHS]
 

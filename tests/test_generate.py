@@ -153,7 +153,7 @@ def test_zoo_local_and_s3_identical(ray_cluster, s3, tmp_path):
         assert m["test_acc"] > 0.5  # chance is 0.1
 
 
-@pytest.mark.parametrize("arch", ["cnn_digits_bn", "mlp_digits"])
+@pytest.mark.parametrize("arch", ["cnn_digits_bn", "mlp_digits", "vit_digits"])
 def test_train_model_other_architectures(arch, tmp_path):
     plan = plan_models(ZooGenConfig(arch=arch, **{**TINY, "models": 1, "epochs": 2}))[0]
     threads, rng = torch.get_num_threads(), torch.random.get_rng_state()

@@ -76,6 +76,11 @@ def expected_permuted_axes(model: nn.Module) -> set[tuple[str, int]]:
     for name, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
             out.update((f"{name}.{k}", 0) for k in ("weight", "bias", "running_mean", "running_var"))
+        if isinstance(m, nn.LayerNorm):
+            out.update({(f"{name}.weight", 0), (f"{name}.bias", 0)})
+        if isinstance(m, nn.MultiheadAttention):
+            out.update({(f"{name}.in_proj_weight", 0), (f"{name}.in_proj_weight", 1), (f"{name}.in_proj_bias", 0)})
+    out.update((k, 2) for k in ("class_token", "encoder.pos_embedding") if k in sd)  # a ViT's hidden axis
     return out
 
 

@@ -74,7 +74,7 @@ def test_rgb_digit_contrasts_with_its_background():
      "cnn_cifar_public, resnet18, resnet34"),
     (dict(task="digits", arch="resnet18"),
      "arch 'resnet18' takes 3x32x32 inputs but task 'digits' has 1x8x8; architectures for 1x8x8: "
-     "cnn_digits, cnn_digits_bn, cnn_digits_wide, mlp_digits"),
+     "cnn_digits, cnn_digits_bn, cnn_digits_wide, mlp_digits, vit_digits, resnet_digits"),
     (dict(RESNET, width=0), "width must be >= 1, got 0"),
 ])
 def test_validation_refuses_an_architecture_of_another_input(cfg, message):

@@ -31,12 +31,12 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from sane_ray.weights.assignment import Duals, max_assignment
+from sane_ray.weights.perm_spec import PermutedAxis
 from sane_ray.weights.permutation import (
     PermutationSpec,
     Perms,
     SpecMismatchError,
     apply_permutation,
-    block_index,
     identity_permutation,
     leading_dims,
     stack_state_dicts,
@@ -55,26 +55,40 @@ class Matching:
     converged: bool  # False if max_sweeps ended the descent
 
 
+def units_first(t: torch.Tensor, axis: int, pa: PermutedAxis) -> torch.Tensor:
+    """``t`` with the units of ``axis`` (permuted by ``pa``) first, as (units * block, ...).
+
+    The axis is split into (parts, units * block) and the second factor moved to the front,
+    so viewing the result as (units, -1) gives each unit's entries in every part; every
+    other axis ``d`` of ``t`` is dim ``d + 1`` of the result.
+    """
+    return t.unflatten(axis, (pa.parts, -1)).movedim(axis + 1, 0)
+
+
 @dataclass(frozen=True)
 class _Term:
-    """One tensor axis of a group: reference and model tensors with that axis moved first.
+    """One tensor axis of a group: reference and model tensors with that axis's units moved first.
 
-    ``others`` lists the tensor's other permuted axes as (dim in the moved tensors, group,
-    block). ``ref_rows`` views the reference as (units, -1).
+    ``others`` lists the tensor's other permuted axes as (dim in the moved tensors, axis,
+    group size). ``ref_rows`` views the reference as (units, -1).
     """
 
     key: str
     ref: torch.Tensor
     model: torch.Tensor
     ref_rows: torch.Tensor
-    others: tuple[tuple[int, str, int], ...]
+    others: tuple[tuple[int, PermutedAxis, int], ...]
+
+    @property
+    def other_groups(self) -> tuple[str, ...]:
+        return tuple(pa.group for _, pa, _ in self.others)
 
     def full(self, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """This tensor's contribution to ``A``; other groups missing from ``perms`` are the identity."""
         m = self.model
-        for dim, group, block in self.others:
-            if group in perms:
-                m = m.index_select(dim, block_index(perms[group], block))
+        for dim, pa, n in self.others:
+            if pa.group in perms:
+                m = m.index_select(dim, pa.index(perms[pa.group], n))
         return self.ref_rows @ m.reshape(self.ref_rows.shape[0], -1).T
 
     def delta(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -82,12 +96,12 @@ class _Term:
 
         Only the reordered units enter: ``sum over changed a of R[:, a] (M[:, new[a]] - M[:, old[a]])^T``.
         """
-        (dim, _, block), = self.others
+        (dim, pa, n_other), = self.others
         changed = (old != new).nonzero().squeeze(1)
         n = self.ref_rows.shape[0]
-        r = self.ref.index_select(dim, block_index(changed, block)).reshape(n, -1)
-        m_new = self.model.index_select(dim, block_index(new[changed], block))
-        m_old = self.model.index_select(dim, block_index(old[changed], block))
+        r = self.ref.index_select(dim, pa.index(changed, n_other)).reshape(n, -1)
+        m_new = self.model.index_select(dim, pa.index(new[changed], n_other))
+        m_old = self.model.index_select(dim, pa.index(old[changed], n_other))
         return r @ (m_new - m_old).reshape(n, -1).T
 
 
@@ -110,14 +124,14 @@ def _terms(
     for group, members in spec.members.items():
         n = spec.group_sizes[group]
         terms[group] = []
-        for key, axis, _ in members:
+        for key, axis, unit_axis in members:
             others = tuple(
-                ((d if d > axis else d + 1), pa.group, pa.block)
+                (d + 1, pa, spec.group_sizes[pa.group])
                 for d, pa in enumerate(spec.axes[key])
                 if pa is not None and d != axis
             )
-            r = ref[key].movedim(axis, 0).contiguous()
-            m = model[key].movedim(axis, 0).contiguous()
+            r = units_first(ref[key], axis, unit_axis).contiguous()
+            m = units_first(model[key], axis, unit_axis).contiguous()
             terms[group].append(_Term(key, r, m, r.reshape(n, -1), others))
     return terms
 
@@ -180,11 +194,11 @@ class _Sweeps:
     def contribution(self, group: str, i: int, term: _Term) -> torch.Tensor:
         """Term ``i``'s share of ``group``'s assignment matrix, updated from the cache where it can be."""
         version, perms = self.version, self.perms
-        stamp = tuple(version[g] for _, g, _ in term.others)
+        stamp = tuple(version[g] for g in term.other_groups)
         hit = self.cache.get((group, i))
         if hit is not None and hit[0] == stamp:
             return hit[2]
-        basis = tuple(perms[g] for _, g, _ in term.others)
+        basis = tuple(perms[g] for g in term.other_groups)
         value = None
         if hit is not None and len(basis) == 1:
             old, new = hit[1][0], basis[0]
@@ -194,13 +208,13 @@ class _Sweeps:
             elif moved <= DELTA_FRACTION * len(new):
                 value = hit[2] + term.delta(old, new)
         if value is None:  # version 0 is the identity: skip gathering along those axes
-            value = term.full({g: perms[g] for _, g, _ in term.others if version[g]})
+            value = term.full({g: perms[g] for g in term.other_groups if version[g]})
         self.cache[(group, i)] = (stamp, basis, value)
         return value
 
     def reassign(self, group: str) -> bool:
         """Solve ``group``'s assignment given the others; whether it improved the objective."""
-        stamp = tuple(self.version[g] for t in self.terms[group] for _, g, _ in t.others)
+        stamp = tuple(self.version[g] for t in self.terms[group] for g in t.other_groups)
         if self.solved_at.get(group) == stamp:
             return False  # A is unchanged since the last assignment: the same permutation would come back
         n = self.spec.group_sizes[group]
@@ -286,12 +300,13 @@ def reference_matching(
         for gi in torch.randperm(len(groups), generator=gen).tolist():
             group, n = groups[gi], spec.group_sizes[groups[gi]]
             a = torch.zeros(n, n, dtype=dtype)
-            for key, axis, _ in spec.members[group]:
+            for key, axis, unit_axis in spec.members[group]:
                 w = sd[key].to(dtype)
                 for d, pa in enumerate(spec.axes[key]):
                     if pa is not None and d != axis:
-                        w = w.index_select(d, block_index(perms[pa.group], pa.block))
-                a += ref_sd[key].to(dtype).movedim(axis, 0).reshape(n, -1) @ w.movedim(axis, 0).reshape(n, -1).T
+                        w = w.index_select(d, pa.index(perms[pa.group], spec.group_sizes[pa.group]))
+                r = units_first(ref_sd[key].to(dtype), axis, unit_axis)
+                a += r.reshape(n, -1) @ units_first(w, axis, unit_axis).reshape(n, -1).T
             new = torch.from_numpy(linear_sum_assignment(a.numpy(), maximize=True)[1]).long()
             rows = torch.arange(n)
             progress |= bool(a[rows, new].double().sum() > a[rows, perms[group]].double().sum() + IMPROVEMENT_TOL)

@@ -4,7 +4,8 @@ SANE's two views of a model are the aligned model and a randomly permuted copy (
 function, different weights), each with multiplicative noise. Permutations can act on a
 state dict (:func:`random_permute`) or directly on tokens: reordering the hidden units
 of a layer permutes the rows of that layer's tokens and the input columns of every
-layer that reads them, so the permuted tokens are one gather from the canonical ones
+layer that reads them (any permuted axis after the first, e.g. a ViT position
+embedding's hidden axis, reorders columns), so the permuted tokens are one gather from the canonical ones
 (:func:`token_permutation_index`, :func:`permute_tokens`). The gather can be limited to
 a window of tokens, so a training sample never touches the rest of the model.
 Standardization is a scalar affine map per layer, so it commutes with all of this.
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import math
+
 import torch
 
 from sane_ray.weights.permutation import (
     PermutationSpec,
     SpecMismatchError,
-    block_index,
     apply_permutation,
     check_permutation,
     random_permutation,
@@ -54,7 +56,11 @@ def multiplicative_noise(x: torch.Tensor, sigma: float, generator: torch.Generat
 def _layer_maps(
     layer: LayerSpec, spec: PermutationSpec, perms: Mapping[str, torch.Tensor], token_size: int
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Source row per row and source column per padded column of one layer (None: unchanged)."""
+    """Source row per row and source column per padded column of one layer (None: unchanged).
+
+    A row is axis 0 of the weight (its units in any blocks and parts: a row gather); its
+    columns are the other axes flattened, each permuted by its own group (a column gather).
+    """
     axes = spec.axes.get(layer.key)
     if axes is None:
         raise SpecMismatchError(f"token layer {layer.key!r} is not in {spec.name}")
@@ -62,21 +68,20 @@ def _layer_maps(
         raise SpecMismatchError(
             f"token layer {layer.key!r} has shape {layer.shape}, {spec.name} expects {spec.shapes[layer.key]}"
         )
-    if any(a is not None for a in axes[2:]):
-        raise SpecMismatchError(f"{spec.name}: {layer.key!r} permutes an axis beyond 1, which tokens cannot express")
     row_axis = axes[0] if axes else None
     if layer.bias_key is not None and spec.axes.get(layer.bias_key) != (row_axis,):
         raise SpecMismatchError(f"{spec.name}: bias {layer.bias_key!r} is not permuted like its weight {layer.key!r}")
-    if row_axis is not None and row_axis.block != 1:
-        raise SpecMismatchError(f"{spec.name}: {layer.key!r} axis 0 is permuted in blocks, which tokens cannot express")
-    rows = perms[row_axis.group] if row_axis is not None else None
+    index = lambda pa: pa.index(perms[pa.group], spec.group_sizes[pa.group])  # noqa: E731
+    rows = index(row_axis) if row_axis is not None else None
     cols = None
-    col_axis = axes[1] if len(axes) > 1 else None
-    if col_axis is not None:
-        # columns of a row are (axis-1 index, kernel...) flattened; a unit spans block * kernel columns
-        span = layer.weight_cols // len(perms[col_axis.group])
+    if any(a is not None for a in axes[1:]):
+        trailing = layer.shape[1:]
+        flat = torch.arange(math.prod(trailing)).reshape(trailing)
+        for dim, pa in enumerate(axes[1:]):
+            if pa is not None:
+                flat = flat.index_select(dim, index(pa))
         cols = torch.arange(layer.chunks * token_size)
-        cols[: layer.weight_cols] = block_index(perms[col_axis.group], span)
+        cols[: layer.weight_cols] = flat.reshape(-1)
     return rows, cols
 
 

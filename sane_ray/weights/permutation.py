@@ -13,6 +13,10 @@ which group permutes each axis. It is derived from a registered architecture
 * ResNets: the residual stream keeps one group from the stem until a ``downsample``
   starts the next stream; each block's inner channels (``conv1``/``bn1``) are a group;
   ``fc`` reads the last stream.
+* vision transformers: attention heads and MLP units per block, and one residual-stream
+  group through all blocks (:mod:`sane_ray.weights.vit_spec`).
+
+The spec's types live in :mod:`sane_ray.weights.perm_spec` (imported from here too).
 
 A permutation ``p`` of a group moves unit ``p[i]`` to position ``i`` (``index_select``
 semantics), so ``aligned = apply_permutation(model, spec, p)`` has
@@ -24,13 +28,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from sane_ray.weights.perm_spec import PermutationSpec, PermutedAxis, SpecBuilder, SpecMismatchError
+from sane_ray.weights.vit_spec import vit_spec
 from sane_ray.zoo.architectures import (
     ACTIVATIONS,
+    FAMILIES,
     BasicBlock,
     ResNet,
     SequentialNet,
@@ -38,98 +44,12 @@ from sane_ray.zoo.architectures import (
     get_architecture,
     input_shape,
 )
+from sane_ray.zoo.vit import VisionTransformer
 
 Perms = dict[str, torch.Tensor]
 
 
-class SpecMismatchError(ValueError):
-    """A state dict or permutation does not fit a permutation spec (the message names the key)."""
-
-
-@dataclass(frozen=True)
-class PermutedAxis:
-    """One tensor axis permuted by ``group``; each unit spans ``block`` consecutive indices."""
-
-    group: str
-    block: int = 1
-
-
-@dataclass(frozen=True, eq=False)
-class PermutationSpec:
-    """Which group permutes which axis of which state-dict key.
-
-    ``shapes`` lists every key of the state dict (in order) with its shape; ``axes`` gives,
-    per key, one entry per axis: a :class:`PermutedAxis` or ``None`` for a fixed axis
-    (keys without permuted axes, e.g. ``num_batches_tracked`` or the last bias, pass
-    through unchanged). ``group_sizes`` is the number of units of each group.
-    """
-
-    name: str
-    shapes: dict[str, tuple[int, ...]]
-    axes: dict[str, tuple[PermutedAxis | None, ...]]
-    group_sizes: dict[str, int]
-    members: dict[str, tuple[tuple[str, int, int], ...]] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        members: dict[str, list[tuple[str, int, int]]] = {g: [] for g in self.group_sizes}
-        for key, shape in self.shapes.items():
-            axes = self.axes.get(key, (None,) * len(shape))
-            if len(axes) != len(shape):
-                raise ValueError(f"{self.name}: {key!r} has {len(shape)} axes but {len(axes)} axis entries")
-            for axis, (size, pa) in enumerate(zip(shape, axes)):
-                if pa is None:
-                    continue
-                n = self.group_sizes.get(pa.group)
-                if n is None:
-                    raise ValueError(f"{self.name}: {key!r} axis {axis} names unknown group {pa.group!r}")
-                if size != n * pa.block:
-                    raise ValueError(
-                        f"{self.name}: {key!r} axis {axis} has size {size}, group {pa.group!r} "
-                        f"needs {n} units x block {pa.block}"
-                    )
-                members[pa.group].append((key, axis, pa.block))
-        object.__setattr__(self, "axes", {k: self.axes.get(k, (None,) * len(s)) for k, s in self.shapes.items()})
-        object.__setattr__(self, "members", {g: tuple(m) for g, m in members.items()})
-
-    @property
-    def groups(self) -> tuple[str, ...]:
-        return tuple(self.group_sizes)
-
-    @property
-    def permuted_keys(self) -> tuple[str, ...]:
-        """Keys with at least one permuted axis."""
-        return tuple(k for k, axes in self.axes.items() if any(axes))
-
-
 # ---------------------------------------------------------------- deriving specs
-
-
-class _Builder:
-    """Collects groups and per-key axes while walking a module."""
-
-    def __init__(self, name: str, state_dict: Mapping[str, torch.Tensor]):
-        self.name = name
-        self.shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-        self.axes: dict[str, tuple[PermutedAxis | None, ...]] = {}
-        self.group_sizes: dict[str, int] = {}
-
-    def group(self, name: str, size: int) -> PermutedAxis:
-        self.group_sizes[name] = size
-        return PermutedAxis(name)
-
-    def param(self, key: str, out: PermutedAxis | None, inp: PermutedAxis | None = None) -> None:
-        """Weight-like tensor: axis 0 by ``out``, axis 1 (if any) by ``inp``, kernel axes fixed."""
-        if key not in self.shapes:
-            return  # e.g. bias=False
-        ndim = len(self.shapes[key])
-        self.axes[key] = ((out, inp) + (None,) * (ndim - 2))[:ndim] if ndim >= 2 else (out,)
-
-    def batchnorm(self, prefix: str, channel: PermutedAxis | None) -> None:
-        for member in ("weight", "bias", "running_mean", "running_var"):
-            self.param(f"{prefix}.{member}", channel)
-
-    def build(self) -> PermutationSpec:
-        return PermutationSpec(self.name, self.shapes, self.axes, self.group_sizes)
 
 
 _CHANNELWISE = (
@@ -162,7 +82,7 @@ def _input_shapes(model: nn.Module, modules: Sequence[nn.Module], shape: tuple[i
 
 
 def _sequential_spec(model: SequentialNet, shape: tuple[int, ...], name: str) -> PermutationSpec:
-    b = _Builder(name, model.state_dict())
+    b = SpecBuilder(name, model.state_dict())
     layers = list(model.module_list)
     in_shapes = _input_shapes(model, layers, shape)
     weighted = [i for i, m in enumerate(layers) if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -192,7 +112,7 @@ def _sequential_spec(model: SequentialNet, shape: tuple[int, ...], name: str) ->
 
 
 def _resnet_spec(model: ResNet, name: str) -> PermutationSpec:
-    b = _Builder(name, model.state_dict())
+    b = SpecBuilder(name, model.state_dict())
     stream = b.group("stream.conv1", model.conv1.weight.shape[0])
     b.param("conv1.weight", stream, None)
     b.batchnorm("bn1", stream)
@@ -222,6 +142,8 @@ def spec_for_module(model: nn.Module, shape: tuple[int, ...], name: str = "model
         return _resnet_spec(model, name)
     if isinstance(model, SequentialNet):
         return _sequential_spec(model, tuple(shape), name)
+    if isinstance(model, VisionTransformer):
+        return vit_spec(model, name)
     raise ValueError(f"{name}: no permutation spec for a {type(model).__name__}")
 
 
@@ -240,7 +162,7 @@ def _cached_spec(arch: str, frozen_kwargs: tuple) -> PermutationSpec:
     model = build_model(arch, **kwargs)
     desc = f"{arch}({', '.join(f'{k}={v!r}' for k, v in frozen_kwargs)})"
     spec = spec_for_module(model, input_shape(arch, **kwargs), desc)
-    if (family == "resnet") != isinstance(model, ResNet):
+    if not isinstance(model, FAMILIES[family]):
         raise ValueError(f"{desc}: registry family {family!r} does not match the built {type(model).__name__}")
     return spec
 
@@ -335,15 +257,15 @@ def apply_permutation(
     lead = len(leading_dims(state_dict, spec))
     check_permutation(spec, perms)
     out: dict[str, torch.Tensor] = {}
-    cache: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+    cache: dict[tuple[PermutedAxis, torch.device], torch.Tensor] = {}
     for key, axes in spec.axes.items():
         t = state_dict[key]
         for axis, pa in enumerate(axes):
             if pa is None:
                 continue
-            ck = (pa.group, pa.block, t.device)
+            ck = (pa, t.device)
             if ck not in cache:
-                cache[ck] = block_index(perms[pa.group].to(t.device), pa.block)
+                cache[ck] = pa.index(perms[pa.group].to(t.device), spec.group_sizes[pa.group])
             t = t.index_select(axis + lead, cache[ck])
         out[key] = t
     return out

@@ -28,6 +28,15 @@ What becomes a token (:func:`split_keys`):
 * ``<name>bias`` pairs with ``<name>weight`` when that weight is tokenized and the bias has
   shape ``(c_out,)``; any other tensor (an unpaired bias included) is its own layer.
 
+A vision transformer (``vit_digits``, torchvision's keys) needs no rule of its own.
+``in_proj_bias`` pairs with ``in_proj_weight`` by the suffix rule, so its ``3 * hidden``
+rows are the q, k and v units with their bias column (a head permutation moves rows);
+LayerNorms give one row (weight, bias) per hidden unit, like BN in ``"affine"`` mode;
+``class_token`` (1, 1, D) and ``pos_embedding`` (1, S, D) are one row each, chunked
+(their hidden axis permutes columns). With hidden 32, 2 layers and MLP 64 (18,218
+weights) that is 17 layers and 718 tokens at ``d_t = 64``, 1,178 at ``d_t = 32``, where
+33-entry rows (32 inputs + bias) take two tokens, as in any such Linear.
+
 Positions are 0-based ``(n, l, k)``: global token index, index of the tokenized layer,
 and output row within the layer (repeated for the chunks of one row).
 """

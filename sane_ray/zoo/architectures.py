@@ -3,7 +3,8 @@
 A zoo stores an architecture *name* and its keyword arguments next to each checkpoint;
 :func:`build_model` turns them back into an ``nn.Module`` whose ``state_dict`` keys
 match the checkpoint. Sequential CNNs and MLPs keep their layers in ``module_list``
-(the public model zoos' key names); ResNets use torchvision's key names.
+(the public model zoos' key names); ResNets and vision transformers (:mod:`sane_ray.zoo.vit`)
+use torchvision's key names.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from sane_ray.zoo.vit import VisionTransformer
 
 
 class UnknownArchitectureError(KeyError):
@@ -184,6 +187,20 @@ def resnet_digits(num_classes: int = 10, in_channels: int = 1, width: int = 8) -
     return ResNet((1, 1, 1, 1), num_classes, in_channels, width)
 
 
+# ---------------------------------------------------------------- vision transformers
+
+
+def vit_digits(
+    num_classes: int = 10, in_channels: int = 1, patch_size: int = 4, hidden_dim: int = 32, num_layers: int = 2,
+    num_heads: int = 4, mlp_dim: int = 64, dropout: float = 0.0, attention_dropout: float = 0.0,
+    activation: str = "gelu",
+) -> VisionTransformer:
+    """A tiny ViT for 8x8 digits with torchvision's keys: patch 4 gives 4 patches + the class token
+    (18,218 parameters at the defaults; patch 2: 16 + 1, as many parameters)."""
+    return VisionTransformer(8, patch_size, num_layers, num_heads, hidden_dim, mlp_dim, dropout, attention_dropout,
+                             num_classes, in_channels, lambda: make_activation(activation))
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -194,7 +211,15 @@ class Architecture:
     name: str
     builder: Callable[..., nn.Module]
     input_shape: tuple[int, ...]
-    family: str  # "sequential" or "resnet": selects how permutation specs are derived
+    family: str  # a key of FAMILIES: selects how permutation specs are derived
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"{self.name}: unknown family {self.family!r}; known: {', '.join(FAMILIES)}")
+
+
+# The module class each family's builders return (checked where permutation specs are derived).
+FAMILIES: dict[str, type[nn.Module]] = {"sequential": SequentialNet, "resnet": ResNet, "vit": VisionTransformer}
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -208,6 +233,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("cnn_digits_wide", functools.partial(cnn_digits, channels=16, hidden=32), (1, 8, 8),
                      "sequential"),
         Architecture("mlp_digits", mlp_digits, (1, 8, 8), "sequential"),
+        Architecture("vit_digits", vit_digits, (1, 8, 8), "vit"),
         Architecture("resnet18", resnet18, (3, 32, 32), "resnet"),
         Architecture("resnet34", resnet34, (3, 32, 32), "resnet"),
         Architecture("resnet_digits", resnet_digits, (1, 8, 8), "resnet"),

@@ -21,10 +21,12 @@ from sane_ray.zoo.tasks import Task, evaluate
 
 
 def initialize(model: nn.Module, scheme: str) -> None:
-    """Re-initialize conv and linear weights with ``scheme`` and zero their biases.
+    """Re-initialize conv and linear weights (and attention's fused q/k/v projection) with
+    ``scheme`` and zero their biases.
 
     Normalization layers keep PyTorch's init (scale 1, shift 0): the scheme varies what BN
-    then normalizes, and a ResNet's convs have no biases to zero.
+    then normalizes, and a ResNet's convs have no biases to zero. A ViT's class token and
+    position embedding keep theirs: they are inputs, not weight matrices.
     """
     fn = INITS[scheme]
     if fn is None:
@@ -34,6 +36,10 @@ def initialize(model: nn.Module, scheme: str) -> None:
             fn(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+            fn(m.in_proj_weight)  # its out_proj is a Linear, met on its own
+            if m.in_proj_bias is not None:
+                nn.init.zeros_(m.in_proj_bias)
 
 
 def train_model(
