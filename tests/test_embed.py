@@ -110,7 +110,7 @@ def test_one_checkpoint_gets_the_same_tokens_on_every_path(run_setup):
     assert torch.equal(whole.tokens.tokens[0], want) and torch.equal(alone.tokens.tokens[0], want)
     prompts = load_prompts(run, [Prompt(model, first)], run_max_abs(run))  # sampling
     assert torch.equal(prompts.tokens.tokens[0], want)
-    probed = collect(run, None, zoo, ProbeConfig(run=run_uri, epochs=[first.epoch], folds=0, control=False))
+    (probed,) = collect(run, None, zoo, ProbeConfig(run=run_uri, epochs=[first.epoch], folds=0, control=False)).values()
     row = probed.model_id.index(model.model_id)
     np.testing.assert_array_equal(probed.matrix("W")[row], flat_weights(want[None], alone.tokens.mask)[0])
     by_epoch = {}  # zoo embedding, with and without the other epochs
