@@ -202,7 +202,7 @@ def test_flat_bad_rows_and_files_are_skipped(tmp_path):
     assert set(reasons) == {"metrics.csv row 5", "gone.pt", "stray.pt", f"{root} (model mlp)", "corrupt.pt",
                             f"{root} (model corrupt)"}
     assert reasons["metrics.csv row 5"] == "no file name"
-    assert reasons["gone.pt"] == "listed in metrics.csv (row 6) but not a file at the zoo root"
+    assert reasons["gone.pt"] == "listed in metrics.csv (row 6) but no such state-dict file at the zoo root"
     assert reasons["stray.pt"] == "not listed in the sidecar metrics.csv"
     assert reasons[f"{root} (model mlp)"] == f"unknown architecture 'mlp_wide'; registered: {', '.join(sorted(ARCHITECTURES))}"
     assert reasons["corrupt.pt"].startswith("torch.load failed")
@@ -259,3 +259,68 @@ def test_zoo_info_shows_the_new_layouts(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["format"], info["models"], info["checkpoints"]) == ("flat", 2, 4)
     assert info["skipped"] == [{"path": f"{flat}/extra.pt", "reason": "not listed in the sidecar metrics.csv"}]
+
+
+# ---------------------------------------------------------------- end to end: pretrain and probe through the CLI
+
+PRETRAIN = ["--preset", "tiny", "--workers", "1", "--epochs", "1", "--batch-size", "4", "--train.num_threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def hf_run(ray_cluster, s3_server, tmp_path_factory):
+    """One tiny run pretrained on an hf-layout zoo on S3 (10 models x 3 checkpoints), and a flat copy of that
+    zoo (same ids, weights and metrics) on local disk."""
+    import boto3
+
+    tmp = tmp_path_factory.mktemp("hub-e2e")
+    bucket = "hub-e2e"
+    boto3.client("s3", endpoint_url=s3_server["endpoint"]).create_bucket(Bucket=bucket)
+    hf, flat, runs = f"s3://{bucket}/hf", str(tmp / "flat"), str(tmp / "runs")
+    zb.build_hf_zoo(hf, n_models=10, epochs=2)
+    zb.build_flat_zoo(flat, n_models=10, epochs=2)
+    assert main(["pretrain", "--zoo", hf, "--out", runs, "--name", "h", *PRETRAIN]) == 0
+    return hf, flat, f"{runs}/h", tmp
+
+
+def test_pretrain_and_probe_on_hf_and_flat_zoos(hf_run):
+    """The run pretrained on the hf zoo probes it and its flat copy with its own split, to the same tables."""
+    hf, flat, run, tmp = hf_run
+    canonical = json.loads(storage.read_bytes(storage.join(run, "canonical.json")))
+    assert canonical["zoo_uri"] == hf and sum(map(len, canonical["splits"].values())) == 10
+    results = {}
+    for layout, zoo in (("hf", hf), ("flat", flat)):
+        out = str(tmp / f"probe-{layout}")
+        assert main(["probe", "--run", run, "--zoo", zoo, "--out", out, "--folds", "0", "--control", "false"]) == 0
+        res = json.loads(storage.read_bytes(storage.join(out, "results.json")))
+        assert (res["format"], res["split"], res["test_models_pretrained"]) == (layout, "the run's own split", 0)
+        assert res["counts"]["test"] == {"models": 2, "checkpoints": 6}  # 10 models: 6/2/2, epochs 0..2
+        assert set(res["test_models"]) == set(canonical["splits"]["test"])
+        assert list(res["hyperparameters"]) == ["activation (accuracy)"]  # relu/tanh; seed is an id, the rest constant
+        results[layout] = res, storage.read_bytes(storage.join(out, "results.csv"))
+    assert results["hf"][1] == results["flat"][1]
+    assert results["hf"][0]["hyperparameters"] == results["flat"][0]["hyperparameters"]
+    assert results["hf"][0]["test_r2"]["Epoch"]["s(W)"] > 0.5  # the weights drift with the epoch: s(W) sees it
+
+
+def test_the_canonical_build_reads_the_flat_copy_as_the_hf_zoo(hf_run):
+    """The run's canonical zoo (built from the hf zoo on S3) and one built from the flat copy: the same shards."""
+    import dataclasses
+    import io
+
+    import pyarrow.parquet as pq
+
+    from sane_ray.data import prepare_data
+    from sane_ray.data.format import CanonicalZoo
+    from sane_ray.pretrain_config import preset_config
+
+    hf, flat, run, tmp = hf_run
+    ours = CanonicalZoo.from_json(storage.read_bytes(storage.join(run, "canonical.json")).decode())
+    cfg = dataclasses.replace(preset_config("tiny").data, zoo_uri=flat, cache_uri=str(tmp / "flat-cache"))
+    theirs = prepare_data(cfg).canonical
+    assert (theirs.zoo_uri, theirs.splits, theirs.checkpoints, theirs.skipped) == (flat, ours.splits, ours.checkpoints, [])
+    for split, files in ours.files.items():
+        assert files == theirs.files[split]
+        for rel in files:
+            a, b = (pq.read_table(io.BytesIO(storage.read_bytes(storage.join(c.uri, rel)))).to_pandas()
+                    for c in (ours, theirs))
+            assert len(a) == 3 and a.equals(b)  # pandas: NaN metrics (val_loss) equal where both are NaN

@@ -129,7 +129,7 @@ def _rows_by_model(root: str, sidecar: str, rows: list[dict[str, Any]], files: s
         where = storage.join(root, name)
         model_id = posixpath.splitext(name)[0] if row.get("model") in (None, "") else str(row["model"])
         problem = (f"listed again in {sidecar} (row {n})" if name in named
-                   else f"listed in {sidecar} (row {n}) but not a file at the zoo root" if name not in files
+                   else f"listed in {sidecar} (row {n}) but no such state-dict file at the zoo root" if name not in files
                    else f"model id {model_id!r} holds a '/'" if "/" in model_id else None)
         named.add(name)
         if problem is None:
