@@ -14,7 +14,9 @@ from sane_ray import storage
 from sane_ray.cli import main
 from sane_ray.zoo.architectures import ARCHITECTURES, UnknownArchitectureError
 from sane_ray.zoo.checks import ZooError
+from sane_ray.zoo.generate import ZooExistsError, generate_zoo
 from sane_ray.zoo.hub import METRIC_NAMES, architecture_from_config
+from sane_ray.zoo.plan import ZooGenConfig
 from sane_ray.zoo.reader import check_zoo, load_checkpoint, open_zoo
 from sane_ray.zoo.spec import METRICS
 
@@ -259,6 +261,17 @@ def test_zoo_info_shows_the_new_layouts(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["format"], info["models"], info["checkpoints"]) == ("flat", 2, 4)
     assert info["skipped"] == [{"path": f"{flat}/extra.pt", "reason": "not listed in the sidecar metrics.csv"}]
+
+
+@pytest.mark.parametrize("layout", ["hf", "flat"])
+def test_make_zoo_refuses_to_write_over_an_hf_or_flat_zoo(layout, tmp_path):
+    """A native writer removes what its manifest does not name: it must not take these zoos for no zoo."""
+    root = str(tmp_path / "zoo")
+    (zb.build_hf_zoo if layout == "hf" else zb.build_flat_zoo)(root, n_models=1, epochs=0)
+    before = storage.find(root)
+    with pytest.raises(ZooExistsError, match=f"already published at {root} \\({layout} layout\\)"):
+        generate_zoo(ZooGenConfig(out=root, models=1, epochs=1), progress=False)
+    assert storage.find(root) == before
 
 
 # ---------------------------------------------------------------- end to end: pretrain and probe through the CLI
