@@ -262,16 +262,20 @@ def remove(uri: str, s3: S3Options | None = None) -> None:
         raise StorageError(f"cannot remove {uri}: {e}") from e
 
 
-def find(uri: str, s3: S3Options | None = None) -> list[str]:
-    """Paths (relative to ``uri``) of every file under ``uri``, sorted; none if it does not exist."""
+def find(uri: str, s3: S3Options | None = None, dirs: bool = False) -> list[str]:
+    """Paths (relative to ``uri``) of every file under ``uri``, sorted; none if it does not exist.
+
+    With ``dirs``, directories too (on S3: the prefixes that hold objects), from the same one
+    recursive listing: what a zoo reader needs to see a model's layout without opening a file.
+    """
     fs, path = open_uri(uri, s3)
     try:
-        found = fs.find(path)
+        found = fs.find(path, withdirs=dirs)
     except FileNotFoundError:
         return []
     except FAILURES as e:
         raise StorageError(f"cannot list {uri}: {e}") from e
-    return sorted(posixpath.relpath(p, path) for p in found)
+    return sorted({posixpath.relpath(p.rstrip("/"), path) for p in found} - {"."})
 
 
 def remove_files(uri: str, names: list[str], s3: S3Options | None = None) -> None:

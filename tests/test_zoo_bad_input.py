@@ -158,7 +158,7 @@ def test_unreadable_roots(tmp_path):
         open_zoo(str(tmp_path / "empty"))
     (tmp_path / "other" / "sub").mkdir(parents=True)
     (tmp_path / "other" / "sub" / "notes.txt").write_text("hi")
-    with pytest.raises(ZooError, match="expected manifest.parquet .* or model directories containing params.json"):
+    with pytest.raises(ZooError, match=r"expected one of the layouts .*native \(manifest.parquet\), .*public \(model directories containing params.json\)"):
         open_zoo(str(tmp_path / "other"))
     with pytest.raises(ZooError, match="unsupported storage scheme"):
         open_zoo("gopher://host/zoo")

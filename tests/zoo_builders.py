@@ -1,5 +1,5 @@
-"""Tiny zoos in both layouts for tests: registry architectures, random weights drifting per
-epoch, synthetic metrics. Nothing is trained, so building a zoo takes milliseconds.
+"""Tiny zoos in every layout (native, public, hf, flat) for tests: registry architectures, random
+weights drifting per epoch, synthetic metrics. Nothing is trained, so building a zoo takes milliseconds.
 
 Every builder returns ``{model_id: [state_dict per epoch]}`` (epoch 0 first) so tests can
 compare what a reader loads with what was written; metrics are :func:`fake_metrics`.
@@ -11,7 +11,11 @@ import io
 import json
 from typing import Any, Sequence
 
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import torch
+from safetensors.torch import save as safetensors_save
 
 from sane_ray import storage
 from sane_ray.zoo import native
@@ -121,6 +125,84 @@ def build_public_zoo(root: str, n_models: int = 3, epochs: int = 2, arch: str = 
         write_public_model(root, name, params, result_lines(i, epochs), states[name], s3)
     put(root, "experiment_state-2022.json", b"{}", s3)  # Tune's own files sit beside the models
     return states
+
+
+def hf_model_name(i: int) -> str:
+    return f"hf-model-{i:03d}"
+
+
+def hf_config(arch: str, arch_kwargs: dict[str, Any], **hparams: Any) -> dict[str, Any]:
+    """``config.json`` naming a registry architecture with sane-ray's keys, plus HF's usual bookkeeping."""
+    return {"sane_ray_architecture": arch, "sane_ray_arch_kwargs": arch_kwargs, "transformers_version": "4.46.0",
+            **hparams}
+
+
+def write_hf_model(root: str, name: str, config: dict[str, Any], states: Sequence[dict[str, torch.Tensor]],
+                   metrics: Sequence[dict[str, float]] | None = None, weights: str = "model.safetensors",
+                   s3: storage.S3Options | None = None) -> None:
+    """One model directory in the HF layout: ``states[:-1]`` as ``checkpoint-<epoch>/``, the last one as the
+    top-level weights (so its step, without a trainer state, is one past the last checkpoint: ``len(states) - 1``),
+    each with ``metrics[epoch]`` as the ``metrics.json`` beside it."""
+    encode = state_bytes if weights.endswith(".safetensors") else torch_bytes
+    put(root, f"{name}/config.json", json.dumps(config).encode(), s3)
+    for epoch, sd in enumerate(states):
+        where = name if epoch == len(states) - 1 else f"{name}/checkpoint-{epoch}"
+        put(root, f"{where}/{weights}", encode(sd), s3)
+        if metrics is not None:
+            put(root, f"{where}/metrics.json", json.dumps(metrics[epoch]).encode(), s3)
+
+
+def build_hf_zoo(root: str, n_models: int = 3, epochs: int = 2, arch: str = "cnn_digits",
+                 s3: storage.S3Options | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """An hf-layout zoo of ``n_models`` models named by :func:`hf_model_name`, activations alternating
+    relu/tanh, epochs 0..``epochs`` (``checkpoint-0`` is the initialization)."""
+    states = {}
+    for i in range(n_models):
+        kwargs = {"activation": ("relu", "tanh")[i % 2]}
+        states[hf_model_name(i)] = trajectory(arch, kwargs, seed=i, epochs=epochs)
+        write_hf_model(root, hf_model_name(i), hf_config(arch, kwargs, seed=i, learning_rate=1e-3),
+                       states[hf_model_name(i)], [fake_metrics(i, e) for e in range(epochs + 1)], s3=s3)
+    return states
+
+
+def flat_file(model_id: str, epoch: int) -> str:
+    """File name of a flat zoo's checkpoint: safetensors for even epochs, torch.save'd ``.pt`` for odd ones."""
+    return f"{model_id}_e{epoch}" + (".safetensors" if epoch % 2 == 0 else ".pt")
+
+
+def write_sidecar(root: str, rows: Sequence[dict[str, Any]], name: str = "metrics.csv",
+                  s3: storage.S3Options | None = None) -> None:
+    """A flat zoo's sidecar table (CSV or Parquet by ``name``) from row dicts."""
+    table = pa.Table.from_pylist(list(rows))
+    buf = io.BytesIO()
+    if name.endswith(".parquet"):
+        pq.write_table(table, buf)
+    else:
+        pacsv.write_csv(table, buf)
+    put(root, name, buf.getvalue(), s3)
+
+
+def build_flat_zoo(root: str, n_models: int = 3, epochs: int = 2, arch: str = "cnn_digits",
+                   sidecar: str = "metrics.csv", s3: storage.S3Options | None = None,
+                   ) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """A flat zoo of the same models as :func:`build_hf_zoo` (ids, weights, metrics): files named by
+    :func:`flat_file`, the architecture in ``zoo.json``, the activation in an ``arch.activation`` column."""
+    states, rows = {}, []
+    for i in range(n_models):
+        model_id, activation = hf_model_name(i), ("relu", "tanh")[i % 2]
+        states[model_id] = trajectory(arch, {"activation": activation}, seed=i, epochs=epochs)
+        for epoch, sd in enumerate(states[model_id]):
+            name = flat_file(model_id, epoch)
+            put(root, name, state_bytes(sd) if name.endswith(".safetensors") else torch_bytes(sd), s3)
+            rows.append({"file": name, "model": model_id, "epoch": epoch, "arch.activation": activation,
+                         "seed": i, "learning_rate": 1e-3, **fake_metrics(i, epoch)})
+    put(root, "zoo.json", json.dumps({"architecture": arch}).encode(), s3)
+    write_sidecar(root, rows, sidecar, s3)
+    return states
+
+
+def state_bytes(sd: dict[str, torch.Tensor]) -> bytes:
+    return safetensors_save({k: v.contiguous() for k, v in sd.items()})
 
 
 def put(root: str, rel: str, data: bytes, s3: storage.S3Options | None = None) -> None:

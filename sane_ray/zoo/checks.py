@@ -2,7 +2,7 @@
 
 Real zoos contain diverged trainings (NaN/Inf or exploding weights), truncated uploads and
 files from other architectures. Every reader funnels a decoded state dict through
-:func:`validate_state_dict`, so the rules are the same for both layouts, and every
+:func:`validate_state_dict`, so the rules are the same for every layout, and every
 skipped item goes through :func:`skip`, so each one is logged once with its path.
 """
 

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from sane_ray import lease, storage
 from sane_ray.cluster import ensure_ray, remote_args, task_plan
-from sane_ray.zoo import public
+from sane_ray.zoo import flat, hub, public
 from sane_ray.zoo.native import MANIFEST, manifest_paths, publish_manifest, read_manifest, unlisted_files
 from sane_ray.zoo.plan import ZooGenConfig, default_zoo_config, plan_models, zoo_uri
 from sane_ray.zoo.tasks import get_task
@@ -67,11 +67,22 @@ class ZooGenerationError(RuntimeError):
 
 
 def _published(root: str, s3: storage.S3Options) -> tuple[str, dict[str, Any]] | None:
-    """``(layout, metadata)`` of a zoo published at ``root``, else None."""
+    """``(layout, metadata)`` of a zoo published at ``root``, else None.
+
+    Every layout the reader knows counts: a native writer removes what its manifest does not
+    name, so an hf or flat zoo it took for no zoo would be deleted.
+    """
     if storage.exists(storage.join(root, MANIFEST), s3):
         return "native", read_manifest(root, s3).metadata
-    if storage.exists(root, s3) and any(public.PARAMS in d.files for d in public.list_model_dirs(root, s3).values()):
+    if not storage.exists(root, s3):
+        return None
+    if flat.is_flat(storage.listdir(root, s3)):
+        return "flat", {}
+    listing = storage.find(root, s3, dirs=True)
+    if any(public.PARAMS in d.files for d in public.list_model_dirs(root, s3, listing).values()):
         return "public", public.read_metadata(root, s3)
+    if hub.is_hub(hub.list_model_dirs(listing)):
+        return "hf", {}
     return None
 
 
@@ -132,7 +143,7 @@ def _train_all(cfg: ZooGenConfig, target: str, root: str, progress: bool, s3: st
 def generate_zoo(cfg: ZooGenConfig, progress: bool = True, s3: storage.S3Options | None = None) -> str:
     """Train ``cfg.models`` models as Ray tasks, publish the zoo, return its URI.
 
-    Refuses (``ZooExistsError``) if a zoo of either layout is already published there,
+    Refuses (``ZooExistsError``) if a zoo of any layout the reader knows is already published there,
     unless ``cfg.overwrite``, and (``LeaseHeldError``) while another writer holds it. S3 settings are resolved here (``s3`` or the AWS variables) and
     handed to the tasks, so they reach workers on any cluster.
     """

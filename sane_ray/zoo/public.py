@@ -30,7 +30,7 @@ import io
 import json
 import posixpath
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,18 +180,17 @@ class ModelDir:
     complete: set[str] = field(default_factory=set)  # checkpoint directories holding ``checkpoints``
 
 
-def list_model_dirs(root: str, s3: storage.S3Options | None = None) -> dict[str, ModelDir]:
-    """Model directories under ``root`` from one recursive listing.
+def list_model_dirs(root: str, s3: storage.S3Options | None = None,
+                    listing: Iterable[str] | None = None) -> dict[str, ModelDir]:
+    """Model directories under ``root`` from one recursive listing (``listing``: the root's
+    relative paths, directories included, if the caller already has them).
 
     A directory counts if it holds ``params.json``, ``result.json`` or checkpoint
     directories; anything else under the root (Ray Tune state files, ...) is ignored.
     """
-    fs, base = storage.open_uri(root, s3)
-    base = base.rstrip("/")
     dirs: dict[str, ModelDir] = {}
-    for p in fs.find(base, withdirs=True, detail=False):
-        rel = p.rstrip("/")[len(base) + 1:]
-        parts = rel.split("/") if rel else []
+    for rel in storage.find(root, s3, dirs=True) if listing is None else listing:
+        parts = rel.split("/")
         if len(parts) < 2 or len(parts) > 3:
             continue
         model, name = parts[0], parts[1]

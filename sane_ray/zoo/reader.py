@@ -1,8 +1,13 @@
 """Open any zoo by URI and load its checkpoints lazily.
 
-:func:`open_zoo` tells the two layouts apart from the root alone (``manifest.parquet``
--> native; model directories with ``params.json`` -> public) and lists the zoo without
-opening a checkpoint. Loading is per checkpoint (:func:`load_checkpoint`) or per model
+:func:`open_zoo` tells the four layouts (``docs/zoos.md``) apart from listings alone, in
+this order: ``manifest.parquet`` at the root -> **native**; state-dict files at the root
+with a ``metrics.csv``/``metrics.parquet`` sidecar -> **flat**; then, from one recursive
+listing, model directories with ``params.json`` -> **public**; model directories with
+``config.json`` and ``model.safetensors``/``pytorch_model.bin`` -> **hf**. A zoo is one
+layout: the first that matches is read and the rest of the root is not. Listing opens only
+the small metadata files, never a checkpoint. Loading is per checkpoint
+(:func:`load_checkpoint`, which decodes by file type) or per model
 (:func:`load_model_checkpoints`), always through the checks in :mod:`sane_ray.zoo.checks`.
 ``verify=True`` runs those checks on every checkpoint up front.
 """
@@ -11,13 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from sane_ray import storage
-from sane_ray.zoo import native, public
+from sane_ray.zoo import flat, hub, native, public
 from sane_ray.zoo.checks import (
     DEFAULT_MAX_ABS,
     BadCheckpointError,
@@ -44,14 +52,18 @@ def open_zoo(
     if ``progress``); failures move to ``zoo.skipped`` and models left without
     checkpoints are dropped.
     """
-    root, dirs = _locate(uri, s3)
-    if dirs is None:
-        zoo = native.read_manifest(root, s3)
-    else:
-        try:
-            zoo = public.read_public(root, dirs, s3)
-        except OSError as e:
-            raise ZooError(f"cannot read zoo {root}: {e}") from e
+    found = _locate(uri, s3)
+    try:
+        if found.format == "native":
+            zoo = native.read_manifest(found.root, s3)
+        elif found.format == "flat":
+            zoo = flat.read_flat(found.root, found.names, s3)
+        elif found.format == "public":
+            zoo = public.read_public(found.root, public.list_model_dirs(found.root, s3, found.listing), s3)
+        else:
+            zoo = hub.read_hub(found.root, hub.list_model_dirs(found.listing), s3)
+    except OSError as e:
+        raise ZooError(f"cannot read zoo {found.root}: {e}") from e
     if verify:
         zoo = verify_zoo(zoo, s3=s3, progress=progress, max_abs=max_abs, workers=workers)
     return zoo
@@ -62,25 +74,39 @@ def check_zoo(uri: str, s3: storage.S3Options | None = None) -> str:
 
     What a job checks before it starts Ray: no manifest or checkpoint is read.
     """
-    return _locate(uri, s3)[0]
+    return _locate(uri, s3).root
 
 
-def _locate(uri: str, s3: storage.S3Options | None) -> tuple[str, dict[str, public.ModelDir] | None]:
-    """(root, None) for a native zoo, (root, its model directories) for a public one."""
+@dataclass(frozen=True)
+class _Found:
+    """Where a zoo is and which layout it has, with the listings that told (reused to read it)."""
+
+    root: str
+    format: str  # "native", "flat", "public" or "hf"
+    names: list[str]  # the root's entries
+    listing: list[str] | None = None  # every path under the root, directories included (public, hf)
+
+
+def _locate(uri: str, s3: storage.S3Options | None) -> _Found:
+    """The layout at ``uri``, by the precedence of the module docstring; :class:`ZooError` if none."""
     try:
         root = storage.parse_uri(uri, s3).uri
     except storage.StorageError as e:
         raise ZooError(str(e)) from e
     names = _list_root(root, s3)
     if native.MANIFEST in names:
-        return root, None
+        return _Found(root, "native", names)
+    if flat.is_flat(names):
+        return _Found(root, "flat", names)
     try:
-        dirs = public.list_model_dirs(root, s3)
+        listing = storage.find(root, s3, dirs=True)
     except OSError as e:
         raise ZooError(f"cannot read zoo {root}: {e}") from e
-    if not any(public.PARAMS in d.files for d in dirs.values()):
-        raise ZooError(_not_a_zoo(root, names))
-    return root, dirs
+    if any(public.PARAMS in d.files for d in public.list_model_dirs(root, s3, listing).values()):
+        return _Found(root, "public", names, listing)
+    if hub.is_hub(hub.list_model_dirs(listing)):
+        return _Found(root, "hf", names, listing)
+    raise ZooError(_not_a_zoo(root, names))
 
 
 def _list_root(root: str, s3: storage.S3Options | None) -> list[str]:
@@ -105,8 +131,13 @@ def _not_a_zoo(root: str, names: list[str]) -> str:
         return (f"{root} is not a zoo: it has models/ but no {native.MANIFEST}, i.e. a native zoo whose "
                 f"writer did not finish (the zoo exists only once {native.MANIFEST} is published)")
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    return (f"{root} is not a zoo: expected {native.MANIFEST} (native zoo) or model directories "
-            f"containing {public.PARAMS} (public layout); found: {shown}")
+    if any(flat.is_state_dict_file(n) for n in names):
+        return (f"{root} is not a zoo: it holds state-dict files but no sidecar ({' or '.join(flat.SIDECARS)}) "
+                f"naming each file's architecture and metrics, which a flat zoo needs; found: {shown}")
+    return (f"{root} is not a zoo: expected one of the layouts of docs/zoos.md: native ({native.MANIFEST}), "
+            f"flat (state-dict files {'/'.join(flat.SUFFIXES)} with a {' or '.join(flat.SIDECARS)} sidecar), "
+            f"public (model directories containing {public.PARAMS}) or hf (model directories containing "
+            f"{hub.CONFIG} and {' or '.join(hub.WEIGHTS)}); found: {shown}")
 
 
 def load_checkpoint(
@@ -124,8 +155,19 @@ def load_checkpoint(
         data = storage.read_bytes(ckpt.uri, s3)
     except storage.StorageError as e:
         raise BadCheckpointError(ckpt.uri, f"cannot read the file ({e})") from e
+    # By file type: safetensors (native, hf, flat); anything else is torch.save'd bytes (.pt, .pth, .bin and
+    # the public layout's extension-less ``checkpoints``), read with the weights-only unpickler.
     decode = native.decode_checkpoint if ckpt.uri.endswith(native.SUFFIX) else public.decode_checkpoint
-    return validate_state_dict(decode(data, ckpt), model.architecture, model.arch_kwargs, ckpt.uri, max_abs)
+    return validate_state_dict(_unwrapped(decode(data, ckpt)), model.architecture, model.arch_kwargs, ckpt.uri,
+                               max_abs)
+
+
+def _unwrapped(obj: Any) -> Any:
+    """The state dict inside a training checkpoint saved as ``{"state_dict": ..., "epoch": ...}`` (Lightning,
+    many research scripts); anything else as it is."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        return obj["state_dict"]
+    return obj
 
 
 def load_model_checkpoints(
@@ -179,4 +221,6 @@ def verify_zoo(
 def _model_path(zoo: Zoo, model: ModelRecord) -> str:
     if zoo.format == "native":
         return storage.join(zoo.uri, "models", model.model_id)
-    return storage.join(zoo.uri, model.model_id)
+    if zoo.format == "flat":
+        return flat.model_path(zoo.uri, model.model_id)
+    return storage.join(zoo.uri, model.model_id)  # public, hf: one directory per model

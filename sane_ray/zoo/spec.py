@@ -55,8 +55,8 @@ class ModelRecord:
         return self.checkpoints[-1]
 
     def digests(self) -> list[str]:
-        """The SHA-256 of each checkpoint file the zoo records (the native format does; the public one
-        does not): what tells two models apart when two zoos reuse one model id."""
+        """The SHA-256 of each checkpoint file the zoo records (the native format does; the public, hf and
+        flat layouts do not): what tells two models apart when two zoos reuse one model id."""
         return sorted({c.sha256 for c in self.checkpoints if c.sha256})
 
 
@@ -70,7 +70,7 @@ class Skipped:
 
 @dataclass
 class Zoo:
-    """A zoo's description: ``format`` is ``"native"`` or ``"public"``."""
+    """A zoo's description: ``format`` is its layout, ``"native"``, ``"public"``, ``"hf"`` or ``"flat"`` (``docs/zoos.md``)."""
 
     uri: str
     format: str
