@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--held-out", default="cnn_digits_wide", help="architecture sampled but never pretrained on")
     ap.add_argument("--models", type=int, default=64, help="models of the mixed zoo (split evenly)")
     ap.add_argument("--epochs", type=int, default=8, help="training epochs of each zoo model")
+    ap.add_argument("--width", type=int, default=4, help="resnet_digits width")
     ap.add_argument("--pretrain-epochs", type=int, default=30)
     ap.add_argument("--pretrain-args", default="", help="more pretrain flags for every run (one string)")
     ap.add_argument("--candidates", type=int, default=30)
@@ -114,7 +115,7 @@ def main() -> None:
                      (held, ["--arch", args.held_out, "--models", str(max(8, args.models // len(archs))), "--seed", "1"])):
         if not os.path.exists(os.path.join(uri, native.MANIFEST)):
             times[f"make-zoo {os.path.basename(uri)}"] = _run(
-                [py, "jobs/make_zoo.py", *cmd, "--epochs", str(args.epochs), "--out", uri])
+                [py, "jobs/make_zoo.py", *cmd, "--epochs", str(args.epochs), "--width", str(args.width), "--out", uri])
     pre = ["--epochs", str(args.pretrain_epochs), "--train.model.reconstruction_norm", "token",
            *args.pretrain_args.split()]
     for name, uri in [("mixed", zoo)] + [(a, os.path.join(out, f"zoo-{a}")) for a in archs]:
