@@ -61,6 +61,7 @@ def zoo_cfg(bucket, ray_cluster):
     return DataConfig(
         zoo_uri=zoo, cache_uri=f"s3://{bucket}/cache", token_size=TOKEN_SIZE, window_size=90,
         split_seed=1, num_actors=2, actor_cpus=0.5, stream_cpus=0.5,
+        architecture_weights=None,  # one window per checkpoint: no architecture balancing (test_windows has it)
     )
 
 

@@ -64,10 +64,10 @@ class DataConfig:
     windows_per_model_epoch: int | None = None
     """Windows drawn per checkpoint per pass; null: max(1, round(sequence_length / window_size)),
     i.e. about one full coverage of every model per epoch (the paper's supersampling)."""
-    architecture_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    architecture_weights: dict[str, float] | None = dataclasses.field(default_factory=dict)
     """Share of training windows per architecture in a zoo mixing architectures, relative (an architecture
-    not named: 1); {}: every architecture equally often, whatever its size (unbalanced, a model's windows
-    grow with its token count and the largest architecture takes most of every pass)."""
+    not named: 1); {}: every architecture equally often, whatever its size; null: no balancing, every
+    checkpoint draws windows_per_model_epoch (its share then grows with its token count)."""
     permutation_augmentation: bool = True
     """View j of each window comes from a random function-preserving permutation of its model."""
     models_per_block: int = 64
@@ -107,7 +107,7 @@ class DataConfig:
         for name in ("models_per_block", "num_actors", "max_block_bytes", "align_max_sweeps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
-        bad = {k: v for k, v in self.architecture_weights.items() if not float(v) > 0}
+        bad = {k: v for k, v in (self.architecture_weights or {}).items() if not float(v) > 0}
         if bad:
             raise ValueError(f"DataConfig.architecture_weights must be > 0, got {bad}")
         for name in ("actor_cpus", "stream_cpus"):

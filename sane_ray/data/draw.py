@@ -63,7 +63,7 @@ class StreamSpec:
     @classmethod
     def build(cls, canonical: CanonicalZoo, cfg: DataConfig) -> StreamSpec:
         """Counts from the sequence lengths, balanced across the architectures of a mixed zoo by
-        ``cfg.architecture_weights`` (:func:`~sane_ray.data.windows.balanced_counts`)."""
+        ``cfg.architecture_weights`` (:func:`~sane_ray.data.windows.balanced_counts`; None: not balanced)."""
         lids = tuple(sorted(canonical.groups))
         groups = [canonical.groups[lid] for lid in lids]
         base = [windows_per_checkpoint(g.sequence_length, cfg.window_size, cfg.windows_per_model_epoch) for g in groups]
@@ -74,7 +74,8 @@ class StreamSpec:
             layout_ids=lids,
             layout_jsons=tuple(g.layout_json for g in groups),
             architectures=tuple((g.architecture, g.arch_kwargs_json) for g in groups),
-            counts=tuple(balanced_counts(base, rows, architecture_weights(groups, cfg.architecture_weights))),
+            counts=tuple(base if cfg.architecture_weights is None else
+                         balanced_counts(base, rows, architecture_weights(groups, cfg.architecture_weights))),
             pad_position=canonical.pad_position(),
             permute=cfg.permutation_augmentation,
         )
