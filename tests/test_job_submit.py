@@ -4,7 +4,7 @@ A head node is started the way a user starts one, `ray start --head` at this mac
 resources (only its ports and temp dir are private, so it never meets another Ray cluster on
 the machine), and each job goes in with `ray job submit --working-dir .` and no flags beyond a
 small zoo and few epochs: make-zoo writes the zoo the others use, pretrain sizes itself to the
-cluster, probe and sample read its run, and tune searches with Optuna. The submitted
+cluster, probe and sample read its run. The submitted
 pretraining run gives the same losses and the same console as `python jobs/pretrain.py` on the
 local cluster sane-ray starts for itself.
 """
@@ -249,15 +249,3 @@ def test_probe_and_sample_jobs_read_the_submitted_run(head, work, submitted_run)
     log = submit(head, "jobs/sample.py", "--run", run, "--task", "digits", "--candidates", "4", "--keep", "2")
     assert "sampling finished" in log and re.search(r"\d+ CPUs: 1 sampling tasks?, up to 1 at once x 1 CPU", log)
     assert storage.exists(storage.join(run, "sample", "candidates.csv"))
-
-
-def test_tune_searches_with_optuna(head, work):
-    """`sane-ray tune --search optuna` end to end: the example sweep, two trials of one epoch, ASHA on val_loss."""
-    pytest.importorskip("optuna")
-    log = submit(head, "jobs/tune.py", "--config", "configs/sweeps/digits-search.yaml", "--zoo", str(work / "zoo"),
-                 "--out", str(work / "sweeps"), "--samples", "2", "--search", "optuna",
-                 "--pretrain.train.epochs", "1")
-    assert "Sweep finished" in log, log[-4000:]
-    rows = list(csv.DictReader(io.StringIO((work / "sweeps" / "digits-search" / "trials.csv").read_text())))
-    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
-    assert [r["base"] for r in rows].count("True") == 1  # Optuna was given the base configuration first

@@ -48,14 +48,16 @@ def _rows(sweep_dir: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def asha_sweep(ray_cluster, tiny_zoo, tmp_path_factory):
-    """A 3-trial ASHA sweep over the learning rate and two token sizes (two preprocessing settings), 3 trials at once."""
+    """A 3-trial ASHA sweep searched by Optuna over the learning rate and two token sizes (two preprocessing
+    settings), 3 trials at once."""
     from sane_ray.data import pipeline
 
     tmp = tmp_path_factory.mktemp("asha")
     config = _sweep_file(tmp / "sweep.yaml", tiny_zoo, {
         "train.optim.lr": {"loguniform": [3.0e-4, 3.0e-3]},
         "data.token_size": {"choice": [16, 32]},
-    }, name="asha", samples=3, max_concurrent=3, scheduler="asha", objective="val_loss", reduction_factor=2)
+    }, name="asha", samples=3, max_concurrent=3, scheduler="asha", search="optuna", objective="val_loss",
+        reduction_factor=2)
     builds = []
     real = pipeline.build_canonical
     mp = pytest.MonkeyPatch()
@@ -75,7 +77,7 @@ def test_asha_sweep_writes_tables_plot_and_best(asha_sweep, tiny_zoo):
         stopped = int(r["epochs_run"]) < 2
         assert r["stopped_early"] == str(stopped) and r["status"] == ("stopped early" if stopped else "finished")
         assert r["data.token_size"] in ("16", "32") and 3.0e-4 <= float(r["train.optim.lr"]) <= 3.0e-3
-    assert [r["base"] for r in rows].count("True") == 1  # the first trial is the base configuration
+    assert [r["base"] for r in rows].count("True") == 1  # Optuna was given the base configuration first
     best = json.loads((Path(sweep) / "best.json").read_text())
     finished = [r for r in rows if r["status"] == "finished"]
     assert best["value"] == min(float(r["objective"]) for r in finished)
@@ -184,6 +186,18 @@ def test_bad_input_fails_before_any_trial(ray_cluster, no_trials, tiny_zoo, tmp_
     assert len(err) == 1 and expect in err[0], err
     if "did you mean" in expect:
         assert "valid names: " in err[0] and "train.model.temperature" in err[0]
+
+
+def test_the_example_sweep_file_passes_the_checks(tiny_zoo):
+    """configs/sweeps/digits-search.yaml (docs/tune.md) loads and passes every check a sweep makes before trials."""
+    from sane_ray.config import load_config
+    from sane_ray.tune.config import SweepConfig
+    from sane_ray.tune.sweep import check_sweep
+
+    cfg = load_config(SweepConfig, str(Path(__file__).parents[1] / "configs" / "sweeps" / "digits-search.yaml"),
+                      [f"pretrain.data.zoo_uri={tiny_zoo}", "search=optuna"])
+    dims, base = check_sweep(cfg)
+    assert {d.key for d in dims} >= {"train.optim.lr", "data.window_size"} and base.train.epochs == 10
 
 
 def test_optuna_search_without_optuna_is_refused(no_trials, tiny_zoo, tmp_path, capsys, monkeypatch):
