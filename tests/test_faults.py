@@ -142,7 +142,19 @@ def test_run_failure_is_one_line_and_second_writer_is_refused(interrupted_run):
     assert not os.path.exists(os.path.join(run, lease.LEASE_FILE))  # released when the run ended
 
 
-@pytest.mark.parametrize("fault", ["truncated", "missing", "bit-flipped", "unregistered"])
+@pytest.mark.parametrize("fault", ["truncated", "missing", "bit-flipped"])
+def test_every_kind_of_damage_is_detected(interrupted_run, tmp_path, fault):
+    """What makes the resume below fall back: each damage fails verification, naming the checkpoint."""
+    _, run = _copy(interrupted_run[0], tmp_path)
+    newest = checkpoint_dirs(run)[-1]
+    _damage(os.path.join(run, newest), fault)
+    with pytest.raises(IntegrityError, match=newest):
+        verify_checkpoint(os.path.join(run, newest))
+
+
+# One damage of the checkpoint (all kinds take the path test_every_kind_of_damage_is_detected checks), and
+# Ray's registry lagging behind storage: each a full resumed run.
+@pytest.mark.parametrize("fault", ["bit-flipped", "unregistered"])
 def test_bad_latest_checkpoint_falls_back_and_finishes(interrupted_run, datasets, tmp_path, fault):
     root, run = _copy(interrupted_run[0], tmp_path)
     older, newest = checkpoint_dirs(run)
