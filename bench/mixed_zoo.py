@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=30)
     ap.add_argument("--keep", type=int, default=5)
     ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--no-sample", action="store_true", help="stop after the probes")
     args = ap.parse_args()
     py, out = sys.executable, os.path.abspath(args.out)
     archs = args.archs.split(",")
@@ -125,7 +126,7 @@ def main() -> None:
             times[f"pretrain {name}"] = _run([py, "jobs/pretrain.py", "--zoo", uri, "--out", runs, "--name", name, *pre])
         times[f"probe {name}"] = _run([py, "jobs/probe.py", "--run", os.path.join(runs, name), "--zoo", uri,
                                        "--out", os.path.join(out, f"probe-{name}")])
-    targets = [(a, "yes") for a in archs] + [(args.held_out, "no")]
+    targets = [] if args.no_sample else [(a, "yes") for a in archs] + [(args.held_out, "no")]
     for arch, seen in targets:
         prompts = ["--prompts", zoo, "--prompt-architecture", arch] if seen == "yes" else ["--prompts", held]
         times[f"sample {arch}"] = _run([py, "jobs/sample.py", "--run", os.path.join(runs, "mixed"), *prompts,
@@ -133,8 +134,8 @@ def main() -> None:
                                         "--finetune_epochs", str(args.finetune_epochs),
                                         "--out", os.path.join(out, f"sample-{arch}")])
     md = ["## Test-accuracy R² per architecture (linear probes, test split)", "", *probe_rows(out, archs, runs), "",
-          "## Sampling with the mixed run (test accuracy %, kept candidates / prompts / from scratch)", "",
-          *sample_rows(out, targets), "", "wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())]
+          *(["## Sampling with the mixed run (test accuracy %, kept candidates / prompts / from scratch)", "",
+             *sample_rows(out, targets), ""] if targets else []), "wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())]
     text = "\n".join(md) + "\n"
     with open(os.path.join(out, "mixed_zoo.md"), "w") as f:
         f.write(text)
