@@ -1,12 +1,15 @@
 """The cluster files in cluster/: Ray's autoscaler schema accepts the AWS file, the KubeRay
 manifests carry what KubeRay needs, every node type declares the placement resource that
-sane_ray.cluster asks for, and the commands they run parse with the real CLI."""
+sane_ray.cluster asks for, the node types of every file follow sane_ray.cluster_types, and the
+commands they run parse with the real CLI."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +18,14 @@ import yaml
 from sane_ray.cli import build_parser
 from sane_ray.config import load_config, overrides_from_args
 from sane_ray.cluster import CPU_NODE, GPU_NODE, MARKER, check_node_types, remote_args, worker_resources
+from sane_ray.cluster_types import HEAD, LOCAL_SCALE, WORKERS, aws_node_types, fake_cluster_config
 from sane_ray.pretrain_config import PretrainConfig, preset_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
+sys.path.insert(0, str(REPO / "tools"))
+
+import cluster_files  # noqa: E402
 
 
 def load(name: str) -> dict:
@@ -70,6 +77,39 @@ def test_aws_node_types():
     assert any("pip install" in c and "-e ~/sane-ray" in c for c in cfg["setup_commands"])
 
 
+def test_aws_node_types_are_rendered_from_the_one_source():
+    text = (CLUSTER / "aws.yaml").read_text()
+    assert cluster_files.render_aws(text) == text, "run: python tools/cluster_files.py"
+    cfg = yaml.safe_load(text)
+    assert cfg["available_node_types"] == aws_node_types() and cfg["head_node_type"] == HEAD.name
+    assert sum(t.max_workers for t in WORKERS) <= cfg["max_workers"]
+
+
+def test_the_render_check_can_fail():
+    text = (CLUSTER / "aws.yaml").read_text()
+    drifted = text.replace("max_workers: 16", "max_workers: 15", 1)
+    assert drifted != text and cluster_files.render_aws(drifted) == text
+    with pytest.raises(ValueError, match="available_node_types"):
+        cluster_files.render_aws(text.replace("available_node_types:", "node_types:"))
+
+
+def test_the_local_cluster_is_the_same_node_types_scaled_to_one_machine():
+    from ray.autoscaler._private.util import validate_config
+
+    cfg = fake_cluster_config("127.0.0.1:6379")
+    validate_config(cfg)  # Ray's autoscaler schema
+    types = cfg["available_node_types"]
+    assert types.pop(cfg["head_node_type"])["resources"] == HEAD.resources() == {"CPU": 0}
+    assert list(types) == [t.name for t in WORKERS]
+    for t in WORKERS:
+        local = types[t.name]
+        assert local["resources"][t.marker] == t.resources()[t.marker] == 1  # same placement resource
+        assert local["resources"]["CPU"] == math.ceil(t.cpus / LOCAL_SCALE) and "GPU" not in local["resources"]
+        assert local["min_workers"] == 0 and 1 <= local["max_workers"] <= t.max_workers
+    small, large = sorted(WORKERS, key=lambda t: t.cpus)
+    assert types[small.name]["resources"]["CPU"] <= types[large.name]["resources"]["CPU"]  # order of size kept
+
+
 # ---------------------------------------------------------------- KubeRay
 
 
@@ -106,6 +146,27 @@ def test_kuberay_cluster_manifest():
     doc = load("kuberay-cluster.yaml")
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster" and doc["metadata"]["name"]
     check_ray_cluster_spec(doc["spec"])
+
+
+def memory_gib(quantity: str) -> float:
+    """A Kubernetes memory quantity in GiB (the manifests write Gi)."""
+    assert quantity.endswith("Gi"), quantity
+    return float(quantity[:-2])
+
+
+def test_kuberay_groups_follow_the_node_types():
+    spec = load("kuberay-cluster.yaml")["spec"]
+    assert float(spec["headGroupSpec"]["rayStartParams"]["num-cpus"]) == HEAD.resources()["CPU"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {t.kuberay_group for t in WORKERS}
+    for t in WORKERS:
+        g = groups[t.kuberay_group]
+        assert (g["minReplicas"], g["maxReplicas"]) == (t.min_workers, t.max_workers)
+        assert start_param_resources(g) == t.resources()
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits.get("nvidia.com/gpu", 0)) == t.gpus
+        # A pod fits its instance (the rest is the node's own daemons').
+        assert float(limits["cpu"]) <= t.cpus and memory_gib(limits["memory"]) <= t.memory_gib
 
 
 def test_kuberay_job_manifest_runs_the_pretraining_job_on_the_same_cluster():
