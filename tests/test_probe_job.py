@@ -215,7 +215,7 @@ def test_one_run_over_mixed_architectures_pretrains_balanced_and_probes_per_arch
     """A zoo of two architectures: windows balanced between them, per-token loss, a pooled SANE table,
     one full table per architecture and the embedding map."""
     zoo, runs, out = str(tmp_path / "zoo"), str(tmp_path / "runs"), str(tmp_path / "probe")
-    zb.build_native_zoo(zoo, n_models=20, epochs=2, archs=("cnn_digits", "mlp_digits"))
+    zb.build_native_zoo(zoo, n_models=12, epochs=2, archs=("cnn_digits", "mlp_digits"))
     with caplog.at_level("INFO", logger="sane_ray.data.pipeline"):
         assert main(["pretrain", "--zoo", zoo, "--out", runs, "--name", "mixed", *PRETRAIN,
                      "--train.model.reconstruction_norm", "token"]) == 0
