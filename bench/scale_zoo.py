@@ -167,6 +167,29 @@ def measure(zoo: str, name: str, out: str, env: dict[str, str], jobs: list[str],
     return rows
 
 
+def report(out: str) -> str:
+    """A markdown table of ``OUT/results.jsonl``: one row per zoo and job phase, the last result of each."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    with open(os.path.join(out, "results.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            rows[(r["name"], r["job"])] = r
+    lines = ["| zoo | job | phase | wall s | CPU s | tree PSS MiB | driver PSS MiB | largest worker PSS MiB | "
+             "read calls GB | extra | load before / after |", "|---" * 11 + "|"]
+    for (name, job), r in rows.items():
+        extra = {}
+        if job == "pretrain" and "canonical_bytes" in r:
+            extra = {"build": f"canonical {r['canonical_bytes'] / 1e9:.2f} GB = "
+                              f"{r['canonical_bytes'] / r['zoo_bytes']:.2f}x the zoo",
+                     "train": f"{r['train'].get('tokens_per_s', 0):,.0f} tokens/s"}
+        for phase, p in r["phases"].items():
+            lines.append(f"| {name} ({r['zoo_bytes'] / 1e9:.2f} GB) | {job} | {phase} | {p['wall_s']:.0f} | "
+                         f"{p.get('cpu_s', 0):.0f} | {p.get('tree_pss_mib', 0):,.0f} | {p.get('driver_pss_mib', 0):,.0f} | "
+                         f"{p.get('worker_pss_mib', 0):,.0f} | {p.get('rchar', 0) / 1e9:.2f} | "
+                         f"{extra.get(phase, '')} | {r['load_before']} / {r['load_after']} |")
+    return "\n".join(lines)
+
+
 def start_s3() -> tuple[Any, dict[str, str]]:
     """A moto S3 server on a free port of 127.0.0.1 (in this process) and the AWS variables for it."""
     import boto3
@@ -190,8 +213,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="SANE training batch (windows per step)")
     ap.add_argument("--reuse", action="store_true", help="measure zoos already written (zoos.jsonl)")
     ap.add_argument("--s3", action="store_true", help="zoos (and their canonical copies) on a local moto S3")
+    ap.add_argument("--report", action="store_true", help="print the table of OUT/results.jsonl and exit")
     args = ap.parse_args()
     out = os.path.abspath(args.out)
+    if args.report:
+        print(report(out))
+        return
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     if args.s3:
