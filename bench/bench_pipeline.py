@@ -41,43 +41,12 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout; Ray workers get it through PYTHONPATH (see _run)
 
+from proctree import kib, tree  # noqa: E402  (bench/ is on the path of a script run from it)
+
 TRAIN_WINDOWS_PER_S = 2 * 80  # two workers of the `reference` preset (~5k tokens/s each, 32-token windows)
 
 
 # ---------------------------------------------------------------- process-tree memory (Linux /proc)
-
-
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
-def _tree(root: int) -> list[int]:
-    kids, stack, found = _children(), [root], [root]
-    while stack:
-        for c in kids.get(stack.pop(), []):
-            stack.append(c)
-            found.append(c)
-    return found
-
-
-def _kib(path: str, field: str) -> int:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 class MemorySampler:
@@ -94,10 +63,10 @@ class MemorySampler:
         self.peak_pss = self.peak_driver = self.peak_worker = 0.0
 
     def sample(self) -> float:
-        pids = _tree(os.getpid())
-        pss = sum(_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) / 1024
-        driver = _kib(f"/proc/{os.getpid()}/status", "VmRSS:") / 1024
-        worker = max((_kib(f"/proc/{p}/status", "VmRSS:") for p in pids if p != os.getpid()), default=0) / 1024
+        pids = tree(os.getpid())
+        pss = sum(kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) / 1024
+        driver = kib(f"/proc/{os.getpid()}/status", "VmRSS:") / 1024
+        worker = max((kib(f"/proc/{p}/status", "VmRSS:") for p in pids if p != os.getpid()), default=0) / 1024
         self.peak_pss = max(self.peak_pss, pss)
         self.peak_driver = max(self.peak_driver, driver)
         self.peak_worker = max(self.peak_worker, worker)
