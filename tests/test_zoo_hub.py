@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import fsspec.implementations.local
 import pytest
 import torch
 import zoo_builders as zb
@@ -78,10 +77,7 @@ def test_listing_does_not_open_checkpoints(layout, tmp_path, monkeypatch):
         weights = [zb.flat_file(zb.hf_model_name(i), e) for i in range(2) for e in range(2)]
     for rel in weights:
         zb.put(root, rel, b"\x00garbage")
-    opened: list[str] = []
-    real_open = fsspec.implementations.local.LocalFileSystem._open
-    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "_open",
-                        lambda self, path, *a, **kw: opened.append(path) or real_open(self, path, *a, **kw))
+    opened = zb.record_local_opens(monkeypatch)
     zoo = open_zoo(root)
     assert zoo.num_checkpoints == 4 and zoo.skipped == []
     names = sorted(p.rsplit("/", 1)[-1] for p in opened)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import fsspec.implementations.local
 import pytest
 import torch
 import zoo_builders as zb
@@ -54,10 +53,7 @@ def test_listing_does_not_open_checkpoints(root, monkeypatch):
     for name in states:
         for epoch in (0, 1):
             zb.put(root, f"{name}/checkpoint_{epoch:06d}/checkpoints", b"\x00garbage")
-    opened: list[str] = []
-    real_open = fsspec.implementations.local.LocalFileSystem._open
-    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "_open",
-                        lambda self, path, *a, **kw: opened.append(path) or real_open(self, path, *a, **kw))
+    opened = zb.record_local_opens(monkeypatch)
     zoo = open_zoo(root)
     assert zoo.num_checkpoints == 4 and zoo.skipped == []
     assert not any("checkpoint_" in p for p in opened)

@@ -231,3 +231,14 @@ def export_untrained_run(cfg: Any, run_uri: str) -> Any:
     torch.manual_seed(0)
     export_model(SaneModel(model_cfg).state_dict(), model_cfg, run_uri, run_export_files(prepared))
     return prepared
+
+
+def record_local_opens(monkeypatch: Any) -> list[str]:
+    """The paths every local file open goes to from now on (what a lazy listing may read)."""
+    import fsspec.implementations.local
+
+    opened: list[str] = []
+    real_open = fsspec.implementations.local.LocalFileSystem._open
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "_open",
+                        lambda self, path, *a, **kw: opened.append(path) or real_open(self, path, *a, **kw))
+    return opened
