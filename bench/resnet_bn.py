@@ -8,8 +8,10 @@ be near chance (paper: ResNet-18 10% zero-shot, 61% with BN-conditioning)::
 
     python bench/resnet_bn.py --out /tmp/rbn --models 32 --epochs 5 --pretrain-epochs 10
 
-Writes ``OUT/bn_table.md`` and prints it: test accuracy (%) at fine-tuning epochs 0, 1 and the
-last, mean ± std over models, per group of each job.
+``jobs/probe.py`` also embeds the zoo with the run and fits the linear probes (``OUT/probe``),
+so the one zoo goes through all four released jobs. Writes ``OUT/bn_table.md`` and prints it:
+test accuracy (%) at fine-tuning epochs 0, 1 and the last, mean ± std over models, per group
+of each job; then the probe's test-split R² per target.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def main() -> None:
                                   "--data.epochs", later,
                                   "--data.windows_per_model_epoch", str(args.windows_per_checkpoint),
                                   "--train.model.max_positions", "[8192, 64, 1024]"])
+    probe = os.path.join(out, "probe")
+    if not os.path.exists(os.path.join(probe, "results.json")):
+        times["probe"] = _run([py, "jobs/probe.py", "--run", run, "--out", probe])
     summaries = {}
     for bn in (False, True):
         name = "bn-cond" if bn else "no-bn-cond"
@@ -81,6 +86,12 @@ def main() -> None:
     for name, s in summaries.items():
         for group, curve in s["curves"].items():
             lines.append(f"| {name} | {LABELS.get(group, group)} | {curve['n']} | " + " | ".join(_cells(curve, epochs)) + " |")
+    with open(os.path.join(probe, "results.json")) as f:
+        r2 = json.load(f)["test_r2"]
+    cols = list(next(iter(r2.values())))
+    lines += ["", "| probe test R² | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {target} | " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |"
+              for target, row in r2.items()]
     table = "\n".join(lines)
     with open(os.path.join(out, "bn_table.md"), "w") as f:
         f.write(table + "\n")

@@ -11,11 +11,14 @@ train-mode batches of CIFAR-like inputs (``bench_align.cifar_like``) through its
 Per zoo, the released jobs run as subprocesses, each sampled over its process tree
 (``bench/proctree.py``): ``jobs/pretrain.py`` (canonical build, then one epoch),
 ``jobs/probe.py`` (embeds every checkpoint, fits the probes) and ``jobs/sample.py``
-(BN-conditioned sampling on ``digits32_rgb``). Phases inside a job are cut at its log lines.
+(BN-conditioned sampling on ``digits32_rgb``, novelty off); ``--jobs novelty`` is the same
+sampling with the novelty report on (every zoo checkpoint aligned, evaluated and compared
+with the kept models). Phases inside a job are cut at its log lines.
 Results go to ``OUT/results.jsonl``, one line per zoo and job::
 
     python bench/scale_zoo.py --out /tmp/scale --sizes 5x5 10x5 20x5 40x5
     python bench/scale_zoo.py --out /tmp/scale --sizes 5x5 10x5 --s3   # zoos on a local moto S3
+    python bench/scale_zoo.py --out /tmp/scale --sizes 10x5 40x5 --reuse --jobs novelty
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +47,9 @@ PHASES = {
     "pretrain": [("build", r"building the canonical|reusing the canonical"), ("train", r"pretraining .* windows per pass")],
     "probe": [("embed", r"probe: embedding \d+ models"), ("fit", r"probe: pooled|probe: \w+ done|probe: architecture")],
     "sample": [("sample", r"sampling resnet18")],
+    "novelty": [("sample", r"sampling resnet18"), ("novelty", r"novelty: comparing")],
 }
+SCRIPT = {"novelty": "sample"}  # measured jobs that are another job with other flags
 
 
 def build_zoo(root: str, models: int, checkpoints: int) -> int:
@@ -99,11 +105,35 @@ def uri_bytes(uri: str) -> int:
     return sum(v["size"] for v in fs.find(path, detail=True).values())
 
 
+class S3Bytes:
+    """WSGI middleware on the moto server: body bytes it sent (GET) and received (PUT/POST).
+
+    ``rchar`` misses socket reads (``recv`` is not a read call), so this is what the jobs
+    read from and wrote to S3."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.sent, self.received, self.requests = app, 0, 0, 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        self.requests += 1
+        self.received += int(environ.get("CONTENT_LENGTH") or 0)
+        for chunk in self.app(environ, start_response):
+            self.sent += len(chunk)
+            yield chunk
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return self.sent, self.received, self.requests
+
+
+S3: S3Bytes | None = None  # set by start_s3
+
+
 def run_job(job: str, args: list[str], env: dict[str, str], log_path: str) -> dict[str, Any]:
-    """Run ``jobs/<job>.py`` with ``args``; its tree's figures per phase (see :class:`TreeSampler`)."""
+    """Run ``jobs/<job>.py`` with ``args``; its tree's figures per phase (see :class:`TreeSampler`),
+    and per phase the bytes it read from and wrote to S3 when the zoo is there."""
     phase = ["start"]
-    marks = [("start", time.time())]
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", f"{job}.py"), *args], cwd=REPO, env=env,
+    marks = [("start", time.time(), S3.snapshot() if S3 else None)]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", f"{SCRIPT.get(job, job)}.py"), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = TreeSampler(proc.pid, lambda: phase[0])
     order = [n for n, _ in PHASES[job]]
@@ -115,13 +145,15 @@ def run_job(job: str, args: list[str], env: dict[str, str], log_path: str) -> di
                 if re.search(pattern, line):
                     sampler.sample()  # close the old phase at its last moment
                     phase[0] = name
-                    marks.append((name, time.time()))
+                    marks.append((name, time.time(), S3.snapshot() if S3 else None))
                     break
     rc = proc.wait()
     end = time.time()
     stats = sampler.stop()
-    for (name, t0), (_, t1) in zip(marks, [*marks[1:], ("end", end)]):
+    for (name, t0, s0), (_, t1, s1) in zip(marks, [*marks[1:], ("end", end, S3.snapshot() if S3 else None)]):
         stats.setdefault(name, {})["wall_s"] = t1 - t0
+        if s0 is not None:
+            stats[name].update(s3_read=s1[0] - s0[0], s3_written=s1[1] - s0[1], s3_requests=s1[2] - s0[2])
     return {"job": job, "rc": rc, "wall_s": end - marks[0][1], "phases": stats}
 
 
@@ -144,14 +176,18 @@ def measure(zoo: str, name: str, out: str, env: dict[str, str], jobs: list[str],
     """The released jobs on one zoo, one after the other; a result row per job."""
     runs = os.path.join(out, "runs")
     run = os.path.join(runs, name)
+    sample = ["--run", run, "--task", "digits32_rgb", "--candidates", "4", "--keep", "2", "--bn_batches", "4",
+              "--candidates_per_task", "2"]
     argv = {
         "pretrain": ["--zoo", zoo, "--out", runs, "--name", name, *PRETRAIN_FLAGS, "--batch-size", str(batch_size)],
         "probe": ["--run", run, "--control", "false", "--out", os.path.join(out, f"probe-{name}")],
-        "sample": ["--run", run, "--task", "digits32_rgb", "--candidates", "4", "--keep", "2", "--bn_batches", "4",
-                   "--candidates_per_task", "2", "--novelty", "false", "--out", os.path.join(out, f"sample-{name}")],
+        "sample": [*sample, "--novelty", "false", "--out", os.path.join(out, f"sample-{name}")],
+        "novelty": [*sample, "--novelty", "true", "--out", os.path.join(out, f"novelty-{name}")],
     }
     rows: list[dict[str, Any]] = []
     for job in jobs:
+        if job == "pretrain":
+            shutil.rmtree(run, ignore_errors=True)  # a run left from an earlier measurement would resume
         before = load()
         res = run_job(job, argv[job], env, os.path.join(out, f"{job}-{name}.log"))
         res.update(zoo=zoo, name=name, zoo_bytes=zoo_bytes, load_before=before, load_after=load(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -183,20 +219,75 @@ def report(out: str) -> str:
                               f"{r['canonical_bytes'] / r['zoo_bytes']:.2f}x the zoo",
                      "train": f"{r['train'].get('tokens_per_s', 0):,.0f} tokens/s"}
         for phase, p in r["phases"].items():
+            if "s3_read" in p:
+                extra[phase] = ", ".join(filter(None, [extra.get(phase), f"S3 read {p['s3_read'] / 1e9:.2f} GB, "
+                                                       f"written {p['s3_written'] / 1e9:.2f} GB"]))
             lines.append(f"| {name} ({r['zoo_bytes'] / 1e9:.2f} GB) | {job} | {phase} | {p['wall_s']:.0f} | "
                          f"{p.get('cpu_s', 0):.0f} | {p.get('tree_pss_mib', 0):,.0f} | {p.get('driver_pss_mib', 0):,.0f} | "
                          f"{p.get('worker_pss_mib', 0):,.0f} | {p.get('rchar', 0) / 1e9:.2f} | "
                          f"{extra.get(phase, '')} | {r['load_before']} / {r['load_after']} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *goals(rows)])
+
+
+def checkpoints(name: str) -> int:
+    models, ckpts = name.rsplit("-", 1)[1].split("x")
+    return int(models) * int(ckpts)
+
+
+def goals(rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """The issue's goals from smallest to largest zoo of each storage: peak tree PSS per job, and per
+    checkpoint the CPU and wall seconds of the phases whose work grows with the zoo."""
+    lines = []
+    for store in ("local", "s3"):
+        names = sorted({n for n, _ in rows if n.startswith("s3-") == (store == "s3")}, key=checkpoints)
+        if len(names) < 2:
+            continue
+        small, big = names[0], names[-1]
+        ratio = checkpoints(big) / checkpoints(small)
+        lines.append(f"{store}: {small} -> {big} ({ratio:.0f}x the checkpoints)")
+        for job in PHASES:
+            a, b = rows.get((small, job)), rows.get((big, job))
+            if not (a and b and a["rc"] == 0 == b["rc"]):
+                continue
+            peak = [max(p.get("tree_pss_mib", 0) for p in r["phases"].values()) for r in (a, b)]
+            line = f"  {job}: peak tree PSS {peak[0]:,.0f} -> {peak[1]:,.0f} MiB ({peak[1] / peak[0]:.2f}x)"
+            for phase in ("build", "embed", "novelty"):
+                if phase in a["phases"] and phase in b["phases"]:
+                    pa_, pb = a["phases"][phase], b["phases"][phase]
+                    line += (f"; {phase} per checkpoint {pb['cpu_s'] / checkpoints(big) / (pa_['cpu_s'] / checkpoints(small)):.2f}x "
+                             f"CPU, {pb['wall_s'] / checkpoints(big) / (pa_['wall_s'] / checkpoints(small)):.2f}x wall")
+            whole = b["wall_s"] / a["wall_s"] / ratio
+            lines.append(line + f"; job wall {whole:.2f}x linear")
+        canon = [r["canonical_bytes"] / r["zoo_bytes"] for (n, j), r in rows.items() if j == "pretrain" and n in names
+                 and "canonical_bytes" in r]
+        if canon:
+            lines.append(f"  canonical copy at most {max(canon):.2f}x the zoo")
+    for (name, job), r in rows.items():  # S3 against the same zoo on local disk
+        local = rows.get((name.removeprefix("s3-"), job))
+        if not name.startswith("s3-") or not local:
+            continue
+        for phase in ("build", "train", "embed"):
+            if phase in r["phases"] and phase in local["phases"]:
+                p, q = r["phases"][phase], local["phases"][phase]
+                lines.append(f"{name} {job} {phase}: {p['wall_s']:.0f} s on S3 vs {q['wall_s']:.0f} s local "
+                             f"({q['wall_s'] / p['wall_s']:.2f}x the local throughput); S3 read "
+                             f"{p.get('s3_read', 0) / r['zoo_bytes']:.2f}x the zoo vs read calls "
+                             f"{q['rchar'] / r['zoo_bytes']:.2f}x locally")
+    return lines
 
 
 def start_s3() -> tuple[Any, dict[str, str]]:
     """A moto S3 server on a free port of 127.0.0.1 (in this process) and the AWS variables for it."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    global S3
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
+    S3 = server._server.app = S3Bytes(server._server.app)  # werkzeug looks the app up per request
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -209,7 +300,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="zoos, runs, logs and results.jsonl")
     ap.add_argument("--sizes", nargs="+", default=["5x5", "10x5", "20x5", "40x5"], help="MODELSxCHECKPOINTS")
-    ap.add_argument("--jobs", nargs="+", default=["pretrain", "probe", "sample"])
+    ap.add_argument("--jobs", nargs="+", default=["pretrain", "probe", "sample"],
+                    help="of pretrain, probe, sample, novelty (sampling with the zoo comparison on)")
     ap.add_argument("--batch-size", type=int, default=16, help="SANE training batch (windows per step)")
     ap.add_argument("--reuse", action="store_true", help="measure zoos already written (zoos.jsonl)")
     ap.add_argument("--s3", action="store_true", help="zoos (and their canonical copies) on a local moto S3")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 
 import numpy as np
 import pyarrow.csv as pacsv
@@ -20,6 +21,7 @@ from sane_ray.sample.candidates import broken, rank
 from sane_ray.sample.job import run_sample
 from sane_ray.sample.kde import TokenKDE, rule_factor
 from sane_ray.sample.models import bn_condition, check_positions
+from sane_ray.sample.novelty import NearestZoo
 from sane_ray.weights.tokenize import layout_from_state_dict
 from sane_ray.zoo.architectures import build_model
 from sane_ray.zoo.reader import load_checkpoint, open_zoo
@@ -116,6 +118,37 @@ def test_positions_beyond_the_run_tables_name_the_setting():
     layout = layout_from_state_dict(build_model("cnn_digits").state_dict(), TOKEN_SIZE)
     with pytest.raises(ValueError, match=r"train.model.max_positions=\[40, 64, 256\]"):
         check_positions(model, layout, "cnn_digits")
+
+
+def test_the_zoo_streams_past_the_compared_models_with_the_figures_of_the_whole_zoo():
+    gen = torch.Generator().manual_seed(0)
+    queries, mine = torch.randn(5, 30, generator=gen), [torch.rand(40, generator=gen) < 0.3 for _ in range(2)]
+    zoo = [(torch.randn(n, 30, generator=gen), torch.rand(n, 40, generator=gen) < 0.3, [f"m{i}@{e}" for e in range(n)],
+            i % 2 == 0) for i, n in enumerate((3, 1, 4, 2, 3))]
+    zoo[3][1][1] = zoo[1][1][0]  # a later checkpoint ties the IoU of an earlier one: the earlier one is named
+    one = NearestZoo.start(5, 2)
+    for model in zoo:  # one zoo model at a time, as a task reads them
+        one.add(queries, mine, *model)
+    parts = [NearestZoo.start(5, 2) for _ in range(2)]  # two tasks, each a stretch of the zoo, merged in order
+    for i, model in enumerate(zoo):
+        parts[i >= 2].add(queries, mine, *model)
+    merged = NearestZoo.start(5, 2)
+    for part in parts:
+        merged.merge(part)
+    vecs, wrong = torch.cat([z[0] for z in zoo]), torch.cat([z[1] for z in zoo])
+    names = [n for z in zoo for n in z[2]]
+    trained = torch.tensor([z[3] for z in zoo for _ in z[2]])
+    dist = torch.cdist(queries, vecs)  # the whole zoo at once
+    for nearest in (one, merged):
+        assert nearest.seen == len(names) == 13
+        assert torch.allclose(nearest.l2, dist.min(1).values)
+        assert nearest.l2_name == [names[int(i)] for i in dist.argmin(1)]
+        assert torch.allclose(nearest.train_l2, dist[:, trained].min(1).values)
+        for k, w in enumerate(mine):
+            iou = (w & wrong).sum(1) / (w | wrong).sum(1)
+            assert float(nearest.iou[k]) == pytest.approx(float(iou.max()))
+            assert nearest.iou_name[k] == names[int(iou.argmax())]  # argmax: the first of equal ones
+    assert math.isnan(NearestZoo.start(5, 2).nearest_train(0))  # no trained model seen
 
 
 @pytest.fixture(scope="module")

@@ -213,7 +213,7 @@ def _report(job: _Job, kdes: list[TokenKDE], rows: list[dict[str, Any]], kept: l
     compare = cfg.novelty and not job.ctx.new_head  # zoo models' heads do not fit a task of other classes
     if cfg.novelty and not compare:
         log.info("novelty and memorization baselines skipped: they score zoo models, whose heads do not fit %s", task)
-    compared = novelty_rows(job.ctx, job.run, job.prompt_set, kept, job.opts) if compare else {}
+    compared = novelty_rows(job.ctx, job.run, job.prompt_set, kept, job.opts, _collect) if compare else {}
     novelty, memo = compared.get("models", {}), compared.get("memorization", [])
     table = report.candidate_table(rows, {r["model_id"] for r in kept}, curves, novelty, broken)
     _write_table(out, "candidates", table, s3)
