@@ -29,6 +29,18 @@ def test_warm_start_finds_the_dense_optimum_and_proves_it(n):
         assert torch.equal(cols, dense(a)) and duals is not None
 
 
+def test_row_and_column_offsets_leave_the_optimum_and_the_proof_exact():
+    """The dense path removes row and column means before solving: the answer is still the given matrix's."""
+    gen = torch.Generator().manual_seed(2)
+    n = 160
+    a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    shifted = a + 40 + 5 * torch.randn(n, 1, generator=gen, dtype=torch.float64) + 5 * torch.randn(1, n, generator=gen, dtype=torch.float64)
+    cols, duals = max_assignment(shifted)
+    assert torch.equal(cols, dense(a)) and duals is not None
+    assert (shifted - duals.row[:, None] - duals.col[None, :]).max() <= 1e-9
+    assert torch.allclose(duals.row + duals.col[cols], shifted[torch.arange(n), cols])
+
+
 def test_useless_prices_still_give_the_optimum():
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(200, 200, generator=gen, dtype=torch.float64)

@@ -17,7 +17,7 @@ the last layer) are multiplied once. When nothing feeding ``A`` changed since th
 group's last assignment, the assignment (which would return the same permutation) is
 skipped, so late sweeps are nearly free. Each assignment is warm-started from the
 prices of the group's previous optimum (:mod:`sane_ray.weights.assignment`: a sparse
-solve proved optimal for the full matrix, 5-10x cheaper than a dense solve). Corrections
+solve proved optimal for the full matrix, about 2x cheaper than a dense solve). Corrections
 change ``A`` only by float32 rounding, and a proved optimum is the dense solver's unless
 two assignments tie, so results equal the textbook loop's except at near-ties.
 """

@@ -2,7 +2,7 @@
 
 Weight matching solves the assignment of one group many times, each time on a matrix
 only a little different from the last. scipy's dense solver starts from nothing every
-time (60-70 ms for 512 units here). The dual prices ``u, v`` of the previous optimum
+time (17-26 ms for 512 units here, with row and column means removed). The dual prices ``u, v`` of the previous optimum
 (``u_i + v_j >= A_ij``, equal on the assignment) nearly price the new matrix too, so
 the new optimum uses, row by row and column by column, only entries with the highest
 reduced weight ``A_ij - u_i - v_j``. We solve the sparse problem on the ``k`` best of
@@ -47,33 +47,42 @@ def prove_optimal(a: torch.Tensor, cols: torch.Tensor, start: torch.Tensor | Non
     """Duals proving assignment ``i -> cols[i]`` maximal for ``a``, or None if none were found.
 
     Longest-path Bellman-Ford on the exchange graph from potentials ``start`` (e.g. minus
-    the previous row prices); a fixed point within ``rounds`` means no gainful cycle.
+    the previous row prices); a fixed point within ``rounds`` means no gainful cycle. A
+    round relaxes only the rows whose potential rose in the last one (the others cannot
+    raise anything again): the same iterates as relaxing every row, at a fraction of the
+    work once few potentials still move.
     """
     b = a[:, cols]
     diag = b.diagonal()
     w = b - diag[None, :]  # w[i, k]: row i takes row k's column
     p = torch.zeros_like(diag) if start is None else start.clone()
+    moved_w, moved_p = w, p  # first round: every row
     for _ in range(rounds):
-        q = torch.maximum(p, (p[:, None] + w).amax(0))
-        if torch.equal(q, p):
+        best = (moved_p[:, None] + moved_w).amax(0)
+        rose = best > p
+        if not rose.any():
             col = torch.empty_like(p)
             col[cols] = diag + p
             return Duals(-p, col)
-        p = q
+        p = torch.where(rose, best, p)
+        moved = rose.nonzero().squeeze(1)
+        moved_w, moved_p = w.index_select(0, moved), p.index_select(0, moved)
     return None
 
 
 def _sparse_candidate(a: torch.Tensor, prior: Duals, k: int) -> torch.Tensor | None:
     """Best assignment among each row's and column's ``k`` highest reduced weights (None: none is full)."""
     n = a.shape[0]
-    reduced = a - prior.row[:, None] - prior.col[None, :]
-    keep = torch.zeros((n, n), dtype=torch.bool)
-    keep.scatter_(1, reduced.topk(k, 1).indices, True)
-    keep.scatter_(0, reduced.topk(k, 0).indices, True)
-    rows, cols = keep.nonzero(as_tuple=True)
+    reduced = (a - prior.row[:, None] - prior.col[None, :]).numpy()
+    keep = np.zeros((n, n), dtype=bool)
+    units = np.arange(n)[:, None]
+    # argpartition: 2x faster than torch.topk here; the order within the k does not matter
+    keep[units, np.argpartition(reduced, -k, axis=1)[:, -k:]] = True
+    keep[np.argpartition(reduced.T, -k, axis=1)[:, -k:], units] = True
+    rows, cols = keep.nonzero()
     # shifted to >= 1: the sparse solver must not see a kept entry as a missing (zero) one
-    vals = (reduced[rows, cols] - reduced.min() + 1.0).numpy()
-    graph = csr_matrix((vals, (rows.numpy(), cols.numpy())), shape=(n, n))
+    vals = reduced[rows, cols] - reduced.min() + 1.0
+    graph = csr_matrix((vals, (rows, cols)), shape=(n, n))
     try:
         r, c = min_weight_full_bipartite_matching(graph, maximize=True)
     except ValueError:  # the kept entries admit no full assignment
@@ -110,5 +119,10 @@ def _max_assignment(a: torch.Tensor, prior: Duals | None) -> tuple[torch.Tensor,
             duals = prove_optimal(a, cand, -prior.row)
             if duals is not None:
                 return cand, duals
-    cols = torch.from_numpy(linear_sum_assignment(a.numpy(), maximize=True)[1]).to(torch.int64)
+    # A constant added to a row or a column changes every assignment's total alike. These
+    # matrices sit far from zero (mean 6-10 standard deviations above it), and scipy's
+    # solver runs 2.5-3.5x faster with the row and column means removed (512 units:
+    # 58-70 ms -> 17-26 ms), to the same optimum.
+    centered = a - a.mean(1, keepdim=True) - a.mean(0, keepdim=True)
+    cols = torch.from_numpy(linear_sum_assignment(centered.numpy(), maximize=True)[1]).to(torch.int64)
     return cols, (prove_optimal(a, cols) if n >= WARM_MIN_UNITS else None)
